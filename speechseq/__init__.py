@@ -1,0 +1,7 @@
+"""speechseq: speech encoder-decoder models (Wav2Vec2/HuBERT + BERT/RoBERTa/GPT-2/BART/mBART) as pure JAX functions."""
+
+from speechseq.config import DecoderConfig, EncoderConfig, SpeechSeq2SeqConfig  # noqa: F401
+from speechseq.errors import CheckpointError, ConfigError, InputError, SpeechSeqError  # noqa: F401
+from speechseq.speech_seq2seq import SpeechSeq2Seq  # noqa: F401
+
+__version__ = "0.1.0"

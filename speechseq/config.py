@@ -1,0 +1,224 @@
+"""Typed, frozen configs for the speech encoder, the text decoder and the seq2seq model.
+
+Each config keeps the derived fields the compute needs (hashable, so a config is a static jit argument) and the
+original Hugging Face ``config.json`` dict in ``hf`` (excluded from equality and hash), which ``to_dict`` writes back
+with any overrides applied.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from speechseq.errors import ConfigError
+
+
+def _frozen_dict_field() -> Any:
+    return field(default_factory=dict, compare=False, hash=False, repr=False)
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """Wav2Vec2-family speech encoder (wav2vec2, hubert): raw 16 kHz audio in, frames out."""
+
+    model_type: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    hidden_act: str
+    conv_dim: tuple[int, ...]
+    conv_kernel: tuple[int, ...]
+    conv_stride: tuple[int, ...]
+    conv_bias: bool
+    feat_extract_norm: str  # "group" (GroupNorm on the first conv only) or "layer" (LayerNorm on every conv)
+    feat_extract_activation: str
+    feat_proj_layer_norm: bool
+    stable_layer_norm: bool  # pre-norm layers and a final norm (large models) instead of post-norm
+    num_conv_pos_embeddings: int
+    num_conv_pos_embedding_groups: int
+    layer_norm_eps: float
+    add_adapter: bool
+    output_hidden_size: int
+    num_adapter_layers: int
+    adapter_stride: int
+    adapter_kernel_size: int
+    masked_spec_embed: bool  # the checkpoint carries the SpecAugment mask embedding
+    hf: dict = _frozen_dict_field()
+
+    @property
+    def output_size(self) -> int:
+        """Width of the frames that leave the encoder (after the adapter, when there is one)."""
+        return self.output_hidden_size if self.add_adapter else self.hidden_size
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def to_dict(self) -> dict:
+        return dict(self.hf)
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    """Autoregressive text decoder with cross-attention (BERT, RoBERTa, GPT-2, BART, mBART): one shape, many flags."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    hidden_act: str
+    max_positions: int  # rows of the learned position table
+    position_offset: int  # row of position 0 (BART: 2; RoBERTa: pad_token_id + 1)
+    padding_aware_positions: bool  # RoBERTa: positions count only non-padding tokens
+    type_vocab_size: int  # BERT token-type table (row 0 is added); 0 when absent
+    embed_scale: float
+    embed_norm: bool
+    pre_norm: bool
+    final_norm: bool
+    layer_norm_eps: float
+    attn_scale: bool  # scale scores by 1/sqrt(head_dim)
+    attn_scale_by_layer: bool  # GPT-2 scale_attn_by_inverse_layer_idx
+    head_transform: bool  # BERT/RoBERTa: dense + activation + norm before the output projection
+    head_act: str
+    head_bias: bool
+    tie_word_embeddings: bool
+    pad_token_id: int | None
+    bos_token_id: int | None
+    eos_token_id: int | tuple[int, ...] | None
+    hf: dict = _frozen_dict_field()
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def to_dict(self) -> dict:
+        return dict(self.hf)
+
+
+@dataclass(frozen=True)
+class SpeechSeq2SeqConfig:
+    """A speech encoder joined to a text decoder by cross-attention (HF ``speech-encoder-decoder``)."""
+
+    encoder: EncoderConfig
+    decoder: DecoderConfig
+    decoder_start_token_id: int | None
+    pad_token_id: int | None
+    eos_token_id: int | tuple[int, ...] | None
+    hf: dict = _frozen_dict_field()
+
+    @property
+    def has_enc_to_dec_proj(self) -> bool:
+        """Project encoder frames when their width differs from the decoder's (from the width that really arrives)."""
+        return self.encoder.output_size != self.decoder.hidden_size
+
+    def to_dict(self) -> dict:
+        out = {k: v for k, v in self.hf.items() if k not in ("encoder", "decoder")}
+        out.update(
+            model_type="speech-encoder-decoder",
+            is_encoder_decoder=True,
+            architectures=["SpeechEncoderDecoderModel"],
+            decoder_start_token_id=self.decoder_start_token_id,
+            pad_token_id=self.pad_token_id,
+            eos_token_id=list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id,
+            tie_word_embeddings=False,
+            encoder=self.encoder.to_dict(),
+            decoder=self.decoder.to_dict(),
+        )
+        return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Reading and writing Hugging Face config dicts
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    """Read a JSON object from ``path`` with a one-line error naming the file on failure."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def require(hf: Mapping, key: str, kind: type | tuple[type, ...], where: str) -> Any:
+    """Fetch a mandatory field with a one-line error naming it."""
+    if key not in hf:
+        raise ConfigError(f"{where}: missing field '{key}'")
+    value = hf[key]
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is int:
+        raise ConfigError(f"{where}: field '{key}' should be {getattr(kind, '__name__', kind)}, got {value!r}")
+    return value
+
+
+def eos_ids(value: Any) -> int | tuple[int, ...] | None:
+    if isinstance(value, (list, tuple)):
+        return tuple(int(v) for v in value)
+    return value
+
+
+def encoder_config_from_hf(hf: Mapping, where: str = "encoder config") -> EncoderConfig:
+    from speechseq.registry import family  # registry imports the family modules, which import this module
+
+    fam = family(hf.get("model_type"), role="encoder", where=where)
+    return fam.parse_config(dict(hf), where)
+
+
+def decoder_config_from_hf(hf: Mapping, where: str = "decoder config") -> DecoderConfig:
+    from speechseq.registry import family
+
+    fam = family(hf.get("model_type"), role="decoder", where=where)
+    return fam.parse_config(dict(hf), where)
+
+
+def seq2seq_config_from_hf(hf: Mapping, where: str = "config.json") -> SpeechSeq2SeqConfig:
+    """Parse a ``speech-encoder-decoder`` config dict."""
+    if hf.get("model_type") != "speech-encoder-decoder":
+        raise ConfigError(
+            f"{where}: model_type {hf.get('model_type')!r} is not a speech encoder-decoder; expected "
+            "'speech-encoder-decoder' (use from_encoder_decoder_pretrained to join an encoder and a decoder)"
+        )
+    for part in ("encoder", "decoder"):
+        if not isinstance(hf.get(part), dict):
+            raise ConfigError(f"{where}: missing field '{part}' (the {part} sub-config)")
+    enc = encoder_config_from_hf(hf["encoder"], f"{where} [encoder]")
+    dec = decoder_config_from_hf(hf["decoder"], f"{where} [decoder]")
+    return make_seq2seq_config(enc, dec, hf)
+
+
+def make_seq2seq_config(enc: EncoderConfig, dec: DecoderConfig, hf: Mapping | None = None) -> SpeechSeq2SeqConfig:
+    hf = dict(hf or {})
+    start = hf.get("decoder_start_token_id", dec.hf.get("decoder_start_token_id"))
+    if start is None:
+        start = dec.bos_token_id
+    pad = hf.get("pad_token_id", dec.pad_token_id)
+    eos = eos_ids(hf.get("eos_token_id", dec.eos_token_id))
+    return SpeechSeq2SeqConfig(enc, dec, start, pad, eos, hf)
+
+
+def replace(cfg: Any, **changes: Any) -> Any:
+    """``dataclasses.replace`` that keeps the ``hf`` dict in step with HF-named overrides passed in ``hf_updates``."""
+    hf_updates = changes.pop("hf_updates", None)
+    new = dataclasses.replace(cfg, **changes)
+    if hf_updates:
+        object.__setattr__(new, "hf", {**cfg.hf, **hf_updates})
+    return new
+
+
+def config_from_dict(hf: Mapping, where: str = "config") -> SpeechSeq2SeqConfig:
+    """Accept a HF ``speech-encoder-decoder`` dict or a speechseq config object."""
+    if isinstance(hf, SpeechSeq2SeqConfig):
+        return hf
+    if not isinstance(hf, Mapping):
+        raise ConfigError(f"{where}: expected a config dict or SpeechSeq2SeqConfig, got {type(hf).__name__}")
+    return seq2seq_config_from_hf(hf, where)

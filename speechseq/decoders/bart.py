@@ -1,0 +1,68 @@
+"""BART and mBART decoders (``BartForCausalLM``, ``MBartForCausalLM``): learned positions offset by 2, optional
+sqrt(d_model) embedding scale, an embedding norm; BART is post-norm, mBART pre-norm with a final norm."""
+
+from __future__ import annotations
+
+import math
+
+from speechseq.config import DecoderConfig, eos_ids, require
+from speechseq.decoders.transformer import DecoderNames
+from speechseq.errors import ConfigError
+from speechseq.layers.core import check_activation
+
+_ATTN = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+NAMES = DecoderNames(
+    tokens="{base}embed_tokens.weight",
+    extra_token_names=("model.shared.weight", "shared.weight"),
+    positions="{base}embed_positions.weight",
+    embed_norm="{base}layernorm_embedding",
+    layer="{base}layers.{i}",
+    self_attn=tuple(f"self_attn.{x}" for x in _ATTN),
+    cross_attn=tuple(f"encoder_attn.{x}" for x in _ATTN),
+    self_norm="self_attn_layer_norm",
+    cross_norm="encoder_attn_layer_norm",
+    mlp=("fc1", "fc2"),
+    mlp_norm="final_layer_norm",
+    final_norm="{base}layer_norm",
+    head_kernel="lm_head.weight",
+)
+
+POSITION_OFFSET = 2  # fairseq's learned positions start at row 2
+
+
+def parse_config(hf: dict, where: str) -> DecoderConfig:
+    mt = hf["model_type"]
+    hidden = require(hf, "d_model", int, where)
+    heads = require(hf, "decoder_attention_heads", int, where)
+    if hidden % heads:
+        raise ConfigError(f"{where}: d_model {hidden} is not divisible by decoder_attention_heads {heads}")
+    mbart = mt == "mbart"
+    return DecoderConfig(
+        model_type=mt,
+        vocab_size=require(hf, "vocab_size", int, where),
+        hidden_size=hidden,
+        num_layers=require(hf, "decoder_layers", int, where),
+        num_heads=heads,
+        intermediate_size=require(hf, "decoder_ffn_dim", int, where),
+        hidden_act=check_activation(hf.get("activation_function", "gelu"), where),
+        max_positions=int(hf.get("max_position_embeddings", 1024)) + POSITION_OFFSET,
+        position_offset=POSITION_OFFSET,
+        padding_aware_positions=False,
+        type_vocab_size=0,
+        embed_scale=math.sqrt(hidden) if hf.get("scale_embedding", False) else 1.0,
+        embed_norm=True,
+        pre_norm=mbart,
+        final_norm=mbart,
+        layer_norm_eps=1e-5,
+        attn_scale=True,
+        attn_scale_by_layer=False,
+        head_transform=False,
+        head_act="gelu",
+        head_bias=False,
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
+        pad_token_id=hf.get("pad_token_id", 1),
+        bos_token_id=hf.get("bos_token_id", 0),
+        eos_token_id=eos_ids(hf.get("eos_token_id", 2)),
+        hf=hf,
+    )

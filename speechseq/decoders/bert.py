@@ -1,0 +1,85 @@
+"""BERT and RoBERTa as causal decoders (``BertLMHeadModel``, ``RobertaForCausalLM``): post-norm layers, token-type
+table, a dense + norm transform before the tied output projection. RoBERTa counts positions past padding."""
+
+from __future__ import annotations
+
+
+from speechseq.config import DecoderConfig, eos_ids, require
+from speechseq.decoders.transformer import DecoderNames
+from speechseq.errors import ConfigError
+from speechseq.layers.core import check_activation
+
+
+def names(base_model: str, head: str) -> DecoderNames:
+    """BERT-style names; ``head`` is "cls.predictions" (BERT) or "lm_head" (RoBERTa)."""
+    bert = head == "cls.predictions"
+    return DecoderNames(
+        tokens="{base}embeddings.word_embeddings.weight",
+        positions="{base}embeddings.position_embeddings.weight",
+        token_type="{base}embeddings.token_type_embeddings.weight",
+        embed_norm="{base}embeddings.LayerNorm",
+        layer="{base}encoder.layer.{i}",
+        self_attn=("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"),
+        cross_attn=("crossattention.self.query", "crossattention.self.key", "crossattention.self.value",
+                    "crossattention.output.dense"),
+        self_norm="attention.output.LayerNorm",
+        cross_norm="crossattention.output.LayerNorm",
+        mlp=("intermediate.dense", "output.dense"),
+        mlp_norm="output.LayerNorm",
+        head_transform=f"{head}.transform.dense" if bert else f"{head}.dense",
+        head_transform_norm=f"{head}.transform.LayerNorm" if bert else f"{head}.layer_norm",
+        head_kernel=f"{head}.decoder.weight",
+        head_bias=(f"{head}.decoder.bias", f"{head}.bias"),
+        spare_head_bias=f"{head}.bias",
+    )
+
+
+BERT_NAMES = names("bert", "cls.predictions")
+ROBERTA_NAMES = names("roberta", "lm_head")
+
+
+def parse_config(hf: dict, where: str) -> DecoderConfig:
+    mt = hf["model_type"]
+    pos_type = hf.get("position_embedding_type", "absolute")
+    if pos_type != "absolute":
+        raise ConfigError(f"{where}: position_embedding_type {pos_type!r} is not supported for {mt}; "
+                          "supported: 'absolute'")
+    hidden = require(hf, "hidden_size", int, where)
+    heads = require(hf, "num_attention_heads", int, where)
+    if hidden % heads:
+        raise ConfigError(f"{where}: hidden_size {hidden} is not divisible by num_attention_heads {heads}")
+    roberta = mt != "bert"
+    pad = hf.get("pad_token_id", 1 if roberta else 0)
+    if roberta and pad is None:
+        raise ConfigError(f"{where}: {mt} needs pad_token_id (its positions count past padding)")
+    act = check_activation(hf.get("hidden_act", "gelu"), where)
+    return DecoderConfig(
+        model_type=mt,
+        vocab_size=require(hf, "vocab_size", int, where),
+        hidden_size=hidden,
+        num_layers=require(hf, "num_hidden_layers", int, where),
+        num_heads=heads,
+        intermediate_size=require(hf, "intermediate_size", int, where),
+        hidden_act=act,
+        max_positions=int(hf.get("max_position_embeddings", 512)),
+        position_offset=pad + 1 if roberta else 0,
+        padding_aware_positions=roberta,
+        type_vocab_size=int(hf.get("type_vocab_size", 2)),
+        embed_scale=1.0,
+        embed_norm=True,
+        pre_norm=False,
+        final_norm=False,
+        layer_norm_eps=float(hf.get("layer_norm_eps", 1e-12)),
+        attn_scale=True,
+        attn_scale_by_layer=False,
+        head_transform=True,
+        head_act="gelu" if roberta else act,
+        head_bias=True,
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
+        pad_token_id=pad,
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_id=eos_ids(hf.get("eos_token_id")),
+        hf=hf,
+    )
+
+

@@ -1,0 +1,60 @@
+"""GPT-2 as a decoder with cross-attention (``GPT2LMHeadModel``): pre-norm, fused ``Conv1D`` projections stored
+[in, out], final norm, optional per-layer score scaling."""
+
+from __future__ import annotations
+
+from speechseq.config import DecoderConfig, eos_ids, require
+from speechseq.decoders.transformer import DecoderNames
+from speechseq.errors import ConfigError
+from speechseq.layers.core import check_activation
+
+NAMES = DecoderNames(
+    tokens="{base}wte.weight",
+    positions="{base}wpe.weight",
+    layer="{base}h.{i}",
+    self_attn=("attn.c_attn", "attn.c_proj"),
+    cross_attn=("crossattention.q_attn", "crossattention.c_attn", "crossattention.c_proj"),
+    self_norm="ln_1",
+    cross_norm="ln_cross_attn",
+    mlp=("mlp.c_fc", "mlp.c_proj"),
+    mlp_norm="ln_2",
+    final_norm="{base}ln_f",
+    head_kernel="lm_head.weight",
+    torch_linear=False,
+)
+
+
+def parse_config(hf: dict, where: str) -> DecoderConfig:
+    hidden = require(hf, "n_embd", int, where)
+    heads = require(hf, "n_head", int, where)
+    if hidden % heads:
+        raise ConfigError(f"{where}: n_embd {hidden} is not divisible by n_head {heads}")
+    return DecoderConfig(
+        model_type="gpt2",
+        vocab_size=require(hf, "vocab_size", int, where),
+        hidden_size=hidden,
+        num_layers=require(hf, "n_layer", int, where),
+        num_heads=heads,
+        intermediate_size=hf.get("n_inner") or 4 * hidden,
+        hidden_act=check_activation(hf.get("activation_function", "gelu_new"), where),
+        max_positions=int(hf.get("n_positions", 1024)),
+        position_offset=0,
+        padding_aware_positions=False,
+        type_vocab_size=0,
+        embed_scale=1.0,
+        embed_norm=False,
+        pre_norm=True,
+        final_norm=True,
+        layer_norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
+        attn_scale=bool(hf.get("scale_attn_weights", True)),
+        attn_scale_by_layer=bool(hf.get("scale_attn_by_inverse_layer_idx", False)),
+        # reorder_and_upcast_attn only upcasts scores to float32, which speechseq always does
+        head_transform=False,
+        head_act="gelu",
+        head_bias=False,
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
+        pad_token_id=hf.get("pad_token_id"),
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_id=eos_ids(hf.get("eos_token_id")),
+        hf=hf,
+    )

@@ -1,0 +1,188 @@
+"""The one text decoder every family maps onto: embeddings, L layers of (self-attn, cross-attn, MLP), LM head.
+
+Families differ only in flags (``DecoderConfig``) and in the HF names of the same tensors (``DecoderNames``).
+Parameter tree::
+
+    embed/tokens [V, D], embed/positions [P, D], embed/token_type [Tt, D]?, embed/norm?
+    layers/{self_attn,cross_attn}/{q,k,v,o}/{kernel,bias}, layers/{self,cross,mlp}_norm, layers/mlp/{wi,wo}  (stacked L)
+    final_norm?, head/transform?, head/transform_norm?, head/kernel [D, V] (untied only), head/bias [V]?
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+
+from speechseq.config import DecoderConfig
+from speechseq.errors import InputError
+from speechseq.layers.core import activation, block, dense, layer_norm, mlp, multi_head_attention
+from speechseq.weights.table import Rule, dense as dense_rules, norm as norm_rules, rule
+
+Params = Mapping[str, jax.Array]
+
+
+@dataclass(frozen=True)
+class DecoderNames:
+    """HF tensor names of one family, relative to its causal-LM class. ``{base}`` is the base-model prefix,
+    ``{i}`` the layer index. Attention is either separate q/k/v/o names or GPT-2's fused ``Conv1D`` names."""
+
+    tokens: str
+    positions: str
+    layer: str  # "{base}encoder.layer.{i}"
+    self_attn: tuple[str, ...]  # (q, k, v, o) or (qkv, o) fused
+    cross_attn: tuple[str, ...]  # (q, k, v, o) or (q, kv, o) fused
+    self_norm: str
+    cross_norm: str
+    mlp: tuple[str, str]
+    mlp_norm: str
+    token_type: str | None = None
+    embed_norm: str | None = None
+    final_norm: str | None = None
+    head_transform: str | None = None
+    head_transform_norm: str | None = None
+    head_kernel: str = "lm_head.weight"
+    head_bias: tuple[str, ...] = ()  # names of the output bias, first is written
+    spare_head_bias: str | None = None  # BERT's second bias tensor, unused when untied; kept for round trips
+    torch_linear: bool = True  # False: GPT-2 Conv1D, weight already [in, out]
+    extra_token_names: tuple[str, ...] = ()  # other names the token table is stored under (shared embeddings)
+
+
+def weight_rules(cfg: DecoderConfig, n: DecoderNames) -> list[Rule]:
+    D, L, F, V = cfg.hidden_size, cfg.num_layers, cfg.intermediate_size, cfg.vocab_size
+    lin = n.torch_linear
+    out = [
+        rule((n.tokens, *n.extra_token_names), "embed/tokens", (V, D), ("vocab", "embed")),
+        rule(n.positions, "embed/positions", (cfg.max_positions, D), (None, "embed")),
+    ]
+    if n.token_type:
+        out.append(rule(n.token_type, "embed/token_type", (cfg.type_vocab_size, D), (None, "embed")))
+    if n.embed_norm:
+        out += norm_rules(n.embed_norm, "embed/norm", D)
+
+    def attention(names: tuple[str, ...], path: str) -> list[Rule]:
+        *proj, o = [f"{n.layer}.{x}" for x in names]
+        rules = dense_rules(o, f"{path}/o", D, D, ("heads", "embed"), layers=L, torch_linear=lin)
+        if len(proj) == 3:
+            for name, hf in zip("qkv", proj):
+                rules += dense_rules(hf, f"{path}/{name}", D, D, ("embed", "heads"), layers=L, torch_linear=lin)
+            return rules
+        fused = proj[-1]  # GPT-2: "c_attn" holds q,k,v (self) or k,v (cross, with q in "q_attn")
+        parts = "qkv" if len(proj) == 1 else "kv"
+        if len(proj) == 2:
+            rules += dense_rules(proj[0], f"{path}/q", D, D, ("embed", "heads"), layers=L, torch_linear=lin)
+        rules.append(rule(f"{fused}.weight", [f"{path}/{x}/kernel" for x in parts], (D, D), ("embed", "heads"),
+                          layers=L, layout="linear" if lin else "identity"))
+        rules.append(rule(f"{fused}.bias", [f"{path}/{x}/bias" for x in parts], (D,), ("heads",), layers=L,
+                          init="zeros"))
+        return rules
+
+    out += attention(n.self_attn, "layers/self_attn")
+    out += norm_rules(f"{n.layer}.{n.self_norm}", "layers/self_norm", D, layers=L)
+    out += attention(n.cross_attn, "layers/cross_attn")
+    out += norm_rules(f"{n.layer}.{n.cross_norm}", "layers/cross_norm", D, layers=L)
+    out += dense_rules(f"{n.layer}.{n.mlp[0]}", "layers/mlp/wi", D, F, ("embed", "mlp"), layers=L, torch_linear=lin)
+    out += dense_rules(f"{n.layer}.{n.mlp[1]}", "layers/mlp/wo", F, D, ("mlp", "embed"), layers=L, torch_linear=lin)
+    out += norm_rules(f"{n.layer}.{n.mlp_norm}", "layers/mlp_norm", D, layers=L)
+    if cfg.final_norm:
+        out += norm_rules(n.final_norm, "final_norm", D)
+    if cfg.head_transform:
+        out += dense_rules(n.head_transform, "head/transform", D, D, ("embed", "embed_out"))
+        out += norm_rules(n.head_transform_norm, "head/transform_norm", D)
+    if cfg.tie_word_embeddings:
+        out.append(rule(n.head_kernel, (), (), ()))  # a tied copy of the token table: known, not loaded
+    else:
+        out.append(rule(n.head_kernel, "head/kernel", (D, V), ("embed", "vocab"), layout="linear"))
+    if cfg.head_bias:
+        out.append(rule(n.head_bias, "head/bias", (V,), ("vocab",), init="zeros"))
+        if n.spare_head_bias and not cfg.tie_word_embeddings:
+            out.append(rule(n.spare_head_bias, "head/spare_bias", (V,), ("vocab",), init="zeros"))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Compute
+
+
+def positions(cfg: DecoderConfig, input_ids: jax.Array, start: int | jax.Array = 0) -> jax.Array:
+    """Rows of the position table for input_ids [B, T] starting at step ``start``: [B, T]."""
+    if cfg.padding_aware_positions:  # RoBERTa: count real tokens, padding sits on row pad_token_id
+        real = (input_ids != cfg.pad_token_id).astype(jnp.int32)
+        return (jnp.cumsum(real, axis=1) + start) * real + cfg.pad_token_id
+    steps = start + jnp.arange(input_ids.shape[1], dtype=jnp.int32)
+    return jnp.broadcast_to(steps + cfg.position_offset, input_ids.shape)
+
+
+def embed(cfg: DecoderConfig, p: Params, input_ids: jax.Array, pos: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """Token ids [B, T] and position rows [B, T] -> [B, T, D]."""
+    h = jnp.take(p["tokens"], input_ids, axis=0) * cfg.embed_scale + jnp.take(p["positions"], pos, axis=0)
+    if "token_type" in p:
+        h = h + p["token_type"][0]
+    h = h.astype(dtype)
+    if cfg.embed_norm:
+        h = layer_norm(p["norm"], h, cfg.layer_norm_eps)
+    return h
+
+
+def layer_scales(cfg: DecoderConfig) -> jax.Array:
+    """Attention score scale of each layer [L] (GPT-2 may divide by the layer number)."""
+    base = cfg.head_dim ** -0.5 if cfg.attn_scale else 1.0
+    idx = jnp.arange(cfg.num_layers, dtype=jnp.float32)
+    return base / (idx + 1.0) if cfg.attn_scale_by_layer else jnp.full((cfg.num_layers,), base, jnp.float32)
+
+
+def lm_head(cfg: DecoderConfig, p: Params, h: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """Hidden states [B, T, D] -> float32 logits [B, T, V]."""
+    head = p["head"] if "head" in p else {}
+    if cfg.head_transform:
+        h = activation(cfg.head_act)(dense(head["transform"], h, dtype))
+        h = layer_norm(head["transform_norm"], h, cfg.layer_norm_eps)
+    if cfg.tie_word_embeddings:
+        logits = jnp.einsum("btd,vd->btv", h.astype(dtype), p["embed"]["tokens"].astype(dtype),
+                            preferred_element_type=jnp.float32)
+    else:
+        logits = jnp.einsum("btd,dv->btv", h.astype(dtype), head["kernel"].astype(dtype),
+                            preferred_element_type=jnp.float32)
+    if cfg.head_bias:
+        logits = logits + head["bias"]
+    return logits
+
+
+def check_ids(cfg: DecoderConfig, input_ids: jax.Array, name: str = "decoder_input_ids") -> None:
+    if input_ids.ndim != 2:
+        raise InputError(f"{name}: expected rank 2 [batch, tokens], got shape {tuple(input_ids.shape)}")
+    if not jnp.issubdtype(input_ids.dtype, jnp.integer):
+        raise InputError(f"{name}: expected integer token ids, got dtype {input_ids.dtype}")
+    if input_ids.shape[1] > cfg.max_positions - cfg.position_offset:
+        raise InputError(f"{name}: {input_ids.shape[1]} tokens exceed the decoder's "
+                         f"{cfg.max_positions - cfg.position_offset} positions")
+
+
+def decode(cfg: DecoderConfig, p: Params, input_ids: jax.Array, enc: jax.Array, enc_mask: jax.Array | None,
+           attention_mask: jax.Array | None = None, dtype: jnp.dtype = jnp.float32) -> jax.Array:
+    """Teacher-forced decoder: ids [B, T], encoder frames [B, S, D] (+ mask [B, S]) -> float32 logits [B, T, V]."""
+    check_ids(cfg, input_ids)
+    T = input_ids.shape[1]
+    h = embed(cfg, p["embed"], input_ids, positions(cfg, input_ids), dtype)
+    self_mask = jnp.tril(jnp.ones((T, T), bool))[None, None]
+    if attention_mask is not None:
+        self_mask = self_mask & (attention_mask[:, None, None, :] != 0)
+    cross_mask = None if enc_mask is None else enc_mask[:, None, None, :]
+    enc = enc.astype(dtype)
+    eps, pre, N = cfg.layer_norm_eps, cfg.pre_norm, cfg.num_heads
+
+    def layer(h: jax.Array, xs: tuple[Params, jax.Array]) -> tuple[jax.Array, None]:
+        lp, scale = xs
+        h = block(h, lp["self_norm"], lambda x: multi_head_attention(lp["self_attn"], x, x, self_mask, N, dtype, scale),
+                  pre, eps)
+        h = block(h, lp["cross_norm"],
+                  lambda x: multi_head_attention(lp["cross_attn"], x, enc, cross_mask, N, dtype, scale), pre, eps)
+        h = block(h, lp["mlp_norm"], lambda x: mlp(lp["mlp"], x, cfg.hidden_act, dtype), pre, eps)
+        return h, None
+
+    h, _ = jax.lax.scan(layer, h, (p["layers"], layer_scales(cfg)))
+    if cfg.final_norm:
+        h = layer_norm(p["final_norm"], h, cfg.layer_norm_eps)
+    return lm_head(cfg, p, h, dtype)

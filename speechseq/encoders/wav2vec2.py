@@ -1,0 +1,254 @@
+"""The wav2vec2 family of speech encoders (wav2vec2, hubert): conv feature encoder, positional conv, transformer, adapter.
+
+HuBERT is a config variant: no adapter, optional norm before the feature projection.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+
+from speechseq.config import EncoderConfig, require
+from speechseq.errors import ConfigError, InputError
+from speechseq.layers.core import activation, block, check_activation, dense, layer_norm, mlp, multi_head_attention
+from speechseq.weights.table import Rule, dense as dense_rules, norm as norm_rules, rule
+
+Params = Mapping[str, jax.Array]
+TORCH_NORM_EPS = 1e-5  # nn.LayerNorm / nn.GroupNorm default, used where transformers does not pass config eps
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Config
+
+
+def parse_config(hf: dict, where: str) -> EncoderConfig:
+    mt = hf["model_type"]
+    for key, bad in (("adapter_attn_dim", None), ("conv_pos_batch_norm", False)):
+        if hf.get(key, bad) != bad:
+            raise ConfigError(f"{where}: option {key}={hf[key]!r} is not supported for {mt} (supported: {bad!r})")
+    conv_dim = tuple(require(hf, "conv_dim", (list, tuple), where))
+    conv_kernel = tuple(require(hf, "conv_kernel", (list, tuple), where))
+    conv_stride = tuple(require(hf, "conv_stride", (list, tuple), where))
+    if not len(conv_dim) == len(conv_kernel) == len(conv_stride):
+        raise ConfigError(f"{where}: conv_dim, conv_kernel and conv_stride must have the same length, got "
+                          f"{len(conv_dim)}, {len(conv_kernel)}, {len(conv_stride)}")
+    norm = hf.get("feat_extract_norm", "group")
+    if norm not in ("group", "layer"):
+        raise ConfigError(f"{where}: feat_extract_norm {norm!r} is not supported; supported: 'group', 'layer'")
+    hidden = require(hf, "hidden_size", int, where)
+    heads = require(hf, "num_attention_heads", int, where)
+    if hidden % heads:
+        raise ConfigError(f"{where}: hidden_size {hidden} is not divisible by num_attention_heads {heads}")
+    add_adapter = bool(hf.get("add_adapter", False))
+    return EncoderConfig(
+        model_type=mt,
+        hidden_size=hidden,
+        num_layers=require(hf, "num_hidden_layers", int, where),
+        num_heads=heads,
+        intermediate_size=require(hf, "intermediate_size", int, where),
+        hidden_act=check_activation(hf.get("hidden_act", "gelu"), where),
+        conv_dim=conv_dim,
+        conv_kernel=conv_kernel,
+        conv_stride=conv_stride,
+        conv_bias=bool(hf.get("conv_bias", False)),
+        feat_extract_norm=norm,
+        feat_extract_activation=check_activation(hf.get("feat_extract_activation", "gelu"), where),
+        feat_proj_layer_norm=bool(hf.get("feat_proj_layer_norm", True)),
+        stable_layer_norm=bool(hf.get("do_stable_layer_norm", False)),
+        num_conv_pos_embeddings=int(hf.get("num_conv_pos_embeddings", 128)),
+        num_conv_pos_embedding_groups=int(hf.get("num_conv_pos_embedding_groups", 16)),
+        layer_norm_eps=float(hf.get("layer_norm_eps", 1e-5)),
+        add_adapter=add_adapter,
+        output_hidden_size=int(hf.get("output_hidden_size") or hidden),
+        num_adapter_layers=int(hf.get("num_adapter_layers", 3)),
+        adapter_stride=int(hf.get("adapter_stride", 2)),
+        adapter_kernel_size=int(hf.get("adapter_kernel_size", 3)),
+        masked_spec_embed=hf.get("mask_time_prob", 0.05) > 0 or hf.get("mask_feature_prob", 0.0) > 0,
+        hf=hf,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Weight table (names relative to Wav2Vec2Model / HubertModel; ``{base}`` is "" or "wav2vec2." / "hubert.")
+
+
+def weight_rules(cfg: EncoderConfig) -> list[Rule]:
+    D, L, F = cfg.hidden_size, cfg.num_layers, cfg.intermediate_size
+    K, G = cfg.num_conv_pos_embeddings, cfg.num_conv_pos_embedding_groups
+    out: list[Rule] = []
+    if cfg.masked_spec_embed:
+        out.append(rule("{base}masked_spec_embed", "masked_spec_embed", (D,), ("embed",), init="ones"))
+    c_in = 1
+    for j, (c, k) in enumerate(zip(cfg.conv_dim, cfg.conv_kernel)):
+        hf, path = f"{{base}}feature_extractor.conv_layers.{j}", f"feature_encoder/conv{j}"
+        out.append(rule(f"{hf}.conv.weight", f"{path}/kernel", (k, c_in, c), (None, None, "conv_out"),
+                        layout="conv", init="conv"))
+        if cfg.conv_bias:
+            out.append(rule(f"{hf}.conv.bias", f"{path}/bias", (c,), ("conv_out",), init="zeros"))
+        if cfg.feat_extract_norm == "layer" or j == 0:
+            out += norm_rules(f"{hf}.layer_norm", f"{path}/norm", c, axis="conv_out")
+        c_in = c
+    if cfg.feat_proj_layer_norm:
+        out += norm_rules("{base}feature_projection.layer_norm", "feature_projection/norm", c_in, axis="conv_out")
+    out += dense_rules("{base}feature_projection.projection", "feature_projection/proj", c_in, D, ("conv_out", "embed"))
+    pos = "{base}encoder.pos_conv_embed.conv"
+    out += [
+        rule((f"{pos}.parametrizations.weight.original0", f"{pos}.weight_g"), "pos_conv/weight_g", (K, 1, 1),
+             (None, None, None), layout="conv", init="weight_g"),
+        rule((f"{pos}.parametrizations.weight.original1", f"{pos}.weight_v"), "pos_conv/weight_v", (K, D // G, D),
+             (None, None, "embed"), layout="conv", init="conv"),
+        rule(f"{pos}.bias", "pos_conv/bias", (D,), ("embed",), init="zeros"),
+    ]
+    out += norm_rules("{base}encoder.layer_norm", "norm", D)
+    lay = "{base}encoder.layers.{i}"
+    for name, hf in (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj")):
+        out += dense_rules(f"{lay}.attention.{hf}", f"layers/attn/{name}", D, D, ("embed", "heads"), layers=L)
+    out += dense_rules(f"{lay}.attention.out_proj", "layers/attn/o", D, D, ("heads", "embed"), layers=L)
+    out += norm_rules(f"{lay}.layer_norm", "layers/attn_norm", D, layers=L)
+    out += dense_rules(f"{lay}.feed_forward.intermediate_dense", "layers/mlp/wi", D, F, ("embed", "mlp"), layers=L)
+    out += dense_rules(f"{lay}.feed_forward.output_dense", "layers/mlp/wo", F, D, ("mlp", "embed"), layers=L)
+    out += norm_rules(f"{lay}.final_layer_norm", "layers/mlp_norm", D, layers=L)
+    if cfg.add_adapter:
+        O = cfg.output_hidden_size
+        if O != D:
+            out += dense_rules("{base}adapter.proj", "adapter/proj", D, O, ("embed", "embed_out"))
+            out += norm_rules("{base}adapter.proj_layer_norm", "adapter/proj_norm", O, axis="embed_out")
+        out += [
+            rule("{base}adapter.layers.{i}.conv.weight", "adapter/layers/kernel", (cfg.adapter_kernel_size, O, 2 * O),
+                 (None, "embed_out", "mlp"), layout="conv", init="conv", layers=cfg.num_adapter_layers),
+            rule("{base}adapter.layers.{i}.conv.bias", "adapter/layers/bias", (2 * O,), ("mlp",), init="zeros",
+                 layers=cfg.num_adapter_layers),
+        ]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Lengths and masks, exactly as transformers computes them
+
+
+def receptive_field(cfg: EncoderConfig) -> int:
+    """Fewest samples that give one frame."""
+    n = 1
+    for k, s in reversed(list(zip(cfg.conv_kernel, cfg.conv_stride))):
+        n = (n - 1) * s + k
+    return n
+
+
+def output_lengths(cfg: EncoderConfig, lengths: jax.Array, with_adapter: bool) -> jax.Array:
+    """Frames produced from ``lengths`` samples (HF counts adapter convs with kernel 1, whatever their kernel)."""
+    for k, s in zip(cfg.conv_kernel, cfg.conv_stride):
+        lengths = (lengths - k) // s + 1
+    if with_adapter:
+        for _ in range(cfg.num_adapter_layers):
+            lengths = (lengths - 1) // cfg.adapter_stride + 1
+    return lengths
+
+
+def frame_mask(cfg: EncoderConfig, attention_mask: jax.Array, num_frames: int, with_adapter: bool) -> jax.Array:
+    """Sample mask [B, N] -> frame mask [B, S] bool (transformers' ``_get_feature_vector_attention_mask``)."""
+    lengths = output_lengths(cfg, attention_mask.astype(jnp.int32).sum(-1), with_adapter)
+    last = jnp.mod(lengths - 1, num_frames)  # a length of 0 marks the last frame, as transformers' indexing does
+    return jnp.arange(num_frames)[None, :] <= last[:, None]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Compute
+
+
+def _conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int | tuple = 0, groups: int = 1) -> jax.Array:
+    """1-D convolution, x [B, S, Cin], kernel [K, Cin/groups, Cout] -> [B, S', Cout]."""
+    pad = [(padding, padding)] if isinstance(padding, int) else [padding]
+    return jax.lax.conv_general_dilated(x, kernel.astype(x.dtype), (stride,), pad, dimension_numbers=("NWC", "WIO", "NWC"),
+                                        feature_group_count=groups)
+
+
+def feature_encoder(cfg: EncoderConfig, p: Params, audio: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """Raw audio [B, N] -> conv features [B, S, C]."""
+    act = activation(cfg.feat_extract_activation)
+    h = audio[:, :, None].astype(dtype)
+    for j, s in enumerate(cfg.conv_stride):
+        cp = p[f"conv{j}"]
+        h = _conv(h, cp["kernel"], s)
+        if "bias" in cp:
+            h = h + cp["bias"].astype(dtype)
+        if cfg.feat_extract_norm == "layer":
+            h = layer_norm(cp["norm"], h, TORCH_NORM_EPS)
+        elif j == 0:  # GroupNorm with one group per channel: statistics over time
+            hf = h.astype(jnp.float32)
+            mean = hf.mean(1, keepdims=True)
+            var = jnp.square(hf - mean).mean(1, keepdims=True)
+            h = ((hf - mean) * jax.lax.rsqrt(var + TORCH_NORM_EPS) * cp["norm"]["scale"] + cp["norm"]["bias"]).astype(dtype)
+        h = act(h)
+    return h
+
+
+def positional_conv(cfg: EncoderConfig, p: Params, h: jax.Array) -> jax.Array:
+    """Weight-normed grouped conv over time, [B, S, D] -> [B, S, D]."""
+    v = p["weight_v"].astype(jnp.float32)
+    w = p["weight_g"] * v * jax.lax.rsqrt(jnp.sum(jnp.square(v), axis=(1, 2), keepdims=True))
+    k = cfg.num_conv_pos_embeddings
+    y = _conv(h, w, 1, k // 2, cfg.num_conv_pos_embedding_groups) + p["bias"].astype(h.dtype)
+    if k % 2 == 0:
+        y = y[:, :-1]
+    return activation(cfg.feat_extract_activation)(y)
+
+
+def adapter(cfg: EncoderConfig, p: Params, h: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """[B, S, D] -> [B, S', output_hidden_size]: optional projection, then strided GLU convs."""
+    if "proj" in p:
+        h = layer_norm(p["proj_norm"], dense(p["proj"], h, dtype), TORCH_NORM_EPS)
+    for i in range(cfg.num_adapter_layers):  # lengths shrink per layer, so no scan
+        h = _conv(h, p["layers"]["kernel"][i], cfg.adapter_stride, 1) + p["layers"]["bias"][i].astype(dtype)
+        h = jax.nn.glu(h, axis=-1)
+    return h
+
+
+def check_audio(cfg: EncoderConfig, input_values: jax.Array, attention_mask: jax.Array | None) -> None:
+    """Static checks on shapes and dtypes, raised at trace time as one-line errors."""
+    if input_values.ndim != 2:
+        raise InputError(f"input_values: expected rank 2 [batch, samples], got shape {tuple(input_values.shape)}")
+    if not jnp.issubdtype(input_values.dtype, jnp.floating):
+        raise InputError(f"input_values: expected a float array of audio samples, got dtype {input_values.dtype}")
+    need = receptive_field(cfg)
+    if input_values.shape[1] < need:
+        raise InputError(f"input_values: audio of {input_values.shape[1]} samples is too short; the encoder needs at "
+                         f"least {need} samples for one frame")
+    if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_values.shape):
+        raise InputError(f"attention_mask: expected shape {tuple(input_values.shape)} like input_values, "
+                         f"got {tuple(attention_mask.shape)}")
+
+
+def encode(cfg: EncoderConfig, p: Params, input_values: jax.Array, attention_mask: jax.Array | None,
+           dtype: jnp.dtype = jnp.float32) -> tuple[jax.Array, jax.Array | None]:
+    """Audio [B, N] (+ sample mask [B, N]) -> (frames [B, S, output_size], frame mask [B, S] bool or None)."""
+    check_audio(cfg, input_values, attention_mask)
+    feats = feature_encoder(cfg, p["feature_encoder"], input_values, dtype)
+    fp = p["feature_projection"]
+    h = layer_norm(fp["norm"], feats, cfg.layer_norm_eps) if cfg.feat_proj_layer_norm else feats
+    h = dense(fp["proj"], h, dtype)
+    mask = None
+    if attention_mask is not None:
+        mask = frame_mask(cfg, attention_mask, h.shape[1], with_adapter=False)
+        h = jnp.where(mask[:, :, None], h, 0)
+    h = h + positional_conv(cfg, p["pos_conv"], h)
+    if not cfg.stable_layer_norm:
+        h = layer_norm(p["norm"], h, cfg.layer_norm_eps)
+    attn_mask = None if mask is None else mask[:, None, None, :]
+    eps, pre = cfg.layer_norm_eps, cfg.stable_layer_norm
+
+    def layer(h: jax.Array, lp: Params) -> tuple[jax.Array, None]:
+        h = block(h, lp["attn_norm"], lambda x: multi_head_attention(lp["attn"], x, x, attn_mask, cfg.num_heads, dtype),
+                  pre, eps)
+        h = block(h, lp["mlp_norm"], lambda x: mlp(lp["mlp"], x, cfg.hidden_act, dtype), pre, eps)
+        return h, None
+
+    h, _ = jax.lax.scan(layer, h, p["layers"])
+    if cfg.stable_layer_norm:
+        h = layer_norm(p["norm"], h, cfg.layer_norm_eps)
+    if cfg.add_adapter:
+        h = adapter(cfg, p["adapter"], h, dtype)
+    if attention_mask is not None:
+        mask = frame_mask(cfg, attention_mask, h.shape[1], with_adapter=cfg.add_adapter)
+    return h, mask

@@ -1,0 +1,100 @@
+"""Dense, norms, activations, attention and the residual block every transformer layer here is made of.
+
+Params are float32; ``dtype`` is the compute dtype. Norm statistics and softmax are always float32.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from speechseq.errors import ConfigError
+
+Params = Mapping[str, jax.Array]
+
+_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "tanh": jnp.tanh,
+}
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    try:
+        return _ACTIVATIONS[name]
+    except KeyError:
+        raise ConfigError(f"activation {name!r} is not supported; supported: {sorted(_ACTIVATIONS)}") from None
+
+
+def check_activation(name: str, where: str) -> str:
+    if name not in _ACTIVATIONS:
+        raise ConfigError(f"{where}: activation {name!r} is not supported; supported: {sorted(_ACTIVATIONS)}")
+    return name
+
+
+def dense(p: Params, x: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """[..., Din] @ kernel [Din, Dout] (+ bias) in ``dtype``."""
+    y = jnp.dot(x.astype(dtype), p["kernel"].astype(dtype))
+    if "bias" in p:
+        y = y + p["bias"].astype(dtype)
+    return y
+
+
+def layer_norm(p: Params, x: jax.Array, eps: float) -> jax.Array:
+    """LayerNorm over the last axis with float32 statistics; returns ``x.dtype``."""
+    xf = x.astype(jnp.float32)
+    mean = xf.mean(-1, keepdims=True)
+    var = jnp.square(xf - mean).mean(-1, keepdims=True)
+    y = (xf - mean) * jax.lax.rsqrt(var + eps) * p["scale"] + p["bias"]
+    return y.astype(x.dtype)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, scale: float | jax.Array) -> jax.Array:
+    """Scaled dot-product attention.
+
+    q [B, T, N, H], k and v [B, S, N, H], mask bool broadcastable to [B, N, T, S] (True = attend).
+    Returns [B, T, N, H]. Scores and softmax in float32; a fully masked row is uniform, as in transformers.
+    """
+    scores = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32) * scale
+    if mask is not None:
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bnts,bsnh->btnh", probs, v)
+
+
+def split_heads(x: jax.Array, num_heads: int) -> jax.Array:
+    """[B, T, N*H] -> [B, T, N, H]."""
+    return x.reshape(*x.shape[:-1], num_heads, x.shape[-1] // num_heads)
+
+
+def multi_head_attention(p: Params, x: jax.Array, kv: jax.Array, mask: jax.Array | None, num_heads: int,
+                         dtype: jnp.dtype, scale: float | jax.Array | None = None) -> jax.Array:
+    """Project queries from x [B, T, D] and keys/values from kv [B, S, Dkv], attend, project out: [B, T, D]."""
+    q = split_heads(dense(p["q"], x, dtype), num_heads)
+    k = split_heads(dense(p["k"], kv, dtype), num_heads)
+    v = split_heads(dense(p["v"], kv, dtype), num_heads)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    out = attention(q, k, v, mask, scale)
+    return dense(p["o"], out.reshape(*out.shape[:2], -1), dtype)
+
+
+def mlp(p: Params, x: jax.Array, act: str, dtype: jnp.dtype) -> jax.Array:
+    """Feed-forward: wo(act(wi(x))). x [B, T, D] -> [B, T, D]."""
+    return dense(p["wo"], activation(act)(dense(p["wi"], x, dtype)), dtype)
+
+
+def block(x: jax.Array, norm_p: Params, fn: Callable[[jax.Array], jax.Array], pre_norm: bool, eps: float) -> jax.Array:
+    """Residual sub-layer: ``x + fn(norm(x))`` (pre-norm) or ``norm(x + fn(x))`` (post-norm)."""
+    if pre_norm:
+        return x + fn(layer_norm(norm_p, x, eps))
+    return layer_norm(norm_p, x + fn(x), eps)

@@ -1,0 +1,117 @@
+"""The seq2seq apply as pure functions of ``(params, inputs)`` with the config static: encode, decode, forward, loss.
+
+    enc = encode(cfg, params, input_values, attention_mask)          # EncoderOutput
+    out = forward(cfg, params, input_values, attention_mask, labels=labels)
+    jax.jit(forward, static_argnames=("cfg", "dtype"))               # or use the pre-jitted ``forward_jit``
+
+``params`` is ``{"encoder": ..., "decoder": ..., "enc_to_dec_proj"?: ...}`` (see ``weight_rules``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from speechseq.config import SpeechSeq2SeqConfig
+from speechseq.errors import InputError
+from speechseq.layers.core import dense
+from speechseq.registry import family
+from speechseq.weights.table import Rule, dense as dense_rules, prefixed
+
+Params = Mapping[str, Any]
+
+
+class EncoderOutput(NamedTuple):
+    last_hidden_state: jax.Array  # [B, S, E] encoder frames (before enc_to_dec_proj), as transformers returns them
+    attention_mask: jax.Array | None  # [B, S] bool frame mask, None when no sample mask was given
+
+
+class Seq2SeqOutput(NamedTuple):
+    logits: jax.Array  # [B, T, V] float32
+    loss: jax.Array | None  # scalar: mean cross-entropy over labels != -100
+    encoder_last_hidden_state: jax.Array  # [B, S, D] encoder frames after enc_to_dec_proj, as transformers 5
+    encoder_attention_mask: jax.Array | None  # [B, S]
+
+
+def weight_rules(cfg: SpeechSeq2SeqConfig) -> list[Rule]:
+    """The full table of a ``SpeechEncoderDecoderModel`` state dict."""
+    enc, dec = family(cfg.encoder.model_type, "encoder"), family(cfg.decoder.model_type, "decoder")
+    rules = prefixed(enc.weight_rules(cfg.encoder), "encoder.", "encoder/", base=enc.prefixes[0])
+    rules += prefixed(dec.weight_rules(cfg.decoder), "decoder.", "decoder/", base=dec.prefixes[0])
+    if cfg.has_enc_to_dec_proj:
+        rules += dense_rules("enc_to_dec_proj", "enc_to_dec_proj", cfg.encoder.output_size, cfg.decoder.hidden_size,
+                             ("embed_out", "embed"))
+    return rules
+
+
+def encode(cfg: SpeechSeq2SeqConfig, params: Params, input_values: jax.Array, attention_mask: jax.Array | None = None,
+           dtype: Any = jnp.float32) -> EncoderOutput:
+    """Audio [B, N] float (+ sample mask [B, N]) -> EncoderOutput (frames [B, S, E], frame mask [B, S])."""
+    apply = family(cfg.encoder.model_type, "encoder").apply
+    hidden, mask = apply(cfg.encoder, params["encoder"], input_values, attention_mask, jnp.dtype(dtype))
+    return EncoderOutput(hidden, mask)
+
+
+def project(cfg: SpeechSeq2SeqConfig, params: Params, hidden: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
+    """Encoder frames [B, S, E] -> the width the decoder's cross-attention reads [B, S, D]."""
+    return dense(params["enc_to_dec_proj"], hidden, jnp.dtype(dtype)) if cfg.has_enc_to_dec_proj else hidden
+
+
+def decode(cfg: SpeechSeq2SeqConfig, params: Params, decoder_input_ids: jax.Array, encoder_output: EncoderOutput,
+           decoder_attention_mask: jax.Array | None = None, dtype: Any = jnp.float32) -> jax.Array:
+    """Teacher-forced decoder over precomputed encoder output: ids [B, T] -> float32 logits [B, T, V]."""
+    return _decode_projected(cfg, params, decoder_input_ids, project(cfg, params, encoder_output.last_hidden_state,
+                                                                     dtype), encoder_output.attention_mask,
+                             decoder_attention_mask, dtype)
+
+
+def _decode_projected(cfg: SpeechSeq2SeqConfig, params: Params, decoder_input_ids: jax.Array, enc: jax.Array,
+                      enc_mask: jax.Array | None, decoder_attention_mask: jax.Array | None, dtype: Any) -> jax.Array:
+    if enc.shape[0] != decoder_input_ids.shape[0]:
+        raise InputError(f"decoder_input_ids: batch {decoder_input_ids.shape[0]} does not match the audio batch "
+                         f"{enc.shape[0]}")
+    return family(cfg.decoder.model_type, "decoder").apply(cfg.decoder, params["decoder"], decoder_input_ids, enc,
+                                                           enc_mask, decoder_attention_mask, jnp.dtype(dtype))
+
+
+def shift_right(labels: jax.Array, pad_token_id: int, decoder_start_token_id: int) -> jax.Array:
+    """Teacher-forcing inputs from labels [B, T]: start token first, -100 replaced by pad (transformers' rule)."""
+    shifted = jnp.concatenate([jnp.full_like(labels[:, :1], decoder_start_token_id), labels[:, :-1]], axis=1)
+    return jnp.where(shifted == -100, pad_token_id, shifted)
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Mean token cross-entropy over labels != -100 (float32 scalar), as torch's ``CrossEntropyLoss``."""
+    valid = labels != -100
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, jnp.where(valid, labels, 0)[..., None], axis=-1)[..., 0]
+    return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.sum(valid)
+
+
+def forward(cfg: SpeechSeq2SeqConfig, params: Params, input_values: jax.Array | None = None,
+            attention_mask: jax.Array | None = None, decoder_input_ids: jax.Array | None = None,
+            decoder_attention_mask: jax.Array | None = None, labels: jax.Array | None = None,
+            encoder_outputs: EncoderOutput | None = None, dtype: Any = jnp.float32) -> Seq2SeqOutput:
+    """Full model: audio [B, N] (or ``encoder_outputs``) and decoder ids [B, T] or labels [B, T] -> Seq2SeqOutput."""
+    if encoder_outputs is None:
+        if input_values is None:
+            raise InputError("input_values: required unless encoder_outputs are given")
+        encoder_outputs = encode(cfg, params, input_values, attention_mask, dtype)
+    if decoder_input_ids is None:
+        if labels is None:
+            raise InputError("decoder_input_ids: required unless labels are given (they are shifted right)")
+        if cfg.decoder_start_token_id is None or cfg.pad_token_id is None:
+            raise InputError("labels: config needs decoder_start_token_id and pad_token_id to build decoder inputs")
+        decoder_input_ids = shift_right(labels, cfg.pad_token_id, cfg.decoder_start_token_id)
+    enc = project(cfg, params, encoder_outputs.last_hidden_state, dtype)
+    logits = _decode_projected(cfg, params, decoder_input_ids, enc, encoder_outputs.attention_mask,
+                               decoder_attention_mask, dtype)
+    loss = None if labels is None else cross_entropy(logits, labels)
+    return Seq2SeqOutput(logits, loss, enc, encoder_outputs.attention_mask)
+
+
+forward_jit = jax.jit(forward, static_argnames=("cfg", "dtype"))
+encode_jit = jax.jit(encode, static_argnames=("cfg", "dtype"))
+decode_jit = jax.jit(decode, static_argnames=("cfg", "dtype"))

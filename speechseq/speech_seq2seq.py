@@ -1,0 +1,174 @@
+"""``SpeechSeq2Seq``: the thin object over the pure functions in ``speechseq.model`` and a params pytree."""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from speechseq import model as M
+from speechseq.config import (
+    SpeechSeq2SeqConfig,
+    config_from_dict,
+    decoder_config_from_hf,
+    encoder_config_from_hf,
+    make_seq2seq_config,
+    read_json,
+)
+from speechseq.errors import InputError
+from speechseq.hub import resolve
+from speechseq.registry import family
+from speechseq.weights import table
+from speechseq.weights.checkpoint import (
+    fill_missing,
+    init_std,
+    load_part,
+    log_report,
+    save_hf,
+    to_flat_numpy,
+    to_tree,
+)
+from speechseq.weights.readers import open_checkpoint
+
+
+def _dtype(dtype: Any) -> jnp.dtype:
+    try:
+        return jnp.dtype(dtype)
+    except TypeError:
+        raise InputError(f"dtype: expected float32 or bfloat16 (or float16), got {dtype!r}") from None
+
+
+def _array(x: Any, name: str, integer: bool = False) -> jax.Array | None:
+    if x is None:
+        return None
+    arr = np.asarray(x)
+    if arr.dtype == object:
+        raise InputError(f"{name}: expected a numeric array, got ragged or non-numeric data")
+    if integer and arr.dtype.kind not in "iub":
+        raise InputError(f"{name}: expected integer values, got dtype {arr.dtype}")
+    if arr.size == 0:
+        raise InputError(f"{name}: is empty (shape {arr.shape})")
+    return jnp.asarray(arr)
+
+
+class SpeechSeq2Seq:
+    """A speech encoder joined to a text decoder. ``config`` is static; ``params`` is a pytree of jax arrays."""
+
+    def __init__(self, config: SpeechSeq2SeqConfig, params: Mapping, dtype: Any = jnp.float32,
+                 loading_info: table.LoadReport | None = None):
+        self.config = config
+        self.params = params
+        self.dtype = _dtype(dtype)
+        self.loading_info = loading_info or table.LoadReport([], [], [])
+
+    # -- construction ----------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_config(cls, config: SpeechSeq2SeqConfig | Mapping, seed: int = 0, dtype: Any = jnp.float32
+                    ) -> "SpeechSeq2Seq":
+        """Random init from a HF ``speech-encoder-decoder`` dict or a ``SpeechSeq2SeqConfig``."""
+        cfg = config_from_dict(config)
+        flat = table.init_params(M.weight_rules(cfg), seed, init_std(cfg))
+        return cls(cfg, to_tree(flat), dtype)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, *, dtype: Any = jnp.float32, seed: int = 0,
+                        revision: str | None = None) -> "SpeechSeq2Seq":
+        """Load a HF ``SpeechEncoderDecoderModel`` checkpoint (directory or hub id; safetensors or .bin, sharded or
+        not) without torch. Weights the checkpoint lacks are initialised from ``seed`` and reported."""
+        path = resolve(name_or_path, revision)
+        cfg = config_from_dict(read_json(path / "config.json"), str(path / "config.json"))
+        rules = M.weight_rules(cfg)
+        with open_checkpoint(path) as ckpt:
+            flat, report = table.load(rules, ckpt, where=str(path))
+        log_report(report, str(path))
+        flat = fill_missing(rules, flat, report, seed, init_std(cfg))
+        return cls(cfg, to_tree(flat), dtype, report)
+
+    @classmethod
+    def from_encoder_decoder_pretrained(cls, encoder: str | os.PathLike, decoder: str | os.PathLike, *,
+                                        dtype: Any = jnp.float32, seed: int = 0, **kwargs: Any) -> "SpeechSeq2Seq":
+        """Warm start from a speech encoder checkpoint and a text decoder checkpoint.
+
+        ``encoder_*`` / ``decoder_*`` keyword arguments update the sub-configs (``encoder_add_adapter=True``,
+        ``decoder_dropout=0.1``); other keywords set top-level fields (``decoder_start_token_id``, ``pad_token_id``).
+        The decoder becomes a decoder with cross-attention; its cross-attention (and ``enc_to_dec_proj``, and any
+        adapter the encoder checkpoint lacks) are freshly initialised and listed in ``loading_info.missing``.
+        """
+        parts = {}
+        for role, src in (("encoder", encoder), ("decoder", decoder)):
+            path = resolve(src)
+            hf = read_json(path / "config.json")
+            hf.update({k[len(role) + 1:]: v for k, v in kwargs.items() if k.startswith(role + "_")})
+            if role == "decoder":
+                hf.update(is_decoder=True, add_cross_attention=True)
+            else:
+                hf.update(is_decoder=False, add_cross_attention=False)
+            parse = encoder_config_from_hf if role == "encoder" else decoder_config_from_hf
+            parts[role] = (path, parse(hf, str(path / "config.json")))
+        top = {k: v for k, v in kwargs.items() if not k.startswith(("encoder_", "decoder_"))}
+        cfg = make_seq2seq_config(parts["encoder"][1], parts["decoder"][1],
+                                  {"model_type": "speech-encoder-decoder", "is_encoder_decoder": True, **top})
+        flat: dict[str, np.ndarray] = {}
+        missing: list[str] = []
+        unexpected: list[str] = []
+        for role, (path, sub) in parts.items():
+            with open_checkpoint(path) as ckpt:
+                part, report = load_part(family(sub.model_type, role), sub, ckpt, str(path))
+            flat.update({f"{role}/{k}": v for k, v in part.items()})
+            missing += [f"{role}.{n}" for n in report.missing]
+            unexpected += [f"{role}.{n}" for n in report.unexpected]
+        rules = M.weight_rules(cfg)
+        fresh = [p for r in rules for p in r.paths if p not in flat]
+        flat.update(table.init_params(rules, seed, init_std(cfg), only=fresh))
+        if cfg.has_enc_to_dec_proj:
+            missing += ["enc_to_dec_proj.weight", "enc_to_dec_proj.bias"]
+        report = table.LoadReport(missing, unexpected, fresh)
+        log_report(report, "from_encoder_decoder_pretrained", " (train them before use)")
+        return cls(cfg, to_tree(flat), dtype, report)
+
+    # -- compute ---------------------------------------------------------------------------------------------------
+
+    def encode(self, input_values: Any, attention_mask: Any = None) -> M.EncoderOutput:
+        """Audio [B, N] -> EncoderOutput (frames [B, S, E], frame mask [B, S])."""
+        return M.encode_jit(self.config, self.params, _array(input_values, "input_values"),
+                            _array(attention_mask, "attention_mask", integer=True), self.dtype)
+
+    def __call__(self, input_values: Any = None, attention_mask: Any = None, decoder_input_ids: Any = None,
+                 decoder_attention_mask: Any = None, labels: Any = None,
+                 encoder_outputs: M.EncoderOutput | None = None, input_features: Any = None) -> M.Seq2SeqOutput:
+        """Logits [B, T, V] (and the loss when ``labels`` [B, T] are given, -100 ignored)."""
+        if input_features is not None:
+            raise InputError(f"input_features: the {self.config.encoder.model_type} encoder reads raw audio; "
+                             "pass input_values [batch, samples]")
+        if input_values is None and encoder_outputs is None:
+            raise InputError("input_values: required unless encoder_outputs are given")
+        return M.forward_jit(
+            self.config, self.params,
+            _array(input_values, "input_values"),
+            _array(attention_mask, "attention_mask", integer=True),
+            _array(decoder_input_ids, "decoder_input_ids", integer=True),
+            _array(decoder_attention_mask, "decoder_attention_mask", integer=True),
+            _array(labels, "labels", integer=True),
+            encoder_outputs, self.dtype,
+        )
+
+    # -- export ----------------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """HF tensors: PyTorch names and layouts of ``SpeechEncoderDecoderModel``."""
+        return table.save(M.weight_rules(self.config), to_flat_numpy(self.params))
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write config.json + model.safetensors that ``transformers.SpeechEncoderDecoderModel`` loads."""
+        save_hf(directory, self.config.to_dict(), self.state_dict())
+
+    def astype(self, dtype: Any) -> "SpeechSeq2Seq":
+        """The same params computing in another dtype."""
+        new = copy.copy(self)
+        new.dtype = _dtype(dtype)
+        return new

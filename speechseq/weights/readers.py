@@ -1,0 +1,653 @@
+"""Torch-free reading and writing of Hugging Face PyTorch checkpoints.
+
+Reads ``model.safetensors`` (own parser, lazy per-tensor reads), ``pytorch_model.bin``
+(torch's zip format, through a restricted unpickler that only rebuilds tensor data) and
+their sharded ``*.index.json`` variants. Writes safetensors files. Needs numpy and
+ml_dtypes only; torch is never imported.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import struct
+import threading
+import uuid
+import zipfile
+import zlib
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from speechseq.errors import CheckpointError
+
+__all__ = [
+    "Checkpoint",
+    "CheckpointError",
+    "WEIGHT_FILE_NAMES",
+    "open_checkpoint",
+    "write_safetensors",
+]
+
+# Looked for, in this order, inside a checkpoint directory.
+WEIGHT_FILE_NAMES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+# safetensors dtype tag <-> numpy dtype (safetensors data is little-endian).
+_ST_DTYPES: dict[str, np.dtype] = {
+    "F64": np.dtype("<f8"),
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+    "I64": np.dtype("<i8"),
+    "I32": np.dtype("<i4"),
+    "I16": np.dtype("<i2"),
+    "I8": np.dtype("i1"),
+    "U64": np.dtype("<u8"),
+    "U32": np.dtype("<u4"),
+    "U16": np.dtype("<u2"),
+    "U8": np.dtype("u1"),
+    "BOOL": np.dtype(np.bool_),
+}
+_ST_TAGS: dict[np.dtype, str] = {dt: tag for tag, dt in _ST_DTYPES.items()}
+
+
+def _error(path: Path | str, message: str) -> CheckpointError:
+    """A one-line CheckpointError prefixed with the file name."""
+    name = Path(path).name or str(path)
+    return CheckpointError(" ".join(f"{name}: {message}".splitlines()))
+
+
+# ---------------------------------------------------------------------------
+# safetensors
+# ---------------------------------------------------------------------------
+
+
+class _SafetensorsFile:
+    """One safetensors file: header parsed at open, tensors read on demand."""
+
+    format = "safetensors"
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        size = path.stat().st_size
+        f = open(path, "rb")
+        try:
+            self._entries, self.metadata, self._data_start = self._parse_header(f, size)
+        except BaseException:
+            f.close()
+            raise
+        self._file: io.BufferedReader | None = f
+
+    def _parse_header(self, f: Any, size: int) -> tuple[dict, dict[str, str], int]:
+        path = self.path
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise _error(path, f"file is too short for a safetensors header ({size} bytes)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > size - 8:
+            raise _error(path, f"header length {n} is larger than the file ({size} bytes); "
+                               "the file is truncated or not safetensors")
+        try:
+            header = json.loads(f.read(n).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise _error(path, f"safetensors header is not valid JSON ({e})") from None
+        if not isinstance(header, dict):
+            raise _error(path, "safetensors header must be a JSON object")
+        metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(metadata, dict):
+            raise _error(path, "safetensors __metadata__ must be a JSON object")
+        data_size = size - 8 - n
+        entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
+        max_end = 0
+        for name, info in header.items():
+            try:
+                tag, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+                shape = tuple(int(d) for d in shape)
+                begin, end = int(begin), int(end)
+            except (TypeError, KeyError, ValueError):
+                raise _error(path, f"tensor '{name}' needs 'dtype', 'shape' and "
+                                   f"'data_offsets' [begin, end] in the header") from None
+            if tag not in _ST_DTYPES:
+                raise _error(path, f"tensor '{name}' has unsupported dtype '{tag}' "
+                                   f"(supported: {', '.join(_ST_DTYPES)})")
+            dtype = _ST_DTYPES[tag]
+            need = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            if min(shape, default=0) < 0 or begin < 0 or end - begin != need:
+                raise _error(path, f"tensor '{name}' data_offsets [{begin}, {end}] do not fit "
+                                   f"shape {list(shape)} of {tag} ({need} bytes)")
+            entries[name] = (dtype, shape, begin, end)
+            max_end = max(max_end, end)
+        if max_end > data_size:
+            raise _error(path, f"file is truncated: header says {max_end} bytes of tensor "
+                               f"data, found {data_size}")
+        return entries, {str(k): str(v) for k, v in metadata.items()}, 8 + n
+
+    def names(self) -> list[str]:
+        return list(self._entries)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._entries[name][1]
+
+    def dtype(self, name: str) -> np.dtype:
+        return self._entries[name][0]
+
+    def read(self, name: str) -> np.ndarray:
+        dtype, shape, begin, end = self._entries[name]
+        out = np.empty(shape, dtype)
+        buf = out.reshape(-1).view(np.uint8)
+        with self._lock:
+            if self._file is None:
+                raise _error(self.path, "checkpoint is closed")
+            self._file.seek(self._data_start + begin)
+            got = self._file.readinto(buf) if end > begin else 0
+        if got != end - begin:
+            raise _error(self.path, f"file is truncated: tensor '{name}' needs {end - begin} "
+                                    f"bytes, found {got}")
+        return out
+
+    def close(self) -> None:
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+
+
+def write_safetensors(
+    path: str | os.PathLike,
+    tensors: Mapping[str, np.ndarray],
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Write ``tensors`` to a safetensors file atomically (temp file + ``os.replace``).
+
+    ``metadata`` defaults to ``{"format": "pt"}``, which transformers requires.
+    """
+    path = Path(path)
+    metadata = {"format": "pt"} if metadata is None else metadata
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise _error(path, "metadata must map str to str")
+    arrays: dict[str, np.ndarray] = {}
+    for name, value in tensors.items():
+        if not isinstance(name, str) or name == "__metadata__":
+            raise _error(path, f"invalid tensor name {name!r}")
+        arr = np.asarray(value)
+        if arr.dtype.byteorder == ">":
+            arr = arr.astype(arr.dtype.newbyteorder("<"))
+        if arr.dtype not in _ST_TAGS:
+            raise _error(path, f"cannot write tensor '{name}' of dtype {arr.dtype} "
+                               f"(supported: {', '.join(_ST_DTYPES)})")
+        arrays[name] = arr if arr.flags.c_contiguous else np.array(arr, order="C")
+    # Largest item size first, then by name: every tensor starts at an aligned offset.
+    order = sorted(arrays, key=lambda k: (-arrays[k].dtype.itemsize, k))
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name in order:
+        arr = arrays[name]
+        header[name] = {"dtype": _ST_TAGS[arr.dtype], "shape": list(arr.shape),
+                        "data_offsets": [offset, offset + arr.nbytes]}
+        offset += arr.nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    blob += b" " * (-len(blob) % 8)
+
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(struct.pack("<Q", len(blob)))
+            f.write(blob)
+            for name in order:
+                if arrays[name].size:
+                    f.write(arrays[name].reshape(-1).view(np.uint8).data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+# ---------------------------------------------------------------------------
+# pytorch_model.bin (torch zip format) without torch
+# ---------------------------------------------------------------------------
+
+_LEGACY_TORCH_MAGIC = 0x1950A86A20F9469CFC6C
+
+_STORAGE_DTYPES = {
+    "FloatStorage": np.dtype("<f4"),
+    "DoubleStorage": np.dtype("<f8"),
+    "HalfStorage": np.dtype("<f2"),
+    "BFloat16Storage": np.dtype(ml_dtypes.bfloat16),
+    "LongStorage": np.dtype("<i8"),
+    "IntStorage": np.dtype("<i4"),
+    "ShortStorage": np.dtype("<i2"),
+    "CharStorage": np.dtype("i1"),
+    "ByteStorage": np.dtype("u1"),
+    "BoolStorage": np.dtype(np.bool_),
+}
+# torch dtype globals that appear in `_rebuild_tensor_v3` (newer dtypes, untyped storages).
+_TORCH_DTYPES = {
+    "float32": np.dtype("<f4"), "float64": np.dtype("<f8"), "float16": np.dtype("<f2"),
+    "bfloat16": np.dtype(ml_dtypes.bfloat16),
+    "float8_e4m3fn": np.dtype(ml_dtypes.float8_e4m3fn),
+    "float8_e5m2": np.dtype(ml_dtypes.float8_e5m2),
+    "int64": np.dtype("<i8"), "int32": np.dtype("<i4"), "int16": np.dtype("<i2"),
+    "int8": np.dtype("i1"), "uint64": np.dtype("<u8"), "uint32": np.dtype("<u4"),
+    "uint16": np.dtype("<u2"), "uint8": np.dtype("u1"), "bool": np.dtype(np.bool_),
+}
+
+
+class _StorageType:
+    """Stand-in for a torch storage class: only carries the element dtype."""
+
+    __slots__ = ("dtype",)
+
+    def __init__(self, dtype: np.dtype) -> None:
+        self.dtype = dtype
+
+
+class _DType:
+    """Stand-in for a torch dtype global."""
+
+    __slots__ = ("dtype",)
+
+    def __init__(self, dtype: np.dtype) -> None:
+        self.dtype = dtype
+
+
+class _TensorType:
+    """Stand-in for ``torch.Tensor`` / ``torch.nn.Parameter`` (used by _rebuild_from_type_v2)."""
+
+    __slots__ = ()
+
+
+class _Storage:
+    """A storage record ``data/<key>`` of the archive, not read yet."""
+
+    __slots__ = ("key", "dtype", "numel")
+
+    def __init__(self, key: str, dtype: np.dtype, numel: int) -> None:
+        self.key, self.dtype, self.numel = key, dtype, numel
+
+
+class _TensorRef:
+    """A tensor as a strided view into a storage, not read yet."""
+
+    __slots__ = ("storage", "dtype", "offset", "shape", "stride")
+
+    def __init__(self, storage: Any, offset: Any, shape: Any, stride: Any,
+                 dtype: np.dtype | None = None) -> None:
+        if not isinstance(storage, _Storage):
+            raise TypeError("tensor storage is not a storage record")
+        self.storage = storage
+        self.dtype = storage.dtype if dtype is None else dtype
+        self.offset = int(offset)
+        self.shape = tuple(int(d) for d in shape)
+        self.stride = tuple(int(s) for s in stride)
+
+
+def _rebuild_tensor(storage, storage_offset, size, stride, *_unused) -> _TensorRef:
+    return _TensorRef(storage, storage_offset, size, stride)
+
+
+def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, hooks,
+                       dtype, metadata=None) -> _TensorRef:
+    if not isinstance(dtype, _DType):
+        raise TypeError("_rebuild_tensor_v3 needs a torch dtype")
+    return _TensorRef(storage, storage_offset, size, stride, dtype.dtype)
+
+
+def _rebuild_parameter(data, *_unused) -> Any:
+    return data
+
+
+def _rebuild_from_type_v2(func, new_type, args, state) -> Any:
+    if func not in _REBUILDERS or not isinstance(new_type, _TensorType):
+        raise TypeError("_rebuild_from_type_v2 only rebuilds plain tensors")
+    return func(*args)
+
+
+_REBUILDERS = (_rebuild_tensor, _rebuild_tensor_v3, _rebuild_parameter)
+
+_ALLOWED_GLOBALS: dict[str, Any] = {
+    "collections.OrderedDict": OrderedDict,
+    "torch._utils._rebuild_tensor": _rebuild_tensor,
+    "torch._utils._rebuild_tensor_v2": _rebuild_tensor,
+    "torch._utils._rebuild_tensor_v3": _rebuild_tensor_v3,
+    "torch._utils._rebuild_parameter": _rebuild_parameter,
+    "torch._utils._rebuild_parameter_with_state": _rebuild_parameter,
+    "torch._tensor._rebuild_from_type_v2": _rebuild_from_type_v2,
+    "torch.Tensor": _TensorType(),
+    "torch._tensor.Tensor": _TensorType(),
+    "torch.nn.parameter.Parameter": _TensorType(),
+    "torch.UntypedStorage": _StorageType(np.dtype("u1")),
+    "torch.storage.UntypedStorage": _StorageType(np.dtype("u1")),
+    **{f"torch.{name}": _StorageType(dt) for name, dt in _STORAGE_DTYPES.items()},
+    **{f"torch.{name}": _DType(dt) for name, dt in _TORCH_DTYPES.items()},
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Unpickler that only resolves the tensor-rebuilding globals above."""
+
+    def __init__(self, data: bytes, path: Path, storages: dict[str, int] | None) -> None:
+        super().__init__(io.BytesIO(data))
+        self._path = path
+        self._storage_sizes = storages  # record key -> bytes available; None: no records
+        self._storages: dict[str, _Storage] = {}
+
+    def find_class(self, module: str, name: str) -> Any:
+        key = f"{module}.{name}"
+        if key not in _ALLOWED_GLOBALS:
+            if module == "torch" and (name.endswith("Storage") or name.startswith(
+                    ("float", "int", "uint", "complex", "bool", "bfloat", "qint", "quint"))):
+                raise _error(self._path, f"unsupported tensor dtype '{key}' (supported: "
+                                         f"{', '.join(_TORCH_DTYPES)})")
+            raise _error(self._path, f"refusing to unpickle global '{key}' "
+                                     "(only tensor data is allowed)")
+        return _ALLOWED_GLOBALS[key]
+
+    def persistent_load(self, pid: Any) -> _Storage:
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
+                and isinstance(pid[1], _StorageType) and isinstance(pid[2], str)):
+            raise _error(self._path, f"unsupported persistent id in data.pkl: {pid!r:.80}")
+        _, stype, key, _location, numel = pid
+        if key in self._storages:
+            return self._storages[key]
+        numel = int(numel)
+        available = (self._storage_sizes or {}).get(key)
+        if available is None:
+            raise _error(self._path, f"archive has no data/{key} record (corrupt checkpoint)")
+        if available < numel * stype.dtype.itemsize:
+            raise _error(self._path, f"archive record data/{key} is truncated: needs "
+                                     f"{numel * stype.dtype.itemsize} bytes, found {available}")
+        self._storages[key] = _Storage(key, stype.dtype, numel)
+        return self._storages[key]
+
+
+def _check_flat(path: Path, obj: Any) -> dict[str, _TensorRef]:
+    """The unpickled object must be a flat ``{name: tensor}`` mapping."""
+    if not isinstance(obj, dict):
+        raise _error(path, f"expected a mapping of tensor names to tensors, found "
+                           f"{type(obj).__name__}")
+    for key, value in obj.items():
+        if not isinstance(key, str):
+            raise _error(path, f"expected str tensor names, found {key!r:.60}")
+        if isinstance(value, dict):
+            raise _error(path, f"expected a flat mapping of tensor names to tensors, but "
+                               f"'{key}' holds a nested mapping (nested checkpoints such as "
+                               "{'state_dict': ...} are not supported)")
+        if not isinstance(value, _TensorRef):
+            raise _error(path, f"expected a flat mapping of tensor names to tensors, but "
+                               f"'{key}' holds a {type(value).__name__}")
+        end = value.offset + sum((d - 1) * s for d, s in zip(value.shape, value.stride))
+        numel = value.storage.numel * value.storage.dtype.itemsize // value.dtype.itemsize
+        if (len(value.shape) != len(value.stride) or min(value.stride, default=0) < 0
+                or value.offset < 0 or (min(value.shape, default=1) > 0 and end >= numel)):
+            raise _error(path, f"tensor '{key}' (shape {list(value.shape)}, stride "
+                               f"{list(value.stride)}, offset {value.offset}) lies outside "
+                               "its storage")
+    return obj
+
+
+class _TorchZipFile:
+    """One ``torch.save`` zip archive: data.pkl unpickled at open, storages read on demand."""
+
+    format = "pytorch"
+    metadata: dict[str, str] = {}
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        if magic != b"PK\x03\x04":
+            self._reject_non_zip(magic)
+        try:
+            self._zip: zipfile.ZipFile | None = zipfile.ZipFile(path)
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+            raise _error(path, f"corrupt or truncated zip archive ({e})") from None
+        try:
+            self._entries = self._load_index()
+        except BaseException:
+            self.close()
+            raise
+
+    def _reject_non_zip(self, magic: bytes) -> None:
+        path = self.path
+        if magic[:1] == b"\x80":  # a pickle: legacy torch format, or a plain pickle
+            try:
+                first = _RestrictedUnpickler(path.read_bytes(), path, None).load()
+            except CheckpointError:
+                raise
+            except Exception:
+                first = None
+            if first == _LEGACY_TORCH_MAGIC:
+                raise _error(path, "legacy (pre-1.6, non-zip) PyTorch format is not "
+                                   "supported; re-save it with a recent torch or as safetensors")
+            raise _error(path, "is a plain pickle, not a PyTorch zip checkpoint; re-save it "
+                               "with a recent torch or as safetensors")
+        raise _error(path, "not a PyTorch zip checkpoint (no zip signature); the file is "
+                           "corrupt, or a legacy format: re-save it with a recent torch or as "
+                           "safetensors")
+
+    def _load_index(self) -> dict[str, _TensorRef]:
+        path, zf = self.path, self._zip
+        assert zf is not None
+        names = zf.namelist()
+        pkls = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
+        if len(pkls) != 1:
+            raise _error(path, "zip archive has no <archive>/data.pkl record; not a "
+                               "PyTorch checkpoint")
+        self._prefix = pkls[0][: -len("data.pkl")]
+        data_dir = self._prefix + "data/"
+        sizes = {n[len(data_dir):]: zf.getinfo(n).file_size
+                 for n in names if n.startswith(data_dir)}
+        try:
+            pkl = zf.read(pkls[0])
+            byteorder = (zf.read(self._prefix + "byteorder").decode().strip()
+                         if self._prefix + "byteorder" in names else "little")
+        except (zipfile.BadZipFile, zlib.error, OSError, EOFError, UnicodeDecodeError) as e:
+            raise _error(path, f"corrupt zip archive ({e})") from None
+        if byteorder not in ("little", "big"):
+            raise _error(path, f"byteorder record must be 'little' or 'big', found "
+                               f"{byteorder!r:.20}")
+        self._big_endian = byteorder == "big"
+        try:
+            obj = _RestrictedUnpickler(pkl, path, sizes).load()
+        except CheckpointError:
+            raise
+        except Exception as e:
+            raise _error(path, f"malformed data.pkl ({type(e).__name__}: {e})") from None
+        return dict(_check_flat(path, obj))
+
+    def names(self) -> list[str]:
+        return list(self._entries)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._entries[name].shape
+
+    def dtype(self, name: str) -> np.dtype:
+        return self._entries[name].dtype
+
+    def _storage_bytes(self, key: str) -> np.ndarray:
+        """The raw bytes of ``data/<key>``: memory-mapped when stored uncompressed."""
+        if self._zip is None:
+            raise _error(self.path, "checkpoint is closed")
+        info = self._zip.getinfo(f"{self._prefix}data/{key}")
+        if info.file_size == 0:
+            return np.empty(0, np.uint8)
+        try:
+            if info.compress_type == zipfile.ZIP_STORED:
+                with open(self.path, "rb") as f:
+                    f.seek(info.header_offset)
+                    local = f.read(30)
+                if len(local) == 30 and local[:4] == b"PK\x03\x04":
+                    n_name, n_extra = struct.unpack("<HH", local[26:30])
+                    start = info.header_offset + 30 + n_name + n_extra
+                    if start + info.file_size <= self.path.stat().st_size:
+                        return np.memmap(self.path, np.uint8, "r", start, (info.file_size,))
+                raise zipfile.BadZipFile(f"bad local header for data/{key}")
+            return np.frombuffer(self._zip.read(info), np.uint8)
+        except (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError) as e:
+            raise _error(self.path, f"corrupt zip archive ({e})") from None
+
+    def read(self, name: str) -> np.ndarray:
+        ref = self._entries[name]
+        dtype = ref.dtype
+        if 0 in ref.shape:
+            return np.empty(ref.shape, dtype)
+        raw = self._storage_bytes(ref.storage.key)
+        flat = raw[: raw.size // dtype.itemsize * dtype.itemsize].view(dtype)
+        view = np.lib.stride_tricks.as_strided(
+            flat[ref.offset:], shape=ref.shape,
+            strides=tuple(s * dtype.itemsize for s in ref.stride), writeable=False)
+        out = np.array(view, order="C", copy=True)
+        del view, flat, raw
+        if self._big_endian and dtype.itemsize > 1:
+            out = out.view(f"u{dtype.itemsize}").byteswap().view(dtype)
+        return out
+
+    def close(self) -> None:
+        if self._zip is not None:
+            self._zip.close()
+            self._zip = None
+
+
+# ---------------------------------------------------------------------------
+# Checkpoint
+# ---------------------------------------------------------------------------
+
+_File = _SafetensorsFile | _TorchZipFile
+
+
+class Checkpoint(Mapping[str, np.ndarray]):
+    """Read-only ``{name: np.ndarray}`` view of a checkpoint; tensors are read on access.
+
+    ``keys()``, ``shape(name)`` and ``dtype(name)`` never read tensor data, so a converter
+    can stream tensor by tensor. Use as a context manager or call ``close()``.
+    """
+
+    def __init__(self, files: list[_File], owner: dict[str, _File]) -> None:
+        self._files = files
+        self._owner = owner
+        self.files: list[Path] = [f.path for f in files]
+        self.format: str = files[0].format if files else "safetensors"
+        self.metadata: dict[str, str] = dict(files[0].metadata) if files else {}
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self._owner[name].read(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._owner)
+
+    def __len__(self) -> int:
+        return len(self._owner)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._owner
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Shape of tensor ``name``, without reading its data."""
+        return self._owner[name].shape(name)
+
+    def dtype(self, name: str) -> np.dtype:
+        """numpy / ml_dtypes dtype of tensor ``name``, without reading its data."""
+        return self._owner[name].dtype(name)
+
+    def close(self) -> None:
+        """Release open file handles."""
+        for f in self._files:
+            f.close()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({self.format}, {len(self)} tensors, files={[p.name for p in self.files]})"
+
+
+def _open_file(path: Path) -> _File:
+    """Open one weights file, choosing the reader from its magic bytes and suffix."""
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise _error(path, f"cannot read file ({e.strerror})") from None
+    if path.suffix == ".safetensors":
+        return _SafetensorsFile(path)
+    if magic == b"PK\x03\x04" or magic[:1] == b"\x80" or path.suffix in (".bin", ".pt", ".pth"):
+        return _TorchZipFile(path)
+    return _SafetensorsFile(path)
+
+
+def _open_index(index: Path) -> Checkpoint:
+    """Open a sharded checkpoint from its ``*.index.json`` (``weight_map``: name -> shard)."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _error(index, f"index is not valid JSON ({e})") from None
+    except (KeyError, TypeError):
+        raise _error(index, "index has no 'weight_map' object") from None
+    if not isinstance(weight_map, dict) or not all(
+            isinstance(v, str) for v in weight_map.values()):
+        raise _error(index, "'weight_map' must map tensor names to shard file names")
+    shard_names = list(dict.fromkeys(weight_map.values()))
+    for shard in shard_names:
+        if shard != Path(shard).name or shard in ("", ".", ".."):
+            raise _error(index, f"shard '{shard}' must be a plain file name")
+        if not (index.parent / shard).is_file():
+            raise _error(index, f"shard '{shard}' listed in weight_map does not exist in "
+                                f"{index.parent}")
+    files: dict[str, _File] = {}
+    try:
+        for shard in shard_names:
+            files[shard] = _open_file(index.parent / shard)
+        owner: dict[str, _File] = {}
+        for name, shard in weight_map.items():
+            if name not in files[shard].names():
+                raise _error(index, f"tensor '{name}' is mapped to shard '{shard}', which "
+                                    "does not contain it")
+            owner[name] = files[shard]
+    except BaseException:
+        for f in files.values():
+            f.close()
+        raise
+    return Checkpoint(list(files.values()), owner)
+
+
+def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Open a Hugging Face checkpoint directory, a weights file, or a ``*.index.json``.
+
+    In a directory, the first of ``WEIGHT_FILE_NAMES`` that exists is used.
+    """
+    path = Path(path)
+    if path.is_dir():
+        for name in WEIGHT_FILE_NAMES:
+            if (path / name).is_file():
+                return open_checkpoint(path / name)
+        raise CheckpointError(f"{path}: no model weights found; looked for "
+                              f"{', '.join(WEIGHT_FILE_NAMES)}")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file or directory")
+    if path.name.endswith(".json"):
+        return _open_index(path)
+    file = _open_file(path)
+    return Checkpoint([file], {name: file for name in file.names()})

@@ -1,0 +1,248 @@
+"""Weight tables: one declarative list of rules per family that drives init, import and export.
+
+A rule ties Hugging Face tensor names (PyTorch layout) to one or more speechseq parameter paths (JAX layout):
+
+* ``hf``: names, the first is written on export, all are accepted on import. ``{i}`` stands for the layer index
+  and marks a stacked parameter whose leading axis is the layer; ``{base}`` is the family's base-model prefix
+  (filled in by ``prefixed``).
+* ``paths``: parameter paths ("decoder/layers/self_attn/q/kernel"). Several paths mean one fused HF tensor
+  (GPT-2 ``c_attn``) split evenly along ``split_axis`` of the JAX layout; no path means a name we know and skip
+  (a tied copy).
+* ``layout``: "identity", "linear" (torch ``Linear`` [out, in] <-> [in, out]) or "conv" (torch ``Conv1d``
+  [out, in, k] <-> [k, in, out]).
+
+``load`` and ``save`` below are the only converters; both read the same table, so they cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from speechseq.errors import CheckpointError
+
+Axes = tuple[str | None, ...]
+
+
+@dataclass(frozen=True)
+class Rule:
+    hf: tuple[str, ...]
+    paths: tuple[str, ...]
+    shape: tuple[int, ...] = ()  # JAX layout of each path, leading layer axis included when stacked
+    axes: Axes = ()  # logical axis names, one per dim of ``shape``
+    layout: str = "identity"
+    init: str = "normal"  # "normal" | "zeros" | "ones" | "conv" | "weight_g"
+    split_axis: int = -1
+
+    @property
+    def stacked(self) -> bool:
+        return "{i}" in self.hf[0]
+
+    @property
+    def num_layers(self) -> int:
+        return self.shape[0] if self.stacked else 1
+
+    def names(self, i: int = 0) -> list[str]:
+        return [n.replace("{i}", str(i)) for n in self.hf]
+
+
+def rule(hf: str | Sequence[str], path: str | Sequence[str], shape: Sequence[int], axes: Axes, *,
+         layout: str = "identity", init: str = "normal", layers: int | None = None, split_axis: int = -1) -> Rule:
+    """Build a rule; ``layers`` prepends the stacked layer axis to ``shape`` and ``axes``."""
+    hf = (hf,) if isinstance(hf, str) else tuple(hf)
+    paths = (path,) if isinstance(path, str) else tuple(path)
+    if layers is not None:
+        shape, axes = (layers, *shape), ("layers", *axes)
+    assert len(shape) == len(axes), (hf, shape, axes)
+    return Rule(hf, paths, tuple(shape), tuple(axes), layout, init, split_axis)
+
+
+def dense(hf: str, path: str, din: int, dout: int, axes: Axes = ("embed", "mlp"), *, bias: bool = True,
+          layers: int | None = None, torch_linear: bool = True) -> list[Rule]:
+    """A torch ``Linear`` (or GPT-2 ``Conv1D`` with ``torch_linear=False``) as kernel [din, dout] (+ bias [dout])."""
+    layout = "linear" if torch_linear else "identity"
+    out = [rule(f"{hf}.weight", f"{path}/kernel", (din, dout), axes, layout=layout, layers=layers)]
+    if bias:
+        out.append(rule(f"{hf}.bias", f"{path}/bias", (dout,), axes[1:], init="zeros", layers=layers))
+    return out
+
+
+def norm(hf: str, path: str, dim: int, *, layers: int | None = None, axis: str = "embed") -> list[Rule]:
+    """LayerNorm / GroupNorm affine parameters as scale and bias [dim]."""
+    return [
+        rule(f"{hf}.weight", f"{path}/scale", (dim,), (axis,), init="ones", layers=layers),
+        rule(f"{hf}.bias", f"{path}/bias", (dim,), (axis,), init="zeros", layers=layers),
+    ]
+
+
+def prefixed(rules: Iterable[Rule], hf_prefix: str, path_prefix: str, base: str = "") -> list[Rule]:
+    """The same rules under a parent module (``encoder.`` / ``encoder/``), with ``{base}`` filled in.
+
+    Names that do not start with ``{base}`` (heads, shared embeddings) sit at the causal-LM root and keep only
+    ``hf_prefix``.
+    """
+    return [
+        dataclasses.replace(r, hf=tuple(hf_prefix + n.replace("{base}", base) for n in r.hf),
+                            paths=tuple(path_prefix + p for p in r.paths))
+        for r in rules
+    ]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Layout transforms: torch -> jax and back
+
+
+def _to_jax(x: np.ndarray, layout: str) -> np.ndarray:
+    if layout == "linear":
+        return x.T
+    if layout == "conv":
+        return x.transpose(2, 1, 0)
+    return x
+
+
+_to_hf = _to_jax  # both transforms are their own inverse
+
+
+def _hf_shape(r: Rule) -> tuple[int, ...]:
+    """Expected shape of one HF tensor (one layer) for rule ``r``."""
+    shape = list(r.shape[1:] if r.stacked else r.shape)
+    if len(r.paths) > 1:
+        shape[r.split_axis] *= len(r.paths)
+    if r.layout == "linear":
+        shape = shape[::-1]
+    elif r.layout == "conv":
+        shape = [shape[2], shape[1], shape[0]]
+    return tuple(shape)
+
+
+@dataclass
+class LoadReport:
+    """What ``load`` found: like transformers' loading info."""
+
+    missing: list[str]  # HF names the model needs that the checkpoint lacks (freshly initialised)
+    unexpected: list[str]  # checkpoint names no rule uses
+    missing_paths: list[str]  # the parameter paths behind ``missing``
+
+
+def load(rules: Sequence[Rule], tensors: Mapping[str, np.ndarray], *, where: str = "checkpoint",
+         dtype: np.dtype | None = None) -> tuple[dict[str, np.ndarray], LoadReport]:
+    """Fill parameter paths from HF tensors. Returns (flat params, report); paths of missing tensors are absent.
+
+    A tensor whose shape disagrees with the table raises a one-line ``CheckpointError`` naming both shapes.
+    """
+    params: dict[str, np.ndarray] = {}
+    used: set[str] = set()
+    missing: list[str] = []
+    missing_paths: list[str] = []
+    for r in rules:
+        per_layer: list[list[np.ndarray]] = [[] for _ in r.paths]
+        absent = []
+        for i in range(r.num_layers):
+            names = r.names(i)
+            found = next((n for n in names if n in tensors), None)
+            for n in names:
+                if n in tensors:
+                    used.add(n)
+            if not r.paths:
+                continue
+            if found is None:
+                absent.append(names[0])
+                continue
+            x = np.asarray(tensors[found])
+            if tuple(x.shape) != _hf_shape(r):
+                raise CheckpointError(
+                    f"{where}: weight '{found}' has shape {tuple(x.shape)}, the config expects {_hf_shape(r)}"
+                )
+            x = _to_jax(x, r.layout)
+            parts = np.split(x, len(r.paths), axis=r.split_axis) if len(r.paths) > 1 else [x]
+            for acc, part in zip(per_layer, parts):
+                acc.append(part if dtype is None else part.astype(dtype))
+        if absent:
+            missing.extend(absent)
+            missing_paths.extend(r.paths)
+            continue
+        for path, acc in zip(r.paths, per_layer):
+            params[path] = np.stack(acc) if r.stacked else np.ascontiguousarray(acc[0])
+    unexpected = sorted(set(tensors.keys()) - used)
+    return params, LoadReport(missing, unexpected, missing_paths)
+
+
+def save(rules: Sequence[Rule], params: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """HF tensors (PyTorch names and layouts) from flat params; the inverse of ``load``."""
+    out: dict[str, np.ndarray] = {}
+    for r in rules:
+        if not r.paths:
+            continue
+        arrays = [np.asarray(params[p]) for p in r.paths]
+        for i in range(r.num_layers):
+            parts = [a[i] if r.stacked else a for a in arrays]
+            x = np.concatenate(parts, axis=r.split_axis) if len(parts) > 1 else parts[0]
+            out[r.names(i)[0]] = np.ascontiguousarray(_to_hf(x, r.layout))
+    return out
+
+
+def shapes(rules: Sequence[Rule]) -> dict[str, tuple[int, ...]]:
+    return {p: r.shape for r in rules for p in r.paths}
+
+
+def logical_axes(rules: Sequence[Rule]) -> dict[str, Axes]:
+    """Logical axis names of every parameter path, for sharding rules."""
+    return {p: r.axes for r in rules for p in r.paths}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Flat "a/b/c" dicts <-> nested pytrees
+
+
+def unflatten(flat: Mapping[str, object]) -> dict:
+    tree: dict = {}
+    for path, value in flat.items():
+        node = tree
+        *parents, leaf = path.split("/")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return tree
+
+
+def flatten(tree: Mapping, prefix: str = "") -> dict[str, object]:
+    flat: dict[str, object] = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, path + "/"))
+        else:
+            flat[path] = value
+    return flat
+
+
+def init_params(rules: Sequence[Rule], seed: int, std: float = 0.02,
+                only: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+    """Random float32 params for every path (or only the paths in ``only``), as transformers initialises them."""
+    rng = np.random.default_rng(seed)
+    wanted = None if only is None else set(only)
+    out: dict[str, np.ndarray] = {}
+    inits: dict[str, Callable[[tuple[int, ...]], np.ndarray]] = {
+        "zeros": lambda s: np.zeros(s, np.float32),
+        "ones": lambda s: np.ones(s, np.float32),
+        "normal": lambda s: rng.normal(0.0, std, s).astype(np.float32),
+        # kaiming-normal over fan-in = k * in_channels; layout [..., k, in, out]
+        "conv": lambda s: rng.normal(0.0, np.sqrt(2.0 / (s[-3] * s[-2])), s).astype(np.float32),
+    }
+    for r in rules:
+        for p in r.paths:
+            if wanted is not None and p not in wanted:
+                continue
+            if r.init == "weight_g":  # weight-norm magnitude: the norm of the matching direction tensor
+                continue
+            out[p] = inits[r.init](r.shape)
+    for r in rules:  # weight_g after its weight_v exists
+        for p in r.paths:
+            if r.init == "weight_g" and (wanted is None or p in wanted):
+                v = out.get(p[: -len("weight_g")] + "weight_v")
+                out[p] = (np.sqrt((v**2).sum(axis=(-2, -1), keepdims=True)) if v is not None
+                          else np.ones(r.shape, np.float32)).astype(np.float32)
+    return out
