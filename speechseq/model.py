@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from speechseq.config import SpeechSeq2SeqConfig
+from speechseq.decoders import transformer
 from speechseq.errors import InputError
 from speechseq.layers.core import dense
 from speechseq.registry import family
@@ -72,8 +73,15 @@ def _decode_projected(cfg: SpeechSeq2SeqConfig, params: Params, decoder_input_id
     if enc.shape[0] != decoder_input_ids.shape[0]:
         raise InputError(f"decoder_input_ids: batch {decoder_input_ids.shape[0]} does not match the audio batch "
                          f"{enc.shape[0]}")
-    return family(cfg.decoder.model_type, "decoder").apply(cfg.decoder, params["decoder"], decoder_input_ids, enc,
-                                                           enc_mask, decoder_attention_mask, jnp.dtype(dtype))
+    dtype = jnp.dtype(dtype)
+    cross = cross_kv(cfg, params, enc, dtype)
+    return family(cfg.decoder.model_type, "decoder").apply(cfg.decoder, params["decoder"], decoder_input_ids, cross,
+                                                           enc_mask, decoder_attention_mask, dtype=dtype)[0]
+
+
+def cross_kv(cfg: SpeechSeq2SeqConfig, params: Params, enc: jax.Array, dtype: Any = jnp.float32) -> transformer.CrossKV:
+    """Projected encoder frames [B, S, D] -> cross-attention K/V of every decoder layer, once per utterance."""
+    return transformer.cross_kv(cfg.decoder, params["decoder"], enc, jnp.dtype(dtype))
 
 
 def shift_right(labels: jax.Array, pad_token_id: int, decoder_start_token_id: int) -> jax.Array:

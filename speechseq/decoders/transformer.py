@@ -11,14 +11,14 @@ Parameter tree::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from speechseq.config import DecoderConfig
 from speechseq.errors import InputError
-from speechseq.layers.core import activation, block, dense, layer_norm, mlp, multi_head_attention
+from speechseq.layers.core import activation, attention, block, dense, layer_norm, mlp, split_heads
 from speechseq.weights.table import Rule, dense as dense_rules, norm as norm_rules, rule
 
 Params = Mapping[str, jax.Array]
@@ -160,29 +160,93 @@ def check_ids(cfg: DecoderConfig, input_ids: jax.Array, name: str = "decoder_inp
                          f"{cfg.max_positions - cfg.position_offset} positions")
 
 
-def decode(cfg: DecoderConfig, p: Params, input_ids: jax.Array, enc: jax.Array, enc_mask: jax.Array | None,
-           attention_mask: jax.Array | None = None, dtype: jnp.dtype = jnp.float32) -> jax.Array:
-    """Teacher-forced decoder: ids [B, T], encoder frames [B, S, D] (+ mask [B, S]) -> float32 logits [B, T, V]."""
+class CrossKV(NamedTuple):
+    """Cross-attention keys and values of every layer, computed once per utterance: k, v [L, B, S, N, H]."""
+
+    k: jax.Array
+    v: jax.Array
+
+
+class KVCache(NamedTuple):
+    """Static self-attention cache: k, v [L, B, Tmax, N, H], written at the current step."""
+
+    k: jax.Array
+    v: jax.Array
+
+
+def cross_kv(cfg: DecoderConfig, p: Params, enc: jax.Array, dtype: jnp.dtype) -> CrossKV:
+    """Encoder frames [B, S, D] -> cross-attention keys and values of every layer [L, B, S, N, H]."""
+    enc = enc.astype(dtype)
+
+    def one(lp: Params) -> tuple[jax.Array, jax.Array]:
+        return (split_heads(dense(lp["k"], enc, dtype), cfg.num_heads),
+                split_heads(dense(lp["v"], enc, dtype), cfg.num_heads))
+
+    return CrossKV(*jax.lax.map(one, p["layers"]["cross_attn"]))
+
+
+def init_cache(cfg: DecoderConfig, batch: int, max_len: int, dtype: jnp.dtype) -> KVCache:
+    shape = (cfg.num_layers, batch, max_len, cfg.num_heads, cfg.head_dim)
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+
+def _attend_grouped(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, scale: jax.Array) -> jax.Array:
+    """Cross-attention where q has G rows per key row (beams or samples share one utterance's K/V).
+
+    q [B*G, T, N, H], k and v [B, S, N, H], mask [B, 1, 1, S] -> [B*G, T, N, H]; no copy of K/V per beam.
+    """
+    B, G = k.shape[0], q.shape[0] // k.shape[0]
+    T = q.shape[1]
+    out = attention(q.reshape(B, G * T, *q.shape[2:]), k, v, mask, scale)
+    return out.reshape(B * G, T, *out.shape[2:])
+
+
+def decode(cfg: DecoderConfig, p: Params, input_ids: jax.Array, cross: CrossKV, enc_mask: jax.Array | None,
+           attention_mask: jax.Array | None = None, cache: KVCache | None = None, start: int | jax.Array = 0,
+           dtype: jnp.dtype = jnp.float32) -> tuple[jax.Array, KVCache | None]:
+    """Decoder over ids [B', T] at steps start..start+T-1 -> (float32 logits [B', T, V], updated cache).
+
+    ``cross`` holds K/V for B utterances (B' = B * beams). Without ``cache`` this is the teacher-forced pass over
+    the whole sequence; with it, keys/values are written at ``start`` and attention reads the cache up to there.
+    """
     check_ids(cfg, input_ids)
     T = input_ids.shape[1]
-    h = embed(cfg, p["embed"], input_ids, positions(cfg, input_ids), dtype)
-    self_mask = jnp.tril(jnp.ones((T, T), bool))[None, None]
+    h = embed(cfg, p["embed"], input_ids, positions(cfg, input_ids, start), dtype)
+    query_pos = start + jnp.arange(T)
+    key_len = T if cache is None else cache.k.shape[2]
+    self_mask = (jnp.arange(key_len)[None, :] <= query_pos[:, None])[None, None]
     if attention_mask is not None:
         self_mask = self_mask & (attention_mask[:, None, None, :] != 0)
     cross_mask = None if enc_mask is None else enc_mask[:, None, None, :]
-    enc = enc.astype(dtype)
     eps, pre, N = cfg.layer_norm_eps, cfg.pre_norm, cfg.num_heads
 
-    def layer(h: jax.Array, xs: tuple[Params, jax.Array]) -> tuple[jax.Array, None]:
-        lp, scale = xs
-        h = block(h, lp["self_norm"], lambda x: multi_head_attention(lp["self_attn"], x, x, self_mask, N, dtype, scale),
-                  pre, eps)
-        h = block(h, lp["cross_norm"],
-                  lambda x: multi_head_attention(lp["cross_attn"], x, enc, cross_mask, N, dtype, scale), pre, eps)
-        h = block(h, lp["mlp_norm"], lambda x: mlp(lp["mlp"], x, cfg.hidden_act, dtype), pre, eps)
-        return h, None
+    def layer(h: jax.Array, xs: tuple) -> tuple[jax.Array, tuple]:
+        lp, scale, ck, cv, kv_cache = xs
+        new_cache = None
 
-    h, _ = jax.lax.scan(layer, h, (p["layers"], layer_scales(cfg)))
+        def self_attn(x: jax.Array) -> jax.Array:
+            nonlocal new_cache
+            sp = lp["self_attn"]
+            q, k, v = (split_heads(dense(sp[n], x, dtype), N) for n in "qkv")
+            if kv_cache is not None:
+                k = jax.lax.dynamic_update_slice(kv_cache[0], k.astype(kv_cache[0].dtype), (0, start, 0, 0))
+                v = jax.lax.dynamic_update_slice(kv_cache[1], v.astype(kv_cache[1].dtype), (0, start, 0, 0))
+                new_cache = (k, v)
+            out = attention(q, k, v, self_mask, scale)
+            return dense(sp["o"], out.reshape(*out.shape[:2], -1), dtype)
+
+        def cross_attn(x: jax.Array) -> jax.Array:
+            cp = lp["cross_attn"]
+            out = _attend_grouped(split_heads(dense(cp["q"], x, dtype), N), ck, cv, cross_mask, scale)
+            return dense(cp["o"], out.reshape(*out.shape[:2], -1), dtype)
+
+        h = block(h, lp["self_norm"], self_attn, pre, eps)
+        h = block(h, lp["cross_norm"], cross_attn, pre, eps)
+        h = block(h, lp["mlp_norm"], lambda x: mlp(lp["mlp"], x, cfg.hidden_act, dtype), pre, eps)
+        return h, new_cache
+
+    xs = (p["layers"], layer_scales(cfg), cross.k, cross.v, None if cache is None else tuple(cache))
+    h, new_cache = jax.lax.scan(layer, h, xs)
     if cfg.final_norm:
         h = layer_norm(p["final_norm"], h, cfg.layer_norm_eps)
-    return lm_head(cfg, p, h, dtype)
+    return lm_head(cfg, p, h, dtype), None if cache is None else KVCache(*new_cache)
