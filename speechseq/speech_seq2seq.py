@@ -59,8 +59,9 @@ class SpeechSeq2Seq:
     """A speech encoder joined to a text decoder. ``config`` is static; ``params`` is a pytree of jax arrays."""
 
     def __init__(self, config: SpeechSeq2SeqConfig, params: Mapping, dtype: Any = jnp.float32,
-                 loading_info: table.LoadReport | None = None):
+                 loading_info: table.LoadReport | None = None, generation_json: Mapping | None = None):
         self.config = config
+        self.generation_json = dict(generation_json or {})
         self.params = params
         self.dtype = _dtype(dtype)
         self.loading_info = loading_info or table.LoadReport([], [], [])
@@ -87,7 +88,9 @@ class SpeechSeq2Seq:
             flat, report = table.load(rules, ckpt, where=str(path))
         log_report(report, str(path))
         flat = fill_missing(rules, flat, report, seed, init_std(cfg))
-        return cls(cfg, to_tree(flat), dtype, report)
+        gen_path = path / "generation_config.json"
+        gen_json = read_json(gen_path) if gen_path.exists() else None
+        return cls(cfg, to_tree(flat), dtype, report, gen_json)
 
     @classmethod
     def from_encoder_decoder_pretrained(cls, encoder: str | os.PathLike, decoder: str | os.PathLike, *,
@@ -165,10 +168,48 @@ class SpeechSeq2Seq:
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write config.json + model.safetensors that ``transformers.SpeechEncoderDecoderModel`` loads."""
-        save_hf(directory, self.config.to_dict(), self.state_dict())
+        extra = {"generation_config.json": self.generation_json} if self.generation_json else None
+        save_hf(directory, self.config.to_dict(), self.state_dict(), extra)
 
     def astype(self, dtype: Any) -> "SpeechSeq2Seq":
         """The same params computing in another dtype."""
         new = copy.copy(self)
         new.dtype = _dtype(dtype)
         return new
+
+    # -- decoding --------------------------------------------------------------------------------------------------
+
+    def generation_config(self, **kwargs: Any):
+        """The static ``GenerationConfig`` for these keywords over the checkpoint's defaults (validated)."""
+        from speechseq.decoding import config as G
+
+        dec = self.config.decoder
+        defaults = G.defaults_from(self.config.hf, dec.hf, self.generation_json)
+        defaults.setdefault("decoder_start_token_id", self.config.decoder_start_token_id)
+        defaults.setdefault("pad_token_id", self.config.pad_token_id)
+        defaults.setdefault("eos_token_id", self.config.eos_token_id)
+        return G.make(defaults, dec.max_positions - dec.position_offset, **kwargs)
+
+    def generate(self, input_values: Any, attention_mask: Any = None, *, seed: int = 0, key: Any = None,
+                 return_dict: bool = False, **kwargs: Any):
+        """Greedy, beam or sampled decoding with transformers' keywords; one compiled program per shape bucket.
+
+        Returns int32 sequences [batch * num_return_sequences, length] (column 0 the start token, pad after EOS),
+        or with ``return_dict=True`` a dict with ``sequences`` and ``sequences_scores`` (beam search).
+        """
+        from speechseq.decoding.generate import generate_jit
+
+        gen = self.generation_config(**kwargs)
+        x = _array(input_values, "input_values")
+        mask = _array(attention_mask, "attention_mask", integer=True)
+        if gen.do_sample and key is None:
+            key = jax.random.key(seed)
+        out = generate_jit(self.config, self.params, x, mask, gen, key, self.dtype)
+        length = int(out.length)
+        sequences = np.asarray(out.sequences)[:, :length]
+        if not return_dict:
+            return sequences
+        result = {"sequences": sequences}
+        if gen.num_beams > 1:
+            result["sequences_scores"] = np.asarray(out.scores)
+        return result

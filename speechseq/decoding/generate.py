@@ -1,0 +1,54 @@
+"""``generate``: encoder, cross-attention K/V and the token loop as one jitted XLA program per shape bucket.
+
+One program per (batch, audio length, GenerationConfig, dtype): the encoder runs once per utterance, the
+cross-attention keys/values are computed once per utterance (beams and samples share them), the self-attention
+cache is preallocated for ``max_length`` and the loop stops when every sequence is done.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from speechseq import model as M
+from speechseq.config import SpeechSeq2SeqConfig
+from speechseq.decoders import transformer
+from speechseq.decoding import search
+from speechseq.decoding.config import GenerationConfig
+
+TRACES = {"generate": 0}  # how many times ``generate`` was traced (compiled); tests read it
+
+
+def generate(cfg: SpeechSeq2SeqConfig, params: Any, input_values: jax.Array, attention_mask: jax.Array | None,
+             gen: GenerationConfig, key: jax.Array | None = None, dtype: Any = jnp.float32) -> search.SearchResult:
+    """Audio [B, N] (+ mask) -> SearchResult: sequences [B * num_return_sequences, max_length], scores, length.
+
+    Pure: jit it with ``cfg``, ``gen`` and ``dtype`` static (``generate_jit`` does).
+    """
+    TRACES["generate"] += 1
+    dtype = jnp.dtype(dtype)
+    enc_out = M.encode(cfg, params, input_values, attention_mask, dtype)
+    enc = M.project(cfg, params, enc_out.last_hidden_state, dtype)
+    cross = M.cross_kv(cfg, params, enc, dtype)
+    batch = input_values.shape[0]
+    group = gen.num_beams if gen.num_beams > 1 else gen.num_return_sequences  # rows per utterance
+    rows = batch * group
+    dec_cfg, dec_p = cfg.decoder, params["decoder"]
+    cache = transformer.init_cache(dec_cfg, rows, gen.max_length, dtype)
+
+    def step(last: jax.Array, position: jax.Array, cache: transformer.KVCache) -> tuple[jax.Array, Any]:
+        logits, cache = transformer.decode(dec_cfg, dec_p, last[:, None], cross, enc_out.attention_mask,
+                                           cache=cache, start=position, dtype=dtype)
+        return logits[:, 0], cache
+
+    def reorder(cache: transformer.KVCache, idx: jax.Array) -> transformer.KVCache:
+        return jax.tree.map(lambda x: jnp.take(x, idx, axis=1), cache)
+
+    if gen.num_beams > 1:
+        return search.beam_search(gen, step, reorder, cache, batch, key)
+    return search.sample(gen, step, cache, rows, key)
+
+
+generate_jit = jax.jit(generate, static_argnames=("cfg", "gen", "dtype"))
