@@ -7,7 +7,6 @@ with any overrides applied.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -204,15 +203,6 @@ def make_seq2seq_config(enc: EncoderConfig, dec: DecoderConfig, hf: Mapping | No
     pad = hf.get("pad_token_id", dec.pad_token_id)
     eos = eos_ids(hf.get("eos_token_id", dec.eos_token_id))
     return SpeechSeq2SeqConfig(enc, dec, start, pad, eos, hf)
-
-
-def replace(cfg: Any, **changes: Any) -> Any:
-    """``dataclasses.replace`` that keeps the ``hf`` dict in step with HF-named overrides passed in ``hf_updates``."""
-    hf_updates = changes.pop("hf_updates", None)
-    new = dataclasses.replace(cfg, **changes)
-    if hf_updates:
-        object.__setattr__(new, "hf", {**cfg.hf, **hf_updates})
-    return new
 
 
 def config_from_dict(hf: Mapping, where: str = "config") -> SpeechSeq2SeqConfig:

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from speechseq import model as M
+from speechseq import storage
 from speechseq.config import (
     SpeechSeq2SeqConfig,
     config_from_dict,
@@ -35,11 +36,25 @@ from speechseq.weights.checkpoint import (
 from speechseq.weights.readers import open_checkpoint
 
 
+TOP_LEVEL_KEYS = ("decoder_start_token_id", "pad_token_id", "eos_token_id")
+
+
 def _dtype(dtype: Any) -> jnp.dtype:
     try:
         return jnp.dtype(dtype)
     except TypeError:
         raise InputError(f"dtype: expected float32 or bfloat16 (or float16), got {dtype!r}") from None
+
+
+def _token_ids(x: Any, name: str, vocab: int) -> jax.Array | None:
+    """Integer ids with every value in [0, vocab) (labels may also be -100); checked on the host before jit."""
+    arr = _array(x, name, integer=True)
+    if arr is not None:
+        ids = np.asarray(arr)
+        bad = (ids >= vocab) | ((ids < 0) & ~((ids == -100) & (name == "labels")))
+        if bad.any():
+            raise InputError(f"{name}: token id {int(ids[bad][0])} is outside the vocabulary [0, {vocab})")
+    return arr
 
 
 def _array(x: Any, name: str, integer: bool = False) -> jax.Array | None:
@@ -84,8 +99,14 @@ class SpeechSeq2Seq:
         path = resolve(name_or_path, revision)
         cfg = config_from_dict(read_json(path / "config.json"), str(path / "config.json"))
         rules = M.weight_rules(cfg)
-        with open_checkpoint(path) as ckpt:
-            flat, report = table.load(rules, ckpt, where=str(path))
+        if storage.is_speechseq(path):  # orbax params written by `speechseq convert`
+            flat = table.flatten(storage.restore_params(path))
+            needed = [p for r in rules for p in r.paths]
+            report = table.LoadReport([p for p in needed if p not in flat], sorted(set(flat) - set(needed)),
+                                      [p for p in needed if p not in flat])
+        else:
+            with open_checkpoint(path) as ckpt:
+                flat, report = table.load(rules, ckpt, where=str(path))
         log_report(report, str(path))
         flat = fill_missing(rules, flat, report, seed, init_std(cfg))
         gen_path = path / "generation_config.json"
@@ -98,10 +119,16 @@ class SpeechSeq2Seq:
         """Warm start from a speech encoder checkpoint and a text decoder checkpoint.
 
         ``encoder_*`` / ``decoder_*`` keyword arguments update the sub-configs (``encoder_add_adapter=True``,
-        ``decoder_dropout=0.1``); other keywords set top-level fields (``decoder_start_token_id``, ``pad_token_id``).
+        ``decoder_dropout=0.1``); ``decoder_start_token_id``, ``pad_token_id`` and ``eos_token_id`` set the top-level
+        fields (the start token defaults to the decoder's ``bos_token_id``).
         The decoder becomes a decoder with cross-attention; its cross-attention (and ``enc_to_dec_proj``, and any
         adapter the encoder checkpoint lacks) are freshly initialised and listed in ``loading_info.missing``.
         """
+        top = {k: kwargs.pop(k) for k in TOP_LEVEL_KEYS if k in kwargs}  # "decoder_start_token_id" is not a decoder_*
+        unknown = [k for k in kwargs if not k.startswith(("encoder_", "decoder_"))]
+        if unknown:
+            raise InputError(f"from_encoder_decoder_pretrained: unknown keyword argument(s) {unknown}; use encoder_* / "
+                             f"decoder_* for the sub-configs or one of {list(TOP_LEVEL_KEYS)}")
         parts = {}
         for role, src in (("encoder", encoder), ("decoder", decoder)):
             path = resolve(src)
@@ -113,7 +140,6 @@ class SpeechSeq2Seq:
                 hf.update(is_decoder=False, add_cross_attention=False)
             parse = encoder_config_from_hf if role == "encoder" else decoder_config_from_hf
             parts[role] = (path, parse(hf, str(path / "config.json")))
-        top = {k: v for k, v in kwargs.items() if not k.startswith(("encoder_", "decoder_"))}
         cfg = make_seq2seq_config(parts["encoder"][1], parts["decoder"][1],
                                   {"model_type": "speech-encoder-decoder", "is_encoder_decoder": True, **top})
         flat: dict[str, np.ndarray] = {}
@@ -154,9 +180,9 @@ class SpeechSeq2Seq:
             self.config, self.params,
             _array(input_values, "input_values"),
             _array(attention_mask, "attention_mask", integer=True),
-            _array(decoder_input_ids, "decoder_input_ids", integer=True),
+            _token_ids(decoder_input_ids, "decoder_input_ids", self.config.decoder.vocab_size),
             _array(decoder_attention_mask, "decoder_attention_mask", integer=True),
-            _array(labels, "labels", integer=True),
+            _token_ids(labels, "labels", self.config.decoder.vocab_size),
             encoder_outputs, self.dtype,
         )
 
@@ -200,6 +226,11 @@ class SpeechSeq2Seq:
         from speechseq.decoding.generate import generate_jit
 
         gen = self.generation_config(**kwargs)
+        vocab = self.config.decoder.vocab_size
+        for name in ("decoder_start_token_id", "pad_token_id", "forced_bos_token_id"):
+            value = getattr(gen, name)
+            if value is not None and not 0 <= value < vocab:
+                raise InputError(f"{name}: token id {value} is outside the vocabulary [0, {vocab})")
         x = _array(input_values, "input_values")
         mask = _array(attention_mask, "attention_mask", integer=True)
         if gen.do_sample and key is None:

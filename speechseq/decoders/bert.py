@@ -10,7 +10,7 @@ from speechseq.errors import ConfigError
 from speechseq.layers.core import check_activation
 
 
-def names(base_model: str, head: str) -> DecoderNames:
+def names(head: str) -> DecoderNames:
     """BERT-style names; ``head`` is "cls.predictions" (BERT) or "lm_head" (RoBERTa)."""
     bert = head == "cls.predictions"
     return DecoderNames(
@@ -34,8 +34,8 @@ def names(base_model: str, head: str) -> DecoderNames:
     )
 
 
-BERT_NAMES = names("bert", "cls.predictions")
-ROBERTA_NAMES = names("roberta", "lm_head")
+BERT_NAMES = names("cls.predictions")
+ROBERTA_NAMES = names("lm_head")
 
 
 def parse_config(hf: dict, where: str) -> DecoderConfig:

@@ -127,47 +127,65 @@ class LoadReport:
     missing_paths: list[str]  # the parameter paths behind ``missing``
 
 
-def load(rules: Sequence[Rule], tensors: Mapping[str, np.ndarray], *, where: str = "checkpoint",
-         dtype: np.dtype | None = None) -> tuple[dict[str, np.ndarray], LoadReport]:
-    """Fill parameter paths from HF tensors. Returns (flat params, report); paths of missing tensors are absent.
+def plan(rules: Sequence[Rule], shapes: Mapping[str, tuple[int, ...]], *, where: str = "checkpoint"
+         ) -> tuple[list[list[str] | None], LoadReport]:
+    """Match rules to checkpoint names by name and shape only (no tensor data is read).
 
-    A tensor whose shape disagrees with the table raises a one-line ``CheckpointError`` naming both shapes.
+    Returns, per rule, the checkpoint name of each layer (None where any layer is absent) and the report.
+    A shape that disagrees with the table raises a one-line ``CheckpointError`` naming the weight and both shapes.
     """
-    params: dict[str, np.ndarray] = {}
     used: set[str] = set()
+    found_per_rule: list[list[str] | None] = []
     missing: list[str] = []
     missing_paths: list[str] = []
     for r in rules:
-        per_layer: list[list[np.ndarray]] = [[] for _ in r.paths]
-        absent = []
+        found, absent = [], []
         for i in range(r.num_layers):
             names = r.names(i)
-            found = next((n for n in names if n in tensors), None)
-            for n in names:
-                if n in tensors:
-                    used.add(n)
-            if not r.paths:
-                continue
-            if found is None:
+            used.update(n for n in names if n in shapes)
+            name = next((n for n in names if n in shapes), None)
+            if name is None:
                 absent.append(names[0])
-                continue
-            x = np.asarray(tensors[found])
-            if tuple(x.shape) != _hf_shape(r):
+            elif r.paths and tuple(shapes[name]) != _hf_shape(r):
                 raise CheckpointError(
-                    f"{where}: weight '{found}' has shape {tuple(x.shape)}, the config expects {_hf_shape(r)}"
-                )
-            x = _to_jax(x, r.layout)
+                    f"{where}: weight '{name}' has shape {tuple(shapes[name])}, the config expects {_hf_shape(r)}")
+            found.append(name)
+        if not r.paths:
+            found_per_rule.append(None)
+        elif absent:
+            missing.extend(absent)
+            missing_paths.extend(r.paths)
+            found_per_rule.append(None)
+        else:
+            found_per_rule.append(found)
+    unexpected = sorted(set(shapes) - used)
+    return found_per_rule, LoadReport(missing, unexpected, missing_paths)
+
+
+def load(rules: Sequence[Rule], tensors: Mapping[str, np.ndarray], *, where: str = "checkpoint",
+         dtype: np.dtype | None = None, progress: Callable[[Iterable], Iterable] | None = None,
+         shapes: Mapping[str, tuple[int, ...]] | None = None) -> tuple[dict[str, np.ndarray], LoadReport]:
+    """Fill parameter paths from HF tensors, one tensor at a time. Returns (flat params, report); the paths of
+    missing tensors are absent. ``shapes`` (name -> shape) avoids reading data to plan; ``progress`` wraps the
+    iteration over rules (a progress bar); ``dtype`` casts (default: keep the checkpoint's dtype)."""
+    if shapes is None:  # a Checkpoint knows shapes without reading data; a plain dict of arrays is read
+        shape_of = getattr(tensors, "shape", None)
+        shapes = {k: tuple(shape_of(k)) if callable(shape_of) else np.shape(tensors[k]) for k in tensors}
+    found_per_rule, report = plan(rules, shapes, where=where)
+    params: dict[str, np.ndarray] = {}
+    pairs = list(zip(rules, found_per_rule))
+    for r, found in (progress(pairs) if progress else pairs):
+        if found is None:
+            continue
+        per_layer: list[list[np.ndarray]] = [[] for _ in r.paths]
+        for name in found:
+            x = _to_jax(np.asarray(tensors[name]), r.layout)
             parts = np.split(x, len(r.paths), axis=r.split_axis) if len(r.paths) > 1 else [x]
             for acc, part in zip(per_layer, parts):
                 acc.append(part if dtype is None else part.astype(dtype))
-        if absent:
-            missing.extend(absent)
-            missing_paths.extend(r.paths)
-            continue
         for path, acc in zip(r.paths, per_layer):
             params[path] = np.stack(acc) if r.stacked else np.ascontiguousarray(acc[0])
-    unexpected = sorted(set(tensors.keys()) - used)
-    return params, LoadReport(missing, unexpected, missing_paths)
+    return params, report
 
 
 def save(rules: Sequence[Rule], params: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

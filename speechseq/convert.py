@@ -1,0 +1,119 @@
+"""Conversions between Hugging Face PyTorch checkpoints and speechseq (orbax) checkpoints, and checkpoint summaries.
+
+All three go through the same weight table (``model.weight_rules``) as ``from_pretrained`` / ``save_pretrained``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from speechseq import storage
+from speechseq.config import config_from_dict, read_json
+from speechseq.errors import CheckpointError
+from speechseq.hub import resolve
+from speechseq.model import weight_rules
+from speechseq.weights import table
+from speechseq.weights.readers import open_checkpoint, write_safetensors
+
+Progress = Callable[[Iterable], Iterable] | None
+
+
+def _progress(desc: str, enabled: bool) -> Progress:
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return lambda items: tqdm(items, desc=desc, unit="tensor", leave=False)
+
+
+def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: Any = None, force: bool = False,
+            progress: bool = True) -> table.LoadReport:
+    """HF checkpoint (dir or hub id; safetensors or .bin, sharded or not) -> speechseq checkpoint at ``dst``.
+
+    Streams tensor by tensor. Refuses to leave missing weights uninitialised: every weight the config needs must be
+    in the source. ``dtype`` casts the stored params (default: keep the source dtype).
+    """
+    path = resolve(src)
+    cfg = config_from_dict(read_json(path / "config.json"), str(path / "config.json"))
+    rules = weight_rules(cfg)
+    with storage.atomic_dir(dst, force) as tmp:
+        with open_checkpoint(path) as ckpt:
+            flat, report = table.load(rules, ckpt, where=str(path), dtype=None if dtype is None else np.dtype(dtype),
+                                      progress=_progress("convert", progress))
+        if report.missing:
+            raise CheckpointError(f"{path}: {len(report.missing)} weights the config needs are missing "
+                                  f"(first: {report.missing[0]}); the checkpoint does not match its config.json")
+        stored = {str(v.dtype) for v in flat.values()}
+        storage.save_params(tmp, table.unflatten(flat))
+        del flat
+        storage.write_json(tmp / "config.json", cfg.to_dict())
+        storage.write_json(tmp / storage.MARKER, {"format": "speechseq", "version": storage.FORMAT_VERSION,
+                                                  "dtype": sorted(stored)})
+        storage.copy_side_files(path, tmp)
+    return report
+
+
+def export(src: str | os.PathLike, dst: str | os.PathLike, *, force: bool = False, progress: bool = True) -> Path:
+    """speechseq checkpoint -> Hugging Face layout (config.json, model.safetensors, generation and processor files)."""
+    path = resolve(src)
+    if not storage.is_speechseq(path):
+        raise CheckpointError(f"{path}: not a speechseq checkpoint (no {storage.MARKER}); "
+                              "use `speechseq convert` first, or the folder is already in the Hugging Face layout")
+    cfg = config_from_dict(read_json(path / "config.json"), str(path / "config.json"))
+    rules = weight_rules(cfg)
+    flat = table.flatten(storage.restore_params(path))
+    missing = sorted(p for r in rules for p in r.paths if p not in flat)
+    if missing:
+        raise CheckpointError(f"{path}: params/ lacks {len(missing)} parameters the config needs (first: {missing[0]})")
+    with storage.atomic_dir(dst, force) as tmp:
+        write_safetensors(tmp / "model.safetensors", table.save(rules, flat), {"format": "pt"})
+        storage.write_json(tmp / "config.json", cfg.to_dict())
+        storage.copy_side_files(path, tmp)
+    return Path(dst)
+
+
+def describe(src: str | os.PathLike) -> dict:
+    """What a checkpoint holds, read from names and shapes only: families, sizes, parameter count, dtypes,
+    special tokens, and which weights ``from_pretrained`` would initialise freshly."""
+    path = resolve(src)
+    cfg = config_from_dict(read_json(path / "config.json"), str(path / "config.json"))
+    rules = weight_rules(cfg)
+    if storage.is_speechseq(path):
+        meta = storage.params_metadata(path)
+        needed = {p for r in rules for p in r.paths}
+        fresh = sorted(needed - set(meta))
+        unexpected = sorted(set(meta) - needed)
+        count = sum(int(np.prod(s)) for s, _ in meta.values())
+        dtypes = sorted({str(d) for _, d in meta.values()})
+        fmt = "speechseq (orbax)"
+    else:
+        with open_checkpoint(path) as ckpt:
+            shapes = {k: ckpt.shape(k) for k in ckpt}
+            dtypes = sorted({str(ckpt.dtype(k)) for k in ckpt})
+            fmt = f"{ckpt.format} ({', '.join(f.name for f in ckpt.files)})"
+        _, report = table.plan(rules, shapes, where=str(path))
+        fresh, unexpected = report.missing, report.unexpected
+        count = sum(int(np.prod(s)) for s in shapes.values())
+    enc, dec = cfg.encoder, cfg.decoder
+    return {
+        "path": str(path),
+        "format": fmt,
+        "encoder": f"{enc.model_type}: {enc.num_layers} layers, hidden {enc.hidden_size}, heads {enc.num_heads}"
+                   + (f", adapter {enc.num_adapter_layers} x stride {enc.adapter_stride} -> {enc.output_hidden_size}"
+                      if enc.add_adapter else ""),
+        "decoder": f"{dec.model_type}: {dec.num_layers} layers, hidden {dec.hidden_size}, heads {dec.num_heads}, "
+                   f"vocab {dec.vocab_size}, {dec.max_positions - dec.position_offset} positions, "
+                   f"{'tied' if dec.tie_word_embeddings else 'untied'} output embeddings",
+        "enc_to_dec_proj": cfg.has_enc_to_dec_proj,
+        "parameters": count,
+        "dtypes": dtypes,
+        "special_tokens": {"decoder_start_token_id": cfg.decoder_start_token_id, "pad_token_id": cfg.pad_token_id,
+                           "eos_token_id": cfg.eos_token_id, "bos_token_id": dec.bos_token_id},
+        "fresh_weights": fresh,
+        "unused_weights": unexpected,
+        "side_files": [n for n in storage.SIDE_FILES if (path / n).is_file()],
+    }

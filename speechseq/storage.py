@@ -1,0 +1,113 @@
+"""speechseq checkpoints: the HF config files beside an orbax checkpoint of the params pytree.
+
+Layout of a speechseq checkpoint directory::
+
+    speechseq.json            {"format": "speechseq", "version": 1, "dtype": "float32"}
+    config.json               the Hugging Face speech-encoder-decoder config
+    generation_config.json    (when the source had one)
+    params/                   orbax checkpoint; restores straight into sharded arrays given a target with shardings
+    tokenizer / preprocessor files copied from the source
+
+Everything is written into a temporary folder beside the destination and renamed at the end, so a failed write
+leaves nothing behind and an existing destination is replaced only when asked (``force``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from speechseq.errors import CheckpointError
+
+MARKER = "speechseq.json"
+FORMAT_VERSION = 1
+# files a checkpoint folder may carry besides weights and config: tokenizer, feature extractor, generation defaults
+SIDE_FILES = ("generation_config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json", "added_tokens.json", "vocab.txt", "vocab.json", "merges.txt",
+              "sentencepiece.bpe.model", "spm.model", "source.spm", "target.spm", "processor_config.json")
+
+
+def is_speechseq(path: str | os.PathLike) -> bool:
+    return (Path(path) / MARKER).is_file()
+
+
+class atomic_dir:
+    """Context manager yielding a temporary folder that becomes ``dst`` on success (and vanishes on failure)."""
+
+    def __init__(self, dst: str | os.PathLike, force: bool = False):
+        self.dst = Path(dst).absolute()
+        self.force = force
+
+    def __enter__(self) -> Path:
+        if self.dst.exists() and not self.force:
+            raise CheckpointError(f"{self.dst}: already exists; pass --force (force=True) to replace it")
+        self.dst.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dst.name}.partial-", dir=self.dst.parent))
+        return self.tmp
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        if self.dst.exists():
+            old = self.dst.with_name(f".{self.dst.name}.old-{os.getpid()}")
+            os.replace(self.dst, old)
+            os.replace(self.tmp, self.dst)
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+        else:
+            os.replace(self.tmp, self.dst)
+
+
+def copy_side_files(src: Path, dst: Path) -> list[str]:
+    copied = []
+    for name in SIDE_FILES:
+        if (src / name).is_file() and not (dst / name).exists():
+            shutil.copy2(src / name, dst / name)
+            copied.append(name)
+    return copied
+
+
+def write_json(path: Path, data: Mapping) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def save_params(directory: Path, params: Mapping) -> None:
+    """Orbax-save a params pytree (numpy or jax arrays) under ``directory / "params"``."""
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save((directory / "params").absolute(), params)
+
+
+def restore_params(directory: Path, target: Any = None) -> dict:
+    """Restore params; ``target`` (a pytree of ``jax.ShapeDtypeStruct`` with shardings) places them on devices."""
+    import orbax.checkpoint as ocp
+
+    path = (directory / "params").absolute()
+    if not path.is_dir():
+        raise CheckpointError(f"{directory}: speechseq checkpoint has no params/ folder")
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            return ckptr.restore(path, target) if target is not None else ckptr.restore(path)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: cannot restore the orbax checkpoint ({first})") from None
+
+
+def params_metadata(directory: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Shapes and dtypes of a speechseq checkpoint's params without reading them."""
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as ckptr:
+        meta = ckptr.metadata((directory / "params").absolute())
+    tree = getattr(meta, "item_metadata", meta)
+    tree = getattr(tree, "tree", tree)
+    from speechseq.weights.table import flatten
+
+    return {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in flatten(tree).items()}
