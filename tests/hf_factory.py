@@ -92,3 +92,139 @@ def audio_batch(lengths=(1600, 1100), seed: int = 0):
 def tokens(batch: int, length: int, seed: int = 0):
     rng = np.random.default_rng(seed + 1)
     return rng.integers(3, VOCAB, size=(batch, length)).astype(np.int64)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Shared by test_parity, test_roundtrip and test_warm_start (the builders above are unchanged)
+
+EXTRA_ENCODERS = {
+    # name: (base variant in ENCODERS, overrides). An adapter whose output width (20) differs from the encoder's
+    # (16) and equals the default decoder width: transformers sizes enc_to_dec_proj from the encoder's hidden_size
+    # and so crashes on "w2v-adapter" (24 wide) with a 20-wide decoder, but runs this one (no projection needed).
+    "w2v-adapter-20": ("w2v-adapter", dict(output_hidden_size=20)),
+}
+
+
+def any_encoder_config(name: str, **overrides):
+    """``encoder_config`` for a name in ENCODERS or EXTRA_ENCODERS, with optional field overrides."""
+    base, extra = EXTRA_ENCODERS.get(name, (name, {}))
+    cls, kw = ENCODERS[base]
+    return cls(**{**ENC_BASE, **kw, **extra, **overrides})
+
+
+def seq2seq_from_configs(enc_config, dec_config, seed: int = 0):
+    """A perturbed ``SpeechEncoderDecoderModel`` from two transformers configs (as ``seq2seq`` builds it)."""
+    cfg = T.SpeechEncoderDecoderConfig.from_encoder_decoder_configs(enc_config, dec_config)
+    cfg.decoder_start_token_id = 0
+    cfg.pad_token_id = 1
+    torch.manual_seed(seed)
+    return perturb(T.SpeechEncoderDecoderModel(cfg), seed)
+
+
+def any_seq2seq(enc: str, dec: str, dec_hidden: int = 20, tie: bool = True, seed: int = 0):
+    """``seq2seq`` that also accepts the EXTRA_ENCODERS names."""
+    return seq2seq_from_configs(any_encoder_config(enc), decoder_config(dec, dec_hidden, tie), seed)
+
+
+def to_numpy(x) -> np.ndarray:
+    """A torch tensor or jax/numpy array as a numpy array (bfloat16 through float32)."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach()
+        return (x.float() if x.dtype == torch.bfloat16 else x).numpy()
+    return np.asarray(x)
+
+
+def hf_forward(model: torch.nn.Module, **inputs):
+    """Run a transformers model under ``no_grad``; numpy inputs become tensors, ``None`` inputs are left out."""
+    args = {k: torch.as_tensor(v) if isinstance(v, np.ndarray) else v for k, v in inputs.items() if v is not None}
+    with torch.no_grad():
+        return model(**args)
+
+
+def max_abs_diff(a, b) -> float:
+    a, b = to_numpy(a), to_numpy(b)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max())
+
+
+def assert_same_state_dict(got: dict, want: dict) -> None:
+    """Same keys, and every tensor bit-identical (numpy arrays are compared as tensors)."""
+    assert sorted(got) == sorted(want), (sorted(set(got) ^ set(want)))
+    for name, value in want.items():
+        other = got[name]
+        other = other if isinstance(other, torch.Tensor) else torch.from_numpy(np.array(other))
+        assert other.dtype == value.dtype and torch.equal(other, value), name
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Shared by test_generate and test_sampling
+
+def _is_cross_attention_weight(name: str) -> bool:
+    cross = "crossattention" in name or "encoder_attn." in name
+    norm = any(s in name for s in ("LayerNorm", "layer_norm", "ln_"))
+    return cross and not norm
+
+
+def decoding_seq2seq(enc: str, dec: str, cross_scale: float = 10.0, seed: int = 0, dec_hidden: int = 20):
+    """``any_seq2seq`` with cross-attention weights multiplied by ``cross_scale``: the perturbed tiny models otherwise
+    decode nearly the same tokens whatever the audio, and decoding tests need rows that differ (EOS at different
+    steps) and tokens that vary along a row."""
+    model = any_seq2seq(enc, dec, dec_hidden=dec_hidden, seed=seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if _is_cross_attention_weight(name):
+                p.mul_(cross_scale)
+    return model
+
+
+def pick_eos(tokens: np.ndarray, exclude=(0, 1), steps=(2, 3, 4, 5)) -> int:
+    """A token for ``eos_token_id`` from greedy output [B, T] generated without it (column 0 the start token): one
+    that some row (row 0 preferred) first emits at one of ``steps`` (1-based generated position) and at which not
+    all rows would stop at the same step. Falls back to any token some row first emits after its first position."""
+    gen = np.asarray(tokens)[:, 1:]
+
+    def first(row, t):
+        hits = np.flatnonzero(row == t)
+        return int(hits[0]) + 1 if hits.size else None
+
+    candidates = dict.fromkeys(t for row in gen for t in row.tolist() if t not in exclude)  # row 0's first
+    fallback = None
+    for t in candidates:
+        stops = [first(row, t) for row in gen]
+        early = [s for s in stops if s is not None]
+        if min(early) in steps and len(set(stops)) > 1:
+            return int(t)
+        if fallback is None and max(early) > 1:
+            fallback = int(t)
+    if fallback is None:
+        raise AssertionError(f"no usable EOS token in greedy output {gen.tolist()}")
+    return fallback
+
+
+def amplify_cross_attention(model, query: float = 8.0, value: float = 5.0):
+    """Make a random decoder listen to the audio: sharper cross-attention and a louder cross-attention path
+    (tiny random models otherwise emit the same tokens for every utterance)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ("cross" in name or "encoder_attn" in name) and "bias" not in name:
+                p.mul_(query if any(s in name for s in ("query", "q_attn", "q_proj")) else value)
+    return model
+
+
+def wordpiece_checkpoint(path, enc: str = "w2v-layer-stable", dec: str = "gpt2"):
+    """A tiny HF checkpoint with a WordPiece tokenizer (ids match the decoder: [CLS]=0 start, [PAD]=1, [SEP]=2 eos)
+    and a feature extractor that returns attention masks; returns the transformers model."""
+    import transformers as T
+
+    words = ["hello", "world", "the", "quick", "brown", "fox", "speech", "to", "text", "in", "jax", "a", "b", "c"]
+    vocab = ["[CLS]", "[PAD]", "[SEP]", "[UNK]", "[MASK]"] + words
+    vocab += [f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz"]
+    vocab += [f"w{i}" for i in range(VOCAB - len(vocab))]
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    T.BertTokenizer(vocab={t: i for i, t in enumerate(vocab)}).save_pretrained(path)
+    T.Wav2Vec2FeatureExtractor(return_attention_mask=True, do_normalize=True).save_pretrained(path)
+    model = amplify_cross_attention(seq2seq(enc, dec))
+    model.config.eos_token_id = 2
+    model.save_pretrained(path)
+    return model
