@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+import jax
 import numpy as np
 
 from speechseq import storage
@@ -43,7 +44,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: Any = None
     with storage.atomic_dir(dst, force) as tmp:
         with open_checkpoint(path) as ckpt:
             flat, report = table.load(rules, ckpt, where=str(path), dtype=None if dtype is None else np.dtype(dtype),
-                                      progress=_progress("convert", progress))
+                                      progress=_progress("convert", progress), place=jax.device_put)
         if report.missing:
             raise CheckpointError(f"{path}: {len(report.missing)} weights the config needs are missing "
                                   f"(first: {report.missing[0]}); the checkpoint does not match its config.json")
@@ -70,7 +71,7 @@ def export(src: str | os.PathLike, dst: str | os.PathLike, *, force: bool = Fals
     if missing:
         raise CheckpointError(f"{path}: params/ lacks {len(missing)} parameters the config needs (first: {missing[0]})")
     with storage.atomic_dir(dst, force) as tmp:
-        write_safetensors(tmp / "model.safetensors", table.save(rules, flat), {"format": "pt"})
+        write_safetensors(tmp / "model.safetensors", table.save(rules, flat, consume=True), {"format": "pt"})
         storage.write_json(tmp / "config.json", cfg.to_dict())
         storage.copy_side_files(path, tmp)
     return Path(dst)

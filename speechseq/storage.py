@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
+import jax
 import numpy as np
 
 from speechseq.errors import CheckpointError
@@ -77,12 +78,16 @@ def write_json(path: Path, data: Mapping) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
+CONCURRENT_GB = 0.25  # bytes in flight while orbax (de)serialises: keeps peak memory near the params' own size
+
+
 def save_params(directory: Path, params: Mapping) -> None:
-    """Orbax-save a params pytree (numpy or jax arrays) under ``directory / "params"``."""
+    """Orbax-save a params pytree under ``directory / "params"``. Pass jax arrays: numpy leaves are copied whole."""
     import orbax.checkpoint as ocp
 
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save((directory / "params").absolute(), params)
+    handler = ocp.PyTreeCheckpointHandler(save_concurrent_gb=CONCURRENT_GB, restore_concurrent_gb=CONCURRENT_GB)
+    with ocp.Checkpointer(handler) as ckptr:
+        ckptr.save((directory / "params").absolute(), args=ocp.args.PyTreeSave(params))
 
 
 def restore_params(directory: Path, target: Any = None) -> dict:
@@ -92,9 +97,16 @@ def restore_params(directory: Path, target: Any = None) -> dict:
     path = (directory / "params").absolute()
     if not path.is_dir():
         raise CheckpointError(f"{directory}: speechseq checkpoint has no params/ folder")
+    handler = ocp.PyTreeCheckpointHandler(restore_concurrent_gb=CONCURRENT_GB)
     try:
-        with ocp.StandardCheckpointer() as ckptr:
-            return ckptr.restore(path, target) if target is not None else ckptr.restore(path)
+        with ocp.Checkpointer(handler) as ckptr:
+            if target is None:  # host numpy arrays, whatever topology wrote them
+                meta = ckptr.metadata(path)
+                tree = getattr(getattr(meta, "item_metadata", meta), "tree", meta)
+                restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+                return ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+            restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+            return ckptr.restore(path, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args))
     except (ValueError, FileNotFoundError, OSError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: cannot restore the orbax checkpoint ({first})") from None
@@ -104,7 +116,7 @@ def params_metadata(directory: Path) -> dict[str, tuple[tuple[int, ...], np.dtyp
     """Shapes and dtypes of a speechseq checkpoint's params without reading them."""
     import orbax.checkpoint as ocp
 
-    with ocp.StandardCheckpointer() as ckptr:
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
         meta = ckptr.metadata((directory / "params").absolute())
     tree = getattr(meta, "item_metadata", meta)
     tree = getattr(tree, "tree", tree)

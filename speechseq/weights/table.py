@@ -164,10 +164,12 @@ def plan(rules: Sequence[Rule], shapes: Mapping[str, tuple[int, ...]], *, where:
 
 def load(rules: Sequence[Rule], tensors: Mapping[str, np.ndarray], *, where: str = "checkpoint",
          dtype: np.dtype | None = None, progress: Callable[[Iterable], Iterable] | None = None,
-         shapes: Mapping[str, tuple[int, ...]] | None = None) -> tuple[dict[str, np.ndarray], LoadReport]:
+         shapes: Mapping[str, tuple[int, ...]] | None = None,
+         place: Callable[[np.ndarray], object] | None = None) -> tuple[dict[str, np.ndarray], LoadReport]:
     """Fill parameter paths from HF tensors, one tensor at a time. Returns (flat params, report); the paths of
     missing tensors are absent. ``shapes`` (name -> shape) avoids reading data to plan; ``progress`` wraps the
-    iteration over rules (a progress bar); ``dtype`` casts (default: keep the checkpoint's dtype)."""
+    iteration over rules (a progress bar); ``dtype`` casts (default: keep the checkpoint's dtype); ``place`` turns
+    each finished parameter into what is kept (e.g. ``jax.device_put``), so host copies are freed as it goes."""
     if shapes is None:  # a Checkpoint knows shapes without reading data; a plain dict of arrays is read
         shape_of = getattr(tensors, "shape", None)
         shapes = {k: tuple(shape_of(k)) if callable(shape_of) else np.shape(tensors[k]) for k in tensors}
@@ -184,17 +186,21 @@ def load(rules: Sequence[Rule], tensors: Mapping[str, np.ndarray], *, where: str
             for acc, part in zip(per_layer, parts):
                 acc.append(part if dtype is None else part.astype(dtype))
         for path, acc in zip(r.paths, per_layer):
-            params[path] = np.stack(acc) if r.stacked else np.ascontiguousarray(acc[0])
+            value = np.stack(acc) if r.stacked else np.ascontiguousarray(acc[0])
+            params[path] = place(value) if place else value
     return params, report
 
 
-def save(rules: Sequence[Rule], params: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """HF tensors (PyTorch names and layouts) from flat params; the inverse of ``load``."""
+def save(rules: Sequence[Rule], params: Mapping[str, np.ndarray], consume: bool = False) -> dict[str, np.ndarray]:
+    """HF tensors (PyTorch names and layouts) from flat params; the inverse of ``load``.
+
+    ``consume=True`` pops each parameter from ``params`` (a dict) once converted, so peak memory stays near 1x.
+    """
     out: dict[str, np.ndarray] = {}
     for r in rules:
         if not r.paths:
             continue
-        arrays = [np.asarray(params[p]) for p in r.paths]
+        arrays = [np.asarray(params.pop(p) if consume else params[p]) for p in r.paths]
         for i in range(r.num_layers):
             parts = [a[i] if r.stacked else a for a in arrays]
             x = np.concatenate(parts, axis=r.split_axis) if len(parts) > 1 else parts[0]
