@@ -81,11 +81,16 @@ def write_json(path: Path, data: Mapping) -> None:
 CONCURRENT_GB = 0.25  # bytes in flight while orbax (de)serialises: keeps peak memory near the params' own size
 
 
+def _limit_gb(sizes: Any) -> float:
+    """In-flight bytes for orbax: CONCURRENT_GB, or the largest single array when that is bigger."""
+    return max(CONCURRENT_GB, max(sizes, default=0) / 1e9 * 1.01)
+
+
 def save_params(directory: Path, params: Mapping) -> None:
     """Orbax-save a params pytree under ``directory / "params"``. Pass jax arrays: numpy leaves are copied whole."""
     import orbax.checkpoint as ocp
 
-    handler = ocp.PyTreeCheckpointHandler(save_concurrent_gb=CONCURRENT_GB, restore_concurrent_gb=CONCURRENT_GB)
+    handler = ocp.PyTreeCheckpointHandler(save_concurrent_gb=_limit_gb(x.nbytes for x in jax.tree.leaves(params)))
     with ocp.Checkpointer(handler) as ckptr:
         ckptr.save((directory / "params").absolute(), args=ocp.args.PyTreeSave(params))
 
@@ -97,12 +102,12 @@ def restore_params(directory: Path, target: Any = None) -> dict:
     path = (directory / "params").absolute()
     if not path.is_dir():
         raise CheckpointError(f"{directory}: speechseq checkpoint has no params/ folder")
-    handler = ocp.PyTreeCheckpointHandler(restore_concurrent_gb=CONCURRENT_GB)
+    tree = _metadata_tree(path)
+    sizes = (int(np.prod(m.shape)) * np.dtype(m.dtype).itemsize for m in jax.tree.leaves(tree))
+    handler = ocp.PyTreeCheckpointHandler(restore_concurrent_gb=_limit_gb(sizes))
     try:
         with ocp.Checkpointer(handler) as ckptr:
             if target is None:  # host numpy arrays, whatever topology wrote them
-                meta = ckptr.metadata(path)
-                tree = getattr(getattr(meta, "item_metadata", meta), "tree", meta)
                 restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
                 return ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
             restore_args = ocp.checkpoint_utils.construct_restore_args(target)
@@ -114,12 +119,15 @@ def restore_params(directory: Path, target: Any = None) -> dict:
 
 def params_metadata(directory: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """Shapes and dtypes of a speechseq checkpoint's params without reading them."""
+    from speechseq.weights.table import flatten
+
+    return {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in flatten(_metadata_tree((directory / "params").absolute())).items()}
+
+
+def _metadata_tree(path: Path) -> Any:
+    """The params pytree's array metadata (shape, dtype per leaf) as orbax recorded it."""
     import orbax.checkpoint as ocp
 
     with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
-        meta = ckptr.metadata((directory / "params").absolute())
-    tree = getattr(meta, "item_metadata", meta)
-    tree = getattr(tree, "tree", tree)
-    from speechseq.weights.table import flatten
-
-    return {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in flatten(tree).items()}
+        meta = ckptr.metadata(path)
+    return getattr(getattr(meta, "item_metadata", meta), "tree", meta)
