@@ -143,19 +143,17 @@ class SpeechSeq2Seq:
         cfg = make_seq2seq_config(parts["encoder"][1], parts["decoder"][1],
                                   {"model_type": "speech-encoder-decoder", "is_encoder_decoder": True, **top})
         flat: dict[str, np.ndarray] = {}
-        missing: list[str] = []
         unexpected: list[str] = []
         for role, (path, sub) in parts.items():
             with open_checkpoint(path) as ckpt:
                 part, report = load_part(family(sub.model_type, role), sub, ckpt, str(path))
             flat.update({f"{role}/{k}": v for k, v in part.items()})
-            missing += [f"{role}.{n}" for n in report.missing]
             unexpected += [f"{role}.{n}" for n in report.unexpected]
         rules = M.weight_rules(cfg)
         fresh = [p for r in rules for p in r.paths if p not in flat]
         flat.update(table.init_params(rules, seed, init_std(cfg), only=fresh))
-        if cfg.has_enc_to_dec_proj:
-            missing += ["enc_to_dec_proj.weight", "enc_to_dec_proj.bias"]
+        fresh_set = set(fresh)  # named as the joined model names them (not as the standalone sources did)
+        missing = [r.names(i)[0] for r in rules if fresh_set.intersection(r.paths) for i in range(r.num_layers)]
         report = table.LoadReport(missing, unexpected, fresh)
         log_report(report, "from_encoder_decoder_pretrained", " (train them before use)")
         return cls(cfg, to_tree(flat), dtype, report)

@@ -67,7 +67,8 @@ def process(gen: GenerationConfig, scores: jax.Array, tokens: jax.Array, cur_len
     if gen.suppress_tokens:
         scores = _ban(scores, gen.suppress_tokens)
     if gen.begin_suppress_tokens:
-        scores = _ban(scores, gen.begin_suppress_tokens, cur_len == 1)
+        # transformers starts suppressing one step later when a BOS token is forced first
+        scores = _ban(scores, gen.begin_suppress_tokens, cur_len == (1 if gen.forced_bos_token_id is None else 2))
     return scores
 
 
