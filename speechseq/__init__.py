@@ -5,3 +5,11 @@ from speechseq.errors import CheckpointError, ConfigError, InputError, SpeechSeq
 from speechseq.speech_seq2seq import SpeechSeq2Seq  # noqa: F401
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name == "Processor":  # imported on first use: it pulls in soundfile, tokenizers and sentencepiece
+        from speechseq.processor import Processor
+
+        return Processor
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
