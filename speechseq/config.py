@@ -19,8 +19,23 @@ def _frozen_dict_field() -> Any:
     return field(default_factory=dict, compare=False, hash=False, repr=False)
 
 
+class _Part:
+    """What encoder and decoder configs share."""
+
+    hidden_size: int
+    num_heads: int
+    hf: dict
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def to_dict(self) -> dict:
+        return dict(self.hf)
+
+
 @dataclass(frozen=True)
-class EncoderConfig:
+class EncoderConfig(_Part):
     """Wav2Vec2-family speech encoder (wav2vec2, hubert): raw 16 kHz audio in, frames out."""
 
     model_type: str
@@ -53,16 +68,9 @@ class EncoderConfig:
         """Width of the frames that leave the encoder (after the adapter, when there is one)."""
         return self.output_hidden_size if self.add_adapter else self.hidden_size
 
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
-    def to_dict(self) -> dict:
-        return dict(self.hf)
-
 
 @dataclass(frozen=True)
-class DecoderConfig:
+class DecoderConfig(_Part):
     """Autoregressive text decoder with cross-attention (BERT, RoBERTa, GPT-2, BART, mBART): one shape, many flags."""
 
     model_type: str
@@ -91,13 +99,6 @@ class DecoderConfig:
     bos_token_id: int | None
     eos_token_id: int | tuple[int, ...] | None
     hf: dict = _frozen_dict_field()
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
-    def to_dict(self) -> dict:
-        return dict(self.hf)
 
 
 @dataclass(frozen=True)
@@ -158,6 +159,14 @@ def require(hf: Mapping, key: str, kind: type | tuple[type, ...], where: str) ->
     if not isinstance(value, kind) or isinstance(value, bool) and kind is int:
         raise ConfigError(f"{where}: field '{key}' should be {getattr(kind, '__name__', kind)}, got {value!r}")
     return value
+
+
+def require_heads(hf: Mapping, hidden_key: str, heads_key: str, where: str) -> tuple[int, int]:
+    """(width, heads) with the width divisible by the number of heads."""
+    hidden, heads = require(hf, hidden_key, int, where), require(hf, heads_key, int, where)
+    if hidden % heads:
+        raise ConfigError(f"{where}: {hidden_key} {hidden} is not divisible by {heads_key} {heads}")
+    return hidden, heads
 
 
 def eos_ids(value: Any) -> int | tuple[int, ...] | None:

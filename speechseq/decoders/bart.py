@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import math
 
-from speechseq.config import DecoderConfig, eos_ids, require
+from speechseq.config import DecoderConfig, eos_ids, require, require_heads
 from speechseq.decoders.transformer import DecoderNames
-from speechseq.errors import ConfigError
 from speechseq.layers.core import check_activation
 
 _ATTN = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -33,10 +32,7 @@ POSITION_OFFSET = 2  # fairseq's learned positions start at row 2
 
 def parse_config(hf: dict, where: str) -> DecoderConfig:
     mt = hf["model_type"]
-    hidden = require(hf, "d_model", int, where)
-    heads = require(hf, "decoder_attention_heads", int, where)
-    if hidden % heads:
-        raise ConfigError(f"{where}: d_model {hidden} is not divisible by decoder_attention_heads {heads}")
+    hidden, heads = require_heads(hf, "d_model", "decoder_attention_heads", where)
     mbart = mt == "mbart"
     return DecoderConfig(
         model_type=mt,

@@ -4,7 +4,7 @@ table, a dense + norm transform before the tied output projection. RoBERTa count
 from __future__ import annotations
 
 
-from speechseq.config import DecoderConfig, eos_ids, require
+from speechseq.config import DecoderConfig, eos_ids, require, require_heads
 from speechseq.decoders.transformer import DecoderNames
 from speechseq.errors import ConfigError
 from speechseq.layers.core import check_activation
@@ -44,10 +44,7 @@ def parse_config(hf: dict, where: str) -> DecoderConfig:
     if pos_type != "absolute":
         raise ConfigError(f"{where}: position_embedding_type {pos_type!r} is not supported for {mt}; "
                           "supported: 'absolute'")
-    hidden = require(hf, "hidden_size", int, where)
-    heads = require(hf, "num_attention_heads", int, where)
-    if hidden % heads:
-        raise ConfigError(f"{where}: hidden_size {hidden} is not divisible by num_attention_heads {heads}")
+    hidden, heads = require_heads(hf, "hidden_size", "num_attention_heads", where)
     roberta = mt != "bert"
     pad = hf.get("pad_token_id", 1 if roberta else 0)
     if roberta and pad is None:

@@ -3,9 +3,8 @@
 
 from __future__ import annotations
 
-from speechseq.config import DecoderConfig, eos_ids, require
+from speechseq.config import DecoderConfig, eos_ids, require, require_heads
 from speechseq.decoders.transformer import DecoderNames
-from speechseq.errors import ConfigError
 from speechseq.layers.core import check_activation
 
 NAMES = DecoderNames(
@@ -25,10 +24,7 @@ NAMES = DecoderNames(
 
 
 def parse_config(hf: dict, where: str) -> DecoderConfig:
-    hidden = require(hf, "n_embd", int, where)
-    heads = require(hf, "n_head", int, where)
-    if hidden % heads:
-        raise ConfigError(f"{where}: n_embd {hidden} is not divisible by n_head {heads}")
+    hidden, heads = require_heads(hf, "n_embd", "n_head", where)
     return DecoderConfig(
         model_type="gpt2",
         vocab_size=require(hf, "vocab_size", int, where),

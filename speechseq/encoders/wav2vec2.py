@@ -10,7 +10,7 @@ from typing import Mapping
 import jax
 import jax.numpy as jnp
 
-from speechseq.config import EncoderConfig, require
+from speechseq.config import EncoderConfig, require, require_heads
 from speechseq.errors import ConfigError, InputError
 from speechseq.layers.core import activation, block, check_activation, dense, layer_norm, mlp, multi_head_attention
 from speechseq.weights.table import Rule, dense as dense_rules, norm as norm_rules, rule
@@ -37,10 +37,7 @@ def parse_config(hf: dict, where: str) -> EncoderConfig:
     norm = hf.get("feat_extract_norm", "group")
     if norm not in ("group", "layer"):
         raise ConfigError(f"{where}: feat_extract_norm {norm!r} is not supported; supported: 'group', 'layer'")
-    hidden = require(hf, "hidden_size", int, where)
-    heads = require(hf, "num_attention_heads", int, where)
-    if hidden % heads:
-        raise ConfigError(f"{where}: hidden_size {hidden} is not divisible by num_attention_heads {heads}")
+    hidden, heads = require_heads(hf, "hidden_size", "num_attention_heads", where)
     add_adapter = bool(hf.get("add_adapter", False))
     return EncoderConfig(
         model_type=mt,
