@@ -185,7 +185,22 @@ def cross_kv(cfg: DecoderConfig, p: Params, enc: jax.Array, dtype: jnp.dtype) ->
     return CrossKV(*jax.lax.map(one, p["layers"]["cross_attn"]))
 
 
-def init_cache(cfg: DecoderConfig, batch: int, max_len: int, dtype: jnp.dtype) -> KVCache:
+def unstack(p: Params, cross: CrossKV) -> tuple[dict, CrossKV]:
+    """Per-layer copies of the stacked layer params and cross K/V, made once before a decode loop.
+
+    Inside a ``while_loop`` body XLA CPU copies each layer's slice out of stacked arrays on every step (the whole
+    decoder's weights per token); with per-layer arrays the step reads the weights in place.
+    """
+    L = jax.tree.leaves(p["layers"])[0].shape[0]
+    layers = [jax.tree.map(lambda x: x[i], p["layers"]) for i in range(L)]
+    return {**p, "layers": layers}, CrossKV(tuple(cross.k[i] for i in range(L)), tuple(cross.v[i] for i in range(L)))
+
+
+def init_cache(cfg: DecoderConfig, batch: int, max_len: int, dtype: jnp.dtype, per_layer: bool = False) -> KVCache:
+    """Zeroed self-attention cache: [L, B, Tmax, N, H] per tensor, or a tuple of L [B, Tmax, N, H] arrays."""
+    if per_layer:
+        shape = (batch, max_len, cfg.num_heads, cfg.head_dim)
+        return KVCache(*(tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)) for _ in range(2)))
     shape = (cfg.num_layers, batch, max_len, cfg.num_heads, cfg.head_dim)
     return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
@@ -213,7 +228,7 @@ def decode(cfg: DecoderConfig, p: Params, input_ids: jax.Array, cross: CrossKV, 
     T = input_ids.shape[1]
     h = embed(cfg, p["embed"], input_ids, positions(cfg, input_ids, start), dtype)
     query_pos = start + jnp.arange(T)
-    key_len = T if cache is None else cache.k.shape[2]
+    key_len = T if cache is None else jax.tree.leaves(cache.k)[0].shape[-3]
     self_mask = (jnp.arange(key_len)[None, :] <= query_pos[:, None])[None, None]
     if attention_mask is not None:
         self_mask = self_mask & (attention_mask[:, None, None, :] != 0)
@@ -245,8 +260,16 @@ def decode(cfg: DecoderConfig, p: Params, input_ids: jax.Array, cross: CrossKV, 
         h = block(h, lp["mlp_norm"], lambda x: mlp(lp["mlp"], x, cfg.hidden_act, dtype), pre, eps)
         return h, new_cache
 
-    xs = (p["layers"], layer_scales(cfg), cross.k, cross.v, None if cache is None else tuple(cache))
-    h, new_cache = jax.lax.scan(layer, h, xs)
+    scales = layer_scales(cfg)
+    if isinstance(p["layers"], (list, tuple)):  # unstacked (see ``unstack``): a Python loop, no per-step slicing
+        caches = []
+        for i, lp in enumerate(p["layers"]):
+            h, c = layer(h, (lp, scales[i], cross.k[i], cross.v[i], None if cache is None else (cache.k[i], cache.v[i])))
+            caches.append(c)
+        new_cache = None if cache is None else (tuple(c[0] for c in caches), tuple(c[1] for c in caches))
+    else:
+        xs = (p["layers"], scales, cross.k, cross.v, None if cache is None else tuple(cache))
+        h, new_cache = jax.lax.scan(layer, h, xs)
     if cfg.final_norm:
         h = layer_norm(p["final_norm"], h, cfg.layer_norm_eps)
     return lm_head(cfg, p, h, dtype), None if cache is None else KVCache(*new_cache)

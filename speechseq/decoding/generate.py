@@ -35,8 +35,9 @@ def generate(cfg: SpeechSeq2SeqConfig, params: Any, input_values: jax.Array, att
     batch = input_values.shape[0]
     group = gen.num_beams if gen.num_beams > 1 else gen.num_return_sequences  # rows per utterance
     rows = batch * group
-    dec_cfg, dec_p = cfg.decoder, params["decoder"]
-    cache = transformer.init_cache(dec_cfg, rows, gen.max_length, dtype)
+    dec_cfg = cfg.decoder
+    dec_p, cross = transformer.unstack(params["decoder"], cross)
+    cache = transformer.init_cache(dec_cfg, rows, gen.max_length, dtype, per_layer=True)
 
     def step(last: jax.Array, position: jax.Array, cache: transformer.KVCache) -> tuple[jax.Array, Any]:
         logits, cache = transformer.decode(dec_cfg, dec_p, last[:, None], cross, enc_out.attention_mask,
@@ -44,7 +45,7 @@ def generate(cfg: SpeechSeq2SeqConfig, params: Any, input_values: jax.Array, att
         return logits[:, 0], cache
 
     def reorder(cache: transformer.KVCache, idx: jax.Array) -> transformer.KVCache:
-        return jax.tree.map(lambda x: jnp.take(x, idx, axis=1), cache)
+        return jax.tree.map(lambda x: jnp.take(x, idx, axis=0), cache)  # per-layer [R, Tmax, N, H]
 
     if gen.num_beams > 1:
         return search.beam_search(gen, step, reorder, cache, batch, key)

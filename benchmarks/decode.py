@@ -1,0 +1,383 @@
+"""Decoding speed of speechseq against transformers 5 (PyTorch) and transformers 4.46 (Flax, jitted), one run.
+
+    python benchmarks/decode.py              # wav2vec2-base + bert-base, batch 4, 5 s audio, 32 new tokens
+    python benchmarks/decode.py --quick      # tiny model, smoke test (< 1 min)
+    python benchmarks/decode.py --skip-flax --repeats 5
+
+All systems load the same random-weight checkpoint (built once with a fixed seed by transformers and saved to a
+temporary folder), decode the same unpadded float32 audio without an attention mask (transformers 4.46's Flax
+``generate`` fails with one) and generate exactly ``--new-tokens`` tokens: EOS is suppressed (``suppress_tokens=[eos]``)
+so that every system does the same work (checked: every result has 1 + new tokens columns and no EOS). Times are
+wall-clock seconds: "steady" is the median of ``--repeats`` calls after the first, "compile" is the first call minus
+steady.
+
+The Flax competitor runs in its own venv (``benchmarks/.venv-flax446``, built on first use) through
+``flax446_generate.py``; if that venv cannot be built or run, the script says so and goes on without it.
+
+The roofline part measures this machine's float32 matmul FLOP/s and weight-streaming GB/s with XLA, and compares
+speechseq's per-token decoder step (generate time minus encoder and cross-attention K/V, divided by the number of new
+tokens) with the lower bound "bytes the step must read / streaming GB/s".
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+FLAX_VENV = HERE / ".venv-flax446"
+FLAX_PACKAGES = ["transformers==4.46.3", "jax==0.4.30", "jaxlib==0.4.30", "flax==0.8.5", "numpy<2", "torch==2.13.0"]
+START, PAD, EOS = 101, 0, 102  # BERT's [CLS], [PAD], [SEP]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The model and the inputs
+
+
+def model_configs(quick: bool) -> tuple[dict, dict]:
+    """Wav2Vec2Config and BertConfig keyword arguments: base size, or tiny for --quick."""
+    enc = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+               do_stable_layer_norm=True, feat_extract_norm="layer", conv_bias=True)
+    dec = dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+               intermediate_size=3072)
+    if quick:
+        enc.update(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+                   conv_dim=(32,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4)
+        dec.update(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128)
+    return enc, dec
+
+
+def build_checkpoint(directory: Path, quick: bool, batch: int, samples: int):
+    """Random-weight SpeechEncoderDecoderModel (seed 0) saved to ``directory``, plus the audio as audio.npy."""
+    import torch
+    import transformers as T
+
+    enc, dec = model_configs(quick)
+    cfg = T.SpeechEncoderDecoderConfig.from_encoder_decoder_configs(
+        T.Wav2Vec2Config(**enc),
+        T.BertConfig(**dec, is_decoder=True, add_cross_attention=True, pad_token_id=PAD, eos_token_id=EOS))
+    cfg.decoder_start_token_id, cfg.pad_token_id, cfg.eos_token_id = START, PAD, EOS
+    torch.manual_seed(0)
+    model = T.SpeechEncoderDecoderModel(cfg).eval()
+    model.save_pretrained(directory)
+    rng = np.random.default_rng(0)
+    np.save(directory / "audio.npy", rng.standard_normal((batch, samples)).astype(np.float32))
+    return model
+
+
+def timed(fn, repeats: int) -> dict:
+    """First call (compiles) then ``repeats`` calls; ``fn`` must block until its result is ready."""
+    t = time.perf_counter()
+    fn()
+    first = time.perf_counter() - t
+    runs = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        runs.append(time.perf_counter() - t)
+    steady = statistics.median(runs)
+    return {"compile_s": first - steady, "steady_s": steady, "runs_s": runs}
+
+
+def check(name: str, seqs: np.ndarray, batch: int, new_tokens: int) -> None:
+    """Every system must return [batch, 1 + new_tokens] with no EOS: the same amount of work."""
+    seqs = np.asarray(seqs)
+    if seqs.shape != (batch, 1 + new_tokens) or (seqs[:, 1:] == EOS).any():
+        raise SystemExit(f"{name}: expected {batch} sequences of {1 + new_tokens} tokens without EOS, "
+                         f"got shape {seqs.shape}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The three systems
+
+
+def run_speechseq(ckpt: Path, audio, args) -> dict:
+    import jax
+
+    from speechseq import SpeechSeq2Seq
+    from speechseq import model as M
+
+    model = SpeechSeq2Seq.from_pretrained(ckpt)
+    cfg, params = model.config, model.params
+    x = jax.device_put(audio)
+    out = {}
+    for beams in args.beams:
+        def generate(beams=beams):
+            return model.generate(x, max_new_tokens=args.new_tokens, num_beams=beams, do_sample=False,
+                                  eos_token_id=EOS, suppress_tokens=[EOS], pad_token_id=PAD,
+                                  decoder_start_token_id=START)
+
+        out[beams] = timed(generate, args.repeats)
+        check(f"speechseq num_beams={beams}", generate(), len(audio), args.new_tokens)
+
+    # the parts before the token loop: the encoder, then the encoder plus cross-attention K/V of every layer
+    out["encoder"] = timed(lambda: jax.block_until_ready(M.encode_jit(cfg, params, x)), args.repeats)
+    prefill = jax.jit(lambda p, x: M.cross_kv(cfg, p, M.project(cfg, p, M.encode(cfg, p, x).last_hidden_state)))
+    out["prefill"] = timed(lambda: jax.block_until_ready(prefill(params, x)), args.repeats)
+    out["params"] = params
+    out["frames"] = M.encode_jit(cfg, params, x).last_hidden_state.shape[1]
+    return out
+
+
+def run_pytorch(model, audio, args) -> dict:
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    x = torch.from_numpy(audio)
+    out = {"threads": torch.get_num_threads()}
+    with torch.inference_mode():
+        for beams in args.beams:
+            def generate(beams=beams):
+                return model.generate(input_values=x, max_new_tokens=args.new_tokens,
+                                      num_beams=beams, do_sample=False, eos_token_id=EOS, suppress_tokens=[EOS],
+                                      pad_token_id=PAD, decoder_start_token_id=START)
+
+            out[beams] = timed(generate, args.repeats)
+            check(f"PyTorch num_beams={beams}", generate().numpy(), len(audio), args.new_tokens)
+        out["encoder"] = timed(lambda: model.encoder(x), args.repeats)
+    return out
+
+
+def flax_python(skip_build: bool) -> Path | None:
+    """The Flax 4.46 venv's python, building the venv on first use; None (with a message) if that fails."""
+    python = FLAX_VENV / "bin" / "python"
+    if python.exists():
+        return python
+    if skip_build:
+        print(f"[flax] {FLAX_VENV} does not exist and --no-build-flax was given: skipping Flax 4.46")
+        return None
+    print(f"[flax] building {FLAX_VENV} ({' '.join(FLAX_PACKAGES)}); this takes a few minutes", flush=True)
+    try:
+        subprocess.run([sys.executable, "-m", "venv", str(FLAX_VENV)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", *FLAX_PACKAGES], check=True)
+    except (subprocess.CalledProcessError, OSError) as err:
+        print(f"[flax] could not build the Flax 4.46 venv ({err}); continuing without Flax 4.46")
+        return None
+    return python
+
+
+def run_flax(python: Path, ckpt: Path, args) -> dict | None:
+    settings = {"new_tokens": args.new_tokens, "beams": args.beams, "repeats": args.repeats,
+                "start": START, "pad": PAD, "eos": EOS}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    proc = subprocess.run([str(python), str(HERE / "flax446_generate.py"), str(ckpt), json.dumps(settings)],
+                          capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        print(f"[flax] the Flax 4.46 run failed (exit {proc.returncode}); continuing without it. Last output:\n"
+              + "\n".join(proc.stderr.strip().splitlines()[-15:]))
+        return None
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = {"versions": res["versions"], "encoder": {"steady_s": res["encoder_s"],
+                                                    "compile_s": res["encoder_compile_s"]}}
+    for r in res["results"]:
+        if r["shape"] != [len(np.load(ckpt / "audio.npy")), 1 + args.new_tokens] or r["eos_count"]:
+            raise SystemExit(f"Flax 4.46 num_beams={r['num_beams']}: returned shape {r['shape']}, "
+                             f"{r['eos_count']} EOS; expected {1 + args.new_tokens} tokens without EOS")
+        out[r["num_beams"]] = r
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Roofline
+
+
+def measure_machine(quick: bool) -> dict:
+    """float32 matmul FLOP/s and weight-streaming GB/s (matrix-vector product and sum over a 256 MiB matrix).
+
+    Best of several calls: this is what the machine can do, and the best call is the least disturbed by other work.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    def best(fn, repeats):
+        return min(timed(fn, repeats)["runs_s"])
+
+    n = 1024 if quick else 4096
+    k1, k2 = jax.random.split(jax.random.key(0))
+    a, b = jax.random.normal(k1, (n, n)), jax.random.normal(k2, (n, n))
+    matmul = jax.jit(jnp.dot)
+    t_mm = best(lambda: matmul(a, b).block_until_ready(), 5)
+
+    rows = 2048 if quick else 8192
+    w = jax.random.normal(k1, (rows, 8192))  # 64 MiB (quick) or 256 MiB: far beyond any cache
+    v = jax.random.normal(k2, (8192,))
+    matvec = jax.jit(jnp.dot)
+    t_mv = best(lambda: matvec(w, v).block_until_ready(), 15)
+    total = jax.jit(jnp.sum)
+    t_sum = best(lambda: total(w).block_until_ready(), 15)
+    return {"matmul_gflops": 2 * n ** 3 / t_mm / 1e9, "matmul_n": n, "stream_bytes": w.nbytes,
+            "matvec_gbs": w.nbytes / t_mv / 1e9, "sum_gbs": w.nbytes / t_sum / 1e9}
+
+
+def decoder_step_bytes(params, rows: int, utterances: int, frames: int, max_len: int, itemsize: int = 4) -> dict:
+    """Bytes one decoder step must read: weights (incl. the tied output projection, excl. the position table and the
+    cross-attention K/V projections, which run once per utterance), and the self / cross K/V caches."""
+    import jax
+
+    dec = params["decoder"]
+    total = sum(x.nbytes for x in jax.tree.leaves(dec))
+    once = [dec["embed"]["positions"], dec["layers"]["cross_attn"]["k"], dec["layers"]["cross_attn"]["v"]]
+    once += [dec["embed"]["token_type"]] if "token_type" in dec["embed"] else []
+    weights = total - sum(x.nbytes for x in jax.tree.leaves(once))
+    L, _, D = dec["layers"]["self_attn"]["k"]["kernel"].shape
+    return {"decoder_total": total, "weights": weights,
+            "cross_kv": 2 * L * utterances * frames * D * itemsize,
+            "self_kv": 2 * L * rows * max_len * D * itemsize,
+            "flops": 2 * rows * (weights // itemsize)}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Report
+
+
+def report(args, machine, sq, pt, fx, dims) -> str:
+    names = {"beams": {1: "greedy"}, "sq": "speechseq", "pt": "transformers 5 PyTorch",
+             "fx": "transformers 4.46 Flax (jit)"}
+    lines = []
+    header = f"{'system':<30}{'strategy':<10}{'compile s':>10}{'steady s':>10}   speechseq speedup"
+    lines += [header, "-" * len(header)]
+    targets = {("pt", 1): 2.5, ("fx", 1): 1.5, ("pt", 4): 3.5, ("fx", 4): 2.5}
+    for beams in args.beams:
+        strategy = names["beams"].get(beams, f"beam-{beams}")
+        for key, res in (("sq", sq), ("pt", pt), ("fx", fx)):
+            if res is None:
+                lines.append(f"{names[key]:<30}{strategy:<10}{'n/a':>10}{'n/a':>10}")
+                continue
+            r = res[beams]
+            ratio = ""
+            if key != "sq":
+                speedup = r["steady_s"] / sq[beams]["steady_s"]
+                ratio = f"{speedup:.2f}x"
+                if (key, beams) in targets:
+                    goal = targets[(key, beams)]
+                    ratio += f" (target >= {goal}x: {'met' if speedup >= goal else 'MISSED'})"
+            lines.append(f"{names[key]:<30}{strategy:<10}{r['compile_s']:>10.2f}{r['steady_s']:>10.3f}   {ratio}")
+    compile_ok = all(sq[b]["compile_s"] <= 5.0 for b in args.beams)
+    lines.append(f"speechseq compile <= 5 s each: {'met' if compile_ok else 'MISSED'}")
+
+    lines += ["", "Where the time goes (steady state, seconds)"]
+    enc = sq["encoder"]["steady_s"]
+    pre = sq["prefill"]["steady_s"]
+    lines.append(f"  speechseq encoder (encode_jit)            {enc:.3f}   (compile {sq['encoder']['compile_s']:.2f})")
+    lines.append(f"  speechseq encoder + cross-attention K/V   {pre:.3f}")
+    if pt:
+        lines.append(f"  PyTorch encoder                           {pt['encoder']['steady_s']:.3f}")
+    if fx:
+        lines.append(f"  Flax 4.46 encoder (jit)                   {fx['encoder']['steady_s']:.3f}")
+    for beams in args.beams:
+        strategy = names["beams"].get(beams, f"beam-{beams}")
+        per_token = (sq[beams]["steady_s"] - pre) / args.new_tokens
+        lines.append(f"  speechseq {strategy:<8} token loop {sq[beams]['steady_s'] - pre:.3f}  "
+                     f"= {1e3 * per_token:.1f} ms per step")
+
+    lines += ["", "Roofline (this machine, XLA CPU, float32, best of several calls)"]
+    lines.append(f"  matmul {machine['matmul_n']}^3: {machine['matmul_gflops']:.0f} GFLOP/s; streaming "
+                 f"{machine['stream_bytes'] / 2**20:.0f} MiB: matrix-vector {machine['matvec_gbs']:.1f} GB/s, "
+                 f"sum {machine['sum_gbs']:.1f} GB/s")
+    bw = max(machine["matvec_gbs"], machine["sum_gbs"]) * 1e9
+    for beams in args.beams:
+        strategy = names["beams"].get(beams, f"beam-{beams}")
+        d = dims[beams]
+        per_token = (sq[beams]["steady_s"] - pre) / args.new_tokens
+        bound_w = d["weights"] / bw
+        bound_all = (d["weights"] + d["cross_kv"] + d["self_kv"]) / bw
+        bound_flops = d["flops"] / (machine["matmul_gflops"] * 1e9)
+        bound = max(bound_all, bound_flops)
+        lines.append(f"  {strategy} ({d['rows']} rows): step reads {d['weights'] / 1e6:.0f} MB of weights "
+                     f"(decoder total {d['decoder_total'] / 1e6:.0f} MB) + {d['cross_kv'] / 1e6:.0f} MB cross K/V + "
+                     f"{d['self_kv'] / 1e6:.0f} MB self K/V; {d['flops'] / 1e9:.2f} GFLOP")
+        lines.append(f"    bound: weights only {1e3 * bound_w:.1f} ms, weights + caches {1e3 * bound_all:.1f} ms, "
+                     f"FLOPs {1e3 * bound_flops:.1f} ms; measured {1e3 * per_token:.1f} ms per step = "
+                     f"{per_token / bound_w:.2f}x the weights-only bound, {per_token / bound:.2f}x the "
+                     f"max(bytes, FLOPs) bound (target <= 1.5x)")
+    return "\n".join(lines)
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.machine()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny model and 1 s of audio: a smoke test")
+    parser.add_argument("--skip-flax", action="store_true", help="leave out transformers 4.46 Flax")
+    parser.add_argument("--no-build-flax", action="store_true", help="do not build the Flax venv when it is missing")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed calls after the first, median reported (default 3, or 1 with --quick)")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seconds", type=float, default=None, help="audio length (default 5, or 1 with --quick)")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--beams", type=int, nargs="+", default=[1, 4], help="num_beams values to time")
+    parser.add_argument("--json", type=Path, help="also write the raw timings here")
+    args = parser.parse_args()
+    if args.repeats is None:
+        args.repeats = 1 if args.quick else 3
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    seconds = args.seconds or (1.0 if args.quick else 5.0)
+    samples = int(seconds * 16000)
+
+    import jax
+    import torch
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    print(f"speechseq decode benchmark, {datetime.date.today()}, {cpu_name()} ({os.cpu_count()} CPUs), "
+          f"jax {jax.__version__}, torch {torch.__version__}, transformers {transformers.__version__}"
+          + (f", XLA_FLAGS={os.environ['XLA_FLAGS']!r}" if os.environ.get("XLA_FLAGS") else ""))
+    print(f"load average before: {os.getloadavg()[0]:.2f}" + (" (other work is running: timings will be noisy)"
+                                                             if os.getloadavg()[0] > 0.5 else ""))
+    print(f"model: {'tiny (--quick)' if args.quick else 'wav2vec2-base + bert-base'}, batch {args.batch}, "
+          f"{seconds:g} s audio, {args.new_tokens} new tokens (EOS suppressed), float32, repeats {args.repeats}",
+          flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="speechseq-bench-") as tmp:
+        ckpt = Path(tmp)
+        t = time.perf_counter()
+        hf_model = build_checkpoint(ckpt, args.quick, args.batch, samples)
+        audio = np.load(ckpt / "audio.npy")
+        print(f"[setup] checkpoint built and saved in {time.perf_counter() - t:.1f} s", flush=True)
+
+        print("[roofline] measuring matmul FLOP/s and streaming GB/s", flush=True)
+        machine = measure_machine(args.quick)
+        print("[speechseq] timing", flush=True)
+        sq = run_speechseq(ckpt, audio, args)
+        print("[pytorch] timing", flush=True)
+        pt = run_pytorch(hf_model, audio, args)
+        del hf_model
+        fx = None
+        if not args.skip_flax:
+            python = flax_python(args.no_build_flax)
+            if python is not None:
+                print("[flax] timing transformers 4.46 Flax in its venv", flush=True)
+                fx = run_flax(python, ckpt, args)
+
+    params, frames = sq.pop("params"), sq.pop("frames")
+    dims = {b: {**decoder_step_bytes(params, args.batch * b, args.batch, frames, 1 + args.new_tokens),
+                "rows": args.batch * b} for b in args.beams}
+    text = report(args, machine, sq, pt, fx, dims)
+    print()
+    print(text)
+    print(f"\nload average after: {os.getloadavg()[0]:.2f} (1-minute; {os.cpu_count()} CPUs)")
+    if args.json:
+        args.json.write_text(json.dumps({"machine": machine, "speechseq": sq, "pytorch": pt, "flax446": fx,
+                                         "dims": dims}, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
