@@ -18,7 +18,8 @@ import jax.numpy as jnp
 
 from speechseq.config import DecoderConfig
 from speechseq.errors import InputError
-from speechseq.layers.core import activation, attention, block, dense, layer_norm, mlp, split_heads
+from speechseq.layers.core import (activation, attention, block, dense, layer_norm, mlp, out_major, out_major_dot,
+                                   split_heads)
 from speechseq.weights.table import Rule, dense as dense_rules, norm as norm_rules, rule
 
 Params = Mapping[str, jax.Array]
@@ -134,12 +135,15 @@ def layer_scales(cfg: DecoderConfig) -> jax.Array:
 
 
 def lm_head(cfg: DecoderConfig, p: Params, h: jax.Array, dtype: jnp.dtype) -> jax.Array:
-    """Hidden states [B, T, D] -> float32 logits [B, T, V]."""
+    """Hidden states [B, T, D] -> float32 logits [B, T, V]. Takes params as stored or as ``prepare`` leaves them."""
     head = p["head"] if "head" in p else {}
     if cfg.head_transform:
         h = activation(cfg.head_act)(dense(head["transform"], h, dtype))
         h = layer_norm(head["transform_norm"], h, cfg.layer_norm_eps)
-    if cfg.tie_word_embeddings:
+    if "kernel_t" in head or (cfg.tie_word_embeddings and isinstance(p["layers"], list)):  # decode step: out-major
+        w_t = head["kernel_t"] if "kernel_t" in head else p["embed"]["tokens"]  # [V, D]
+        logits = out_major_dot(h.astype(dtype), w_t.astype(dtype)).astype(jnp.float32)
+    elif cfg.tie_word_embeddings:
         logits = jnp.einsum("btd,vd->btv", h.astype(dtype), p["embed"]["tokens"].astype(dtype),
                             preferred_element_type=jnp.float32)
     else:
@@ -161,17 +165,19 @@ def check_ids(cfg: DecoderConfig, input_ids: jax.Array, name: str = "decoder_inp
 
 
 class CrossKV(NamedTuple):
-    """Cross-attention keys and values of every layer, computed once per utterance: k, v [L, B, S, N, H]."""
+    """Cross-attention keys and values of every layer, computed once per utterance: k, v [L, B, S, N, H]
+    (as ``cross_kv`` returns them), or per-layer tuples of [B, N, S, H] (as ``prepare`` leaves them)."""
 
-    k: jax.Array
-    v: jax.Array
+    k: jax.Array | tuple[jax.Array, ...]
+    v: jax.Array | tuple[jax.Array, ...]
 
 
 class KVCache(NamedTuple):
-    """Static self-attention cache: k, v [L, B, Tmax, N, H], written at the current step."""
+    """Static self-attention cache, written at the current step: k, v [L, B, N, Tmax, H], or per-layer tuples of
+    [B, N, Tmax, H] for params from ``prepare``."""
 
-    k: jax.Array
-    v: jax.Array
+    k: jax.Array | tuple[jax.Array, ...]
+    v: jax.Array | tuple[jax.Array, ...]
 
 
 def cross_kv(cfg: DecoderConfig, p: Params, enc: jax.Array, dtype: jnp.dtype) -> CrossKV:
@@ -185,34 +191,59 @@ def cross_kv(cfg: DecoderConfig, p: Params, enc: jax.Array, dtype: jnp.dtype) ->
     return CrossKV(*jax.lax.map(one, p["layers"]["cross_attn"]))
 
 
-def unstack(p: Params, cross: CrossKV) -> tuple[dict, CrossKV]:
-    """Per-layer copies of the stacked layer params and cross K/V, made once before a decode loop.
+def prepare(cfg: DecoderConfig, p: Params, cross: CrossKV, dtype: jnp.dtype) -> tuple[dict, CrossKV]:
+    """Decoder params and cross K/V rearranged once, before a decode loop, for fast one-token steps.
 
-    Inside a ``while_loop`` body XLA CPU copies each layer's slice out of stacked arrays on every step (the whole
-    decoder's weights per token); with per-layer arrays the step reads the weights in place.
+    Layers become a list (inside a ``while_loop`` XLA CPU would copy each layer's slice out of the stacked arrays
+    on every step), kernels are stored [Dout, Din] in the compute dtype (see ``out_major_dot``), self-attention
+    q/k/v become one fused projection, and cross K/V are laid out head-major [B, N, S, H] per layer, the layout the
+    attention dot reads without a transpose. ``decode`` with these params needs a cache from ``init_cache``.
     """
-    L = jax.tree.leaves(p["layers"])[0].shape[0]
-    layers = [jax.tree.map(lambda x: x[i], p["layers"]) for i in range(L)]
-    return {**p, "layers": layers}, CrossKV(tuple(cross.k[i] for i in range(L)), tuple(cross.v[i] for i in range(L)))
+    L = cfg.num_layers
+
+    def layer(i: int) -> dict:
+        lp = jax.tree.map(lambda x: x[i], p["layers"])
+        sa, ca = lp["self_attn"], lp["cross_attn"]
+        qkv = {"kernel": jnp.concatenate([sa[n]["kernel"] for n in "qkv"], axis=1)}
+        if "bias" in sa["q"]:
+            qkv["bias"] = jnp.concatenate([sa[n]["bias"] for n in "qkv"])
+        return {**lp, "self_attn": {"qkv": out_major(qkv, dtype), "o": out_major(sa["o"], dtype)},
+                "cross_attn": {"q": out_major(ca["q"], dtype), "o": out_major(ca["o"], dtype)},
+                "mlp": {n: out_major(lp["mlp"][n], dtype) for n in ("wi", "wo")}}
+
+    out = {**p, "layers": [layer(i) for i in range(L)]}
+    if "head" in p:
+        head = dict(p["head"])
+        if "kernel" in head:
+            head["kernel_t"] = head.pop("kernel").T.astype(dtype)
+        if "transform" in head:
+            head["transform"] = out_major(head["transform"], dtype)
+        out["head"] = head
+    if cfg.tie_word_embeddings:
+        out["embed"] = {**p["embed"], "tokens": p["embed"]["tokens"].astype(dtype)}
+    heads_major = tuple(tuple(jnp.swapaxes(x[i], 1, 2) for i in range(L)) for x in cross)
+    return jax.lax.optimization_barrier((out, CrossKV(*heads_major)))
 
 
 def init_cache(cfg: DecoderConfig, batch: int, max_len: int, dtype: jnp.dtype, per_layer: bool = False) -> KVCache:
-    """Zeroed self-attention cache: [L, B, Tmax, N, H] per tensor, or a tuple of L [B, Tmax, N, H] arrays."""
+    """Zeroed self-attention cache: [L, B, N, Tmax, H] per tensor, or (``per_layer``, for params from ``prepare``)
+    a tuple of L [B, N, Tmax, H] arrays."""
+    shape = (batch, cfg.num_heads, max_len, cfg.head_dim)
     if per_layer:
-        shape = (batch, max_len, cfg.num_heads, cfg.head_dim)
         return KVCache(*(tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)) for _ in range(2)))
-    shape = (cfg.num_layers, batch, max_len, cfg.num_heads, cfg.head_dim)
-    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+    return KVCache(*(jnp.zeros((cfg.num_layers, *shape), dtype) for _ in range(2)))
 
 
-def _attend_grouped(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, scale: jax.Array) -> jax.Array:
+def _attend_grouped(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, scale: jax.Array,
+                    heads_major: bool) -> jax.Array:
     """Cross-attention where q has G rows per key row (beams or samples share one utterance's K/V).
 
-    q [B*G, T, N, H], k and v [B, S, N, H], mask [B, 1, 1, S] -> [B*G, T, N, H]; no copy of K/V per beam.
+    q [B*G, T, N, H], k and v [B, S, N, H] (or [B, N, S, H]), mask [B, 1, 1, S] -> [B*G, T, N, H]; no copy of K/V
+    per beam.
     """
     B, G = k.shape[0], q.shape[0] // k.shape[0]
     T = q.shape[1]
-    out = attention(q.reshape(B, G * T, *q.shape[2:]), k, v, mask, scale)
+    out = attention(q.reshape(B, G * T, *q.shape[2:]), k, v, mask, scale, heads_major)
     return out.reshape(B * G, T, *out.shape[2:])
 
 
@@ -225,10 +256,11 @@ def decode(cfg: DecoderConfig, p: Params, input_ids: jax.Array, cross: CrossKV, 
     the whole sequence; with it, keys/values are written at ``start`` and attention reads the cache up to there.
     """
     check_ids(cfg, input_ids)
+    prepared = isinstance(p["layers"], list)  # from ``prepare``: per-layer params, head-major cross K/V
     T = input_ids.shape[1]
     h = embed(cfg, p["embed"], input_ids, positions(cfg, input_ids, start), dtype)
     query_pos = start + jnp.arange(T)
-    key_len = T if cache is None else jax.tree.leaves(cache.k)[0].shape[-3]
+    key_len = T if cache is None else jax.tree.leaves(cache.k)[0].shape[-2]
     self_mask = (jnp.arange(key_len)[None, :] <= query_pos[:, None])[None, None]
     if attention_mask is not None:
         self_mask = self_mask & (attention_mask[:, None, None, :] != 0)
@@ -242,17 +274,20 @@ def decode(cfg: DecoderConfig, p: Params, input_ids: jax.Array, cross: CrossKV, 
         def self_attn(x: jax.Array) -> jax.Array:
             nonlocal new_cache
             sp = lp["self_attn"]
-            q, k, v = (split_heads(dense(sp[n], x, dtype), N) for n in "qkv")
-            if kv_cache is not None:
-                k = jax.lax.dynamic_update_slice(kv_cache[0], k.astype(kv_cache[0].dtype), (0, start, 0, 0))
-                v = jax.lax.dynamic_update_slice(kv_cache[1], v.astype(kv_cache[1].dtype), (0, start, 0, 0))
+            if "qkv" in sp:
+                q, k, v = jnp.split(split_heads(dense(sp["qkv"], x, dtype), 3 * N), 3, axis=2)
+            else:
+                q, k, v = (split_heads(dense(sp[n], x, dtype), N) for n in "qkv")
+            if kv_cache is not None:  # the cache is head-major [B, N, Tmax, H]
+                k, v = (jax.lax.dynamic_update_slice(c, jnp.swapaxes(new, 1, 2).astype(c.dtype), (0, 0, start, 0))
+                        for c, new in zip(kv_cache, (k, v)))
                 new_cache = (k, v)
-            out = attention(q, k, v, self_mask, scale)
+            out = attention(q, k, v, self_mask, scale, heads_major=kv_cache is not None)
             return dense(sp["o"], out.reshape(*out.shape[:2], -1), dtype)
 
         def cross_attn(x: jax.Array) -> jax.Array:
             cp = lp["cross_attn"]
-            out = _attend_grouped(split_heads(dense(cp["q"], x, dtype), N), ck, cv, cross_mask, scale)
+            out = _attend_grouped(split_heads(dense(cp["q"], x, dtype), N), ck, cv, cross_mask, scale, prepared)
             return dense(cp["o"], out.reshape(*out.shape[:2], -1), dtype)
 
         h = block(h, lp["self_norm"], self_attn, pre, eps)
@@ -261,7 +296,7 @@ def decode(cfg: DecoderConfig, p: Params, input_ids: jax.Array, cross: CrossKV, 
         return h, new_cache
 
     scales = layer_scales(cfg)
-    if isinstance(p["layers"], (list, tuple)):  # unstacked (see ``unstack``): a Python loop, no per-step slicing
+    if prepared:  # a Python loop over per-layer params: no per-step slicing of stacked arrays
         caches = []
         for i, lp in enumerate(p["layers"]):
             h, c = layer(h, (lp, scales[i], cross.k[i], cross.v[i], None if cache is None else (cache.k[i], cache.v[i])))

@@ -36,7 +36,7 @@ def generate(cfg: SpeechSeq2SeqConfig, params: Any, input_values: jax.Array, att
     group = gen.num_beams if gen.num_beams > 1 else gen.num_return_sequences  # rows per utterance
     rows = batch * group
     dec_cfg = cfg.decoder
-    dec_p, cross = transformer.unstack(params["decoder"], cross)
+    dec_p, cross = transformer.prepare(dec_cfg, params["decoder"], cross, dtype)
     cache = transformer.init_cache(dec_cfg, rows, gen.max_length, dtype, per_layer=True)
 
     def step(last: jax.Array, position: jax.Array, cache: transformer.KVCache) -> tuple[jax.Array, Any]:
@@ -45,7 +45,7 @@ def generate(cfg: SpeechSeq2SeqConfig, params: Any, input_values: jax.Array, att
         return logits[:, 0], cache
 
     def reorder(cache: transformer.KVCache, idx: jax.Array) -> transformer.KVCache:
-        return jax.tree.map(lambda x: jnp.take(x, idx, axis=0), cache)  # per-layer [R, Tmax, N, H]
+        return jax.tree.map(lambda x: jnp.take(x, idx, axis=0), cache)  # per-layer [R, N, Tmax, H]
 
     if gen.num_beams > 1:
         return search.beam_search(gen, step, reorder, cache, batch, key)
