@@ -214,6 +214,19 @@ class SpeechSeq2Seq:
         defaults.setdefault("eos_token_id", self.config.eos_token_id)
         return G.make(defaults, dec.max_positions - dec.position_offset, **kwargs)
 
+    def _decoder_params(self) -> Any:
+        """The decoder weights in decode-step layout, made on first use and kept while ``params`` and ``dtype`` stay
+        the same (a second copy of the decoder weights; ``generate`` without it would redo the layout per call)."""
+        from speechseq.decoding.generate import prepare_decoder_jit
+
+        leaves = jax.tree.leaves(self.params["decoder"])
+        cached = getattr(self, "_decode_cache", None)
+        if cached is None or cached[0] != self.dtype or len(cached[1]) != len(leaves) or any(
+                a is not b for a, b in zip(cached[1], leaves)):
+            cached = (self.dtype, leaves, prepare_decoder_jit(self.config, self.params, self.dtype))
+            self._decode_cache = cached
+        return cached[2]
+
     def generate(self, input_values: Any, attention_mask: Any = None, *, seed: int = 0, key: Any = None,
                  return_dict: bool = False, **kwargs: Any):
         """Greedy, beam or sampled decoding with transformers' keywords; one compiled program per shape bucket.
@@ -233,7 +246,7 @@ class SpeechSeq2Seq:
         mask = _array(attention_mask, "attention_mask", integer=True)
         if gen.do_sample and key is None:
             key = jax.random.key(seed)
-        out = generate_jit(self.config, self.params, x, mask, gen, key, self.dtype)
+        out = generate_jit(self.config, self.params, x, mask, gen, key, self.dtype, self._decoder_params())
         length = int(out.length)
         sequences = np.asarray(out.sequences)[:, :length]
         if not return_dict:

@@ -243,6 +243,32 @@ def test_same_shapes_do_not_recompile(pair):
     assert TRACES["generate"] == before + 1
 
 
+def test_decode_layout_cache_follows_params(pair):
+    """The decode-layout copy of the decoder weights that ``generate`` keeps is remade when params change, and the
+    pure function without it (preparing per call) gives the same tokens."""
+    import jax
+    import jax.numpy as jnp
+
+    from speechseq.decoding.generate import generate_jit
+
+    p = pair("w2v-group", "bert")
+    model = SpeechSeq2Seq(p.ours.config, p.ours.params)
+    kwargs = settings(p)
+    first = model.generate(X, MASK, **kwargs)
+    gen = model.generation_config(**kwargs)
+    pure = generate_jit(model.config, model.params, jnp.asarray(X), jnp.asarray(MASK), gen)
+    np.testing.assert_array_equal(np.asarray(pure.sequences)[:, :int(pure.length)], first)
+
+    # other decoder weights: a stale copy would give the old tokens instead of what the pure function gives
+    rng = np.random.default_rng(7)
+    new = jax.tree.map(lambda x: x + 0.5 * jnp.asarray(rng.standard_normal(x.shape), x.dtype), model.params["decoder"])
+    model.params = {**model.params, "decoder": new}
+    got = model.generate(X, MASK, **kwargs)
+    pure = generate_jit(model.config, model.params, jnp.asarray(X), jnp.asarray(MASK), gen)
+    np.testing.assert_array_equal(got, np.asarray(pure.sequences)[:, :int(pure.length)])
+    assert not np.array_equal(got, first), "perturbed decoder weights should change the greedy tokens"
+
+
 # -- guard rails ------------------------------------------------------------------------------------------------------
 
 GUARDS = [

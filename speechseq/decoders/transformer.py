@@ -166,7 +166,7 @@ def check_ids(cfg: DecoderConfig, input_ids: jax.Array, name: str = "decoder_inp
 
 class CrossKV(NamedTuple):
     """Cross-attention keys and values of every layer, computed once per utterance: k, v [L, B, S, N, H]
-    (as ``cross_kv`` returns them), or per-layer tuples of [B, N, S, H] (as ``prepare`` leaves them)."""
+    (as ``cross_kv`` returns them), or per-layer tuples of [B, N, S, H] (``heads_major``, for decode steps)."""
 
     k: jax.Array | tuple[jax.Array, ...]
     v: jax.Array | tuple[jax.Array, ...]
@@ -191,15 +191,16 @@ def cross_kv(cfg: DecoderConfig, p: Params, enc: jax.Array, dtype: jnp.dtype) ->
     return CrossKV(*jax.lax.map(one, p["layers"]["cross_attn"]))
 
 
-def prepare(cfg: DecoderConfig, p: Params, cross: CrossKV, dtype: jnp.dtype) -> tuple[dict, CrossKV]:
-    """Decoder params and cross K/V rearranged once, before a decode loop, for fast one-token steps.
+def prepare(cfg: DecoderConfig, p: Params, dtype: jnp.dtype) -> dict:
+    """Decoder params rearranged for fast one-token decode steps (``generate`` does this once per call, or takes
+    the result from the caller so that it is done once per model).
 
-    Layers become a list (inside a ``while_loop`` XLA CPU would copy each layer's slice out of the stacked arrays
-    on every step), kernels are stored [Dout, Din] in the compute dtype (see ``out_major_dot``), self-attention
-    q/k/v become one fused projection, and cross K/V are laid out head-major [B, N, S, H] per layer, the layout the
-    attention dot reads without a transpose. ``decode`` with these params needs a cache from ``init_cache``.
+    Layers become a list (inside a ``while_loop`` XLA CPU would copy each layer's slice out of the stacked arrays on
+    every step), kernels are stored [Dout, Din] in the compute dtype (see ``out_major_dot``), and self-attention
+    q/k/v become one fused projection. Cross-attention k/v kernels are left out: they run once per utterance
+    (``cross_kv`` on the stored params). ``decode`` with these params takes ``heads_major(cross)`` and a cache from
+    ``init_cache(..., per_layer=True)``.
     """
-    L = cfg.num_layers
 
     def layer(i: int) -> dict:
         lp = jax.tree.map(lambda x: x[i], p["layers"])
@@ -211,7 +212,7 @@ def prepare(cfg: DecoderConfig, p: Params, cross: CrossKV, dtype: jnp.dtype) -> 
                 "cross_attn": {"q": out_major(ca["q"], dtype), "o": out_major(ca["o"], dtype)},
                 "mlp": {n: out_major(lp["mlp"][n], dtype) for n in ("wi", "wo")}}
 
-    out = {**p, "layers": [layer(i) for i in range(L)]}
+    out = {**p, "layers": [layer(i) for i in range(cfg.num_layers)]}
     if "head" in p:
         head = dict(p["head"])
         if "kernel" in head:
@@ -219,10 +220,13 @@ def prepare(cfg: DecoderConfig, p: Params, cross: CrossKV, dtype: jnp.dtype) -> 
         if "transform" in head:
             head["transform"] = out_major(head["transform"], dtype)
         out["head"] = head
-    if cfg.tie_word_embeddings:
-        out["embed"] = {**p["embed"], "tokens": p["embed"]["tokens"].astype(dtype)}
-    heads_major = tuple(tuple(jnp.swapaxes(x[i], 1, 2) for i in range(L)) for x in cross)
-    return jax.lax.optimization_barrier((out, CrossKV(*heads_major)))
+    return jax.lax.optimization_barrier(out)
+
+
+def heads_major(cross: CrossKV) -> CrossKV:
+    """Cross K/V [L, B, S, N, H] -> per-layer tuples of [B, N, S, H], the layout the decode step reads."""
+    L = cross.k.shape[0]
+    return jax.lax.optimization_barrier(CrossKV(*(tuple(jnp.swapaxes(x[i], 1, 2) for i in range(L)) for x in cross)))
 
 
 def init_cache(cfg: DecoderConfig, batch: int, max_len: int, dtype: jnp.dtype, per_layer: bool = False) -> KVCache:
@@ -243,7 +247,7 @@ def _attend_grouped(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | 
     """
     B, G = k.shape[0], q.shape[0] // k.shape[0]
     T = q.shape[1]
-    out = attention(q.reshape(B, G * T, *q.shape[2:]), k, v, mask, scale, heads_major)
+    out = attention(q.reshape(B, G * T, *q.shape[2:]), k, v, mask, scale, heads_major, transpose_q=heads_major)
     return out.reshape(B * G, T, *out.shape[2:])
 
 

@@ -22,10 +22,13 @@ TRACES = {"generate": 0}  # how many times ``generate`` was traced (compiled); t
 
 
 def generate(cfg: SpeechSeq2SeqConfig, params: Any, input_values: jax.Array, attention_mask: jax.Array | None,
-             gen: GenerationConfig, key: jax.Array | None = None, dtype: Any = jnp.float32) -> search.SearchResult:
+             gen: GenerationConfig, key: jax.Array | None = None, dtype: Any = jnp.float32,
+             decoder_params: Any = None) -> search.SearchResult:
     """Audio [B, N] (+ mask) -> SearchResult: sequences [B * num_return_sequences, max_length], scores, length.
 
-    Pure: jit it with ``cfg``, ``gen`` and ``dtype`` static (``generate_jit`` does).
+    Pure: jit it with ``cfg``, ``gen`` and ``dtype`` static (``generate_jit`` does). ``decoder_params`` is
+    ``prepare_decoder(cfg, params, dtype)``, computed once and passed to every call to save rearranging the decoder
+    weights per call (a copy of the decoder weights in memory); without it each call does that itself.
     """
     TRACES["generate"] += 1
     dtype = jnp.dtype(dtype)
@@ -36,7 +39,8 @@ def generate(cfg: SpeechSeq2SeqConfig, params: Any, input_values: jax.Array, att
     group = gen.num_beams if gen.num_beams > 1 else gen.num_return_sequences  # rows per utterance
     rows = batch * group
     dec_cfg = cfg.decoder
-    dec_p, cross = transformer.prepare(dec_cfg, params["decoder"], cross, dtype)
+    dec_p = prepare_decoder(cfg, params, dtype) if decoder_params is None else decoder_params
+    cross = transformer.heads_major(cross)
     cache = transformer.init_cache(dec_cfg, rows, gen.max_length, dtype, per_layer=True)
 
     def step(last: jax.Array, position: jax.Array, cache: transformer.KVCache) -> tuple[jax.Array, Any]:
@@ -52,4 +56,10 @@ def generate(cfg: SpeechSeq2SeqConfig, params: Any, input_values: jax.Array, att
     return search.sample(gen, step, cache, rows, key)
 
 
+def prepare_decoder(cfg: SpeechSeq2SeqConfig, params: Any, dtype: Any = jnp.float32) -> dict:
+    """The decoder's weights laid out for decode steps (``transformer.prepare``), for ``generate(decoder_params=)``."""
+    return transformer.prepare(cfg.decoder, params["decoder"], jnp.dtype(dtype))
+
+
 generate_jit = jax.jit(generate, static_argnames=("cfg", "gen", "dtype"))
+prepare_decoder_jit = jax.jit(prepare_decoder, static_argnames=("cfg", "dtype"))

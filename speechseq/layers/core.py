@@ -82,19 +82,26 @@ def layer_norm(p: Params, x: jax.Array, eps: float) -> jax.Array:
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, scale: float | jax.Array,
-              heads_major: bool = False) -> jax.Array:
+              heads_major: bool = False, transpose_q: bool = False) -> jax.Array:
     """Scaled dot-product attention.
 
     q [B, T, N, H], k and v [B, S, N, H] (or [B, N, S, H] with ``heads_major``, the layout of decode caches),
     mask bool broadcastable to [B, N, T, S] (True = attend).
     Returns [B, T, N, H]. Scores and softmax in float32; a fully masked row is uniform, as in transformers.
+
+    ``transpose_q`` moves q to [B, N, T, H] first so that both dots are in canonical batched
+    form: on CPU that is faster when T is several rows (beams sharing one utterance's cross K/V), slower for one.
     """
     kv = "bnsh" if heads_major else "bsnh"
-    scores = jnp.einsum(f"btnh,{kv}->bnts", q, k, preferred_element_type=jnp.float32) * scale
+    qo = "bnth" if transpose_q else "btnh"
+    if transpose_q:  # the barriers stop XLA from folding the transposes into the dots (a slower kernel on CPU)
+        q = jax.lax.optimization_barrier(jnp.swapaxes(q, 1, 2))
+    scores = jnp.einsum(f"{qo},{kv}->bnts", q, k, preferred_element_type=jnp.float32) * scale
     if mask is not None:
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum(f"bnts,{kv}->btnh", probs, v)
+    out = jnp.einsum(f"bnts,{kv}->{qo}", probs, v)
+    return jnp.swapaxes(jax.lax.optimization_barrier(out), 1, 2) if transpose_q else out
 
 
 def split_heads(x: jax.Array, num_heads: int) -> jax.Array:
