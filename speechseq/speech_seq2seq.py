@@ -217,13 +217,13 @@ class SpeechSeq2Seq:
     def _decoder_params(self) -> Any:
         """The decoder weights in decode-step layout, made on first use and kept while ``params`` and ``dtype`` stay
         the same (a second copy of the decoder weights; ``generate`` without it would redo the layout per call)."""
-        from speechseq.decoding.generate import prepare_decoder_jit
+        from speechseq.decoding.generate import prepare_decoder
 
         leaves = jax.tree.leaves(self.params["decoder"])
         cached = getattr(self, "_decode_cache", None)
         if cached is None or cached[0] != self.dtype or len(cached[1]) != len(leaves) or any(
                 a is not b for a, b in zip(cached[1], leaves)):
-            cached = (self.dtype, leaves, prepare_decoder_jit(self.config, self.params, self.dtype))
+            cached = (self.dtype, leaves, prepare_decoder(self.config, self.params, self.dtype))
             self._decode_cache = cached
         return cached[2]
 

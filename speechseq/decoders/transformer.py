@@ -191,28 +191,20 @@ def cross_kv(cfg: DecoderConfig, p: Params, enc: jax.Array, dtype: jnp.dtype) ->
     return CrossKV(*jax.lax.map(one, p["layers"]["cross_attn"]))
 
 
-def prepare(cfg: DecoderConfig, p: Params, dtype: jnp.dtype) -> dict:
-    """Decoder params rearranged for fast one-token decode steps (``generate`` does this once per call, or takes
-    the result from the caller so that it is done once per model).
+def prepare_layer(lp: Params, dtype: jnp.dtype) -> dict:
+    """One layer's params (unstacked) in decode-step layout; see ``prepare``."""
+    sa, ca = lp["self_attn"], lp["cross_attn"]
+    qkv = {"kernel": jnp.concatenate([sa[n]["kernel"] for n in "qkv"], axis=1)}
+    if "bias" in sa["q"]:
+        qkv["bias"] = jnp.concatenate([sa[n]["bias"] for n in "qkv"])
+    return {**lp, "self_attn": {"qkv": out_major(qkv, dtype), "o": out_major(sa["o"], dtype)},
+            "cross_attn": {"q": out_major(ca["q"], dtype), "o": out_major(ca["o"], dtype)},
+            "mlp": {n: out_major(lp["mlp"][n], dtype) for n in ("wi", "wo")}}
 
-    Layers become a list (inside a ``while_loop`` XLA CPU would copy each layer's slice out of the stacked arrays on
-    every step), kernels are stored [Dout, Din] in the compute dtype (see ``out_major_dot``), and self-attention
-    q/k/v become one fused projection. Cross-attention k/v kernels are left out: they run once per utterance
-    (``cross_kv`` on the stored params). ``decode`` with these params takes ``heads_major(cross)`` and a cache from
-    ``init_cache(..., per_layer=True)``.
-    """
 
-    def layer(i: int) -> dict:
-        lp = jax.tree.map(lambda x: x[i], p["layers"])
-        sa, ca = lp["self_attn"], lp["cross_attn"]
-        qkv = {"kernel": jnp.concatenate([sa[n]["kernel"] for n in "qkv"], axis=1)}
-        if "bias" in sa["q"]:
-            qkv["bias"] = jnp.concatenate([sa[n]["bias"] for n in "qkv"])
-        return {**lp, "self_attn": {"qkv": out_major(qkv, dtype), "o": out_major(sa["o"], dtype)},
-                "cross_attn": {"q": out_major(ca["q"], dtype), "o": out_major(ca["o"], dtype)},
-                "mlp": {n: out_major(lp["mlp"][n], dtype) for n in ("wi", "wo")}}
-
-    out = {**p, "layers": [layer(i) for i in range(cfg.num_layers)]}
+def prepare_head(p: Params, dtype: jnp.dtype) -> dict:
+    """Everything but the layers in decode-step layout; see ``prepare``."""
+    out = {k: v for k, v in p.items() if k != "layers"}
     if "head" in p:
         head = dict(p["head"])
         if "kernel" in head:
@@ -220,7 +212,21 @@ def prepare(cfg: DecoderConfig, p: Params, dtype: jnp.dtype) -> dict:
         if "transform" in head:
             head["transform"] = out_major(head["transform"], dtype)
         out["head"] = head
-    return jax.lax.optimization_barrier(out)
+    return out
+
+
+def prepare(cfg: DecoderConfig, p: Params, dtype: jnp.dtype) -> dict:
+    """Decoder params rearranged for fast one-token decode steps (``generate`` does this once per call, or takes
+    the result from the caller so that it is done once per model).
+
+    Layers become a list (inside a ``while_loop`` XLA CPU would copy each layer's slice out of the stacked arrays on
+    every step), kernels are stored [Dout, Din] in the compute dtype (see ``out_major_dot``), and self-attention
+    q/k/v become one fused projection. Cross-attention k/v kernels stay: they run once per utterance
+    (``cross_kv``). ``decode`` with these params takes ``heads_major(cross)`` and a cache from
+    ``init_cache(..., per_layer=True)``.
+    """
+    layers = [prepare_layer(jax.tree.map(lambda x: x[i], p["layers"]), dtype) for i in range(cfg.num_layers)]
+    return {**prepare_head(p, dtype), "layers": layers}
 
 
 def heads_major(cross: CrossKV) -> CrossKV:

@@ -7,6 +7,7 @@ cache is preallocated for ``max_length`` and the loop stops when every sequence 
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import jax
@@ -39,7 +40,10 @@ def generate(cfg: SpeechSeq2SeqConfig, params: Any, input_values: jax.Array, att
     group = gen.num_beams if gen.num_beams > 1 else gen.num_return_sequences  # rows per utterance
     rows = batch * group
     dec_cfg = cfg.decoder
-    dec_p = prepare_decoder(cfg, params, dtype) if decoder_params is None else decoder_params
+    if decoder_params is None:  # the barrier keeps XLA from folding the new layout back into the step's dots
+        dec_p = jax.lax.optimization_barrier(transformer.prepare(dec_cfg, params["decoder"], dtype))
+    else:
+        dec_p = decoder_params
     cross = transformer.heads_major(cross)
     cache = transformer.init_cache(dec_cfg, rows, gen.max_length, dtype, per_layer=True)
 
@@ -56,10 +60,19 @@ def generate(cfg: SpeechSeq2SeqConfig, params: Any, input_values: jax.Array, att
     return search.sample(gen, step, cache, rows, key)
 
 
+@partial(jax.jit, static_argnames=("dtype",))
+def _prepare_layer(layers: Any, i: jax.Array, dtype: Any) -> dict:
+    return transformer.prepare_layer(jax.tree.map(lambda x: x[i], layers), dtype)
+
+
 def prepare_decoder(cfg: SpeechSeq2SeqConfig, params: Any, dtype: Any = jnp.float32) -> dict:
-    """The decoder's weights laid out for decode steps (``transformer.prepare``), for ``generate(decoder_params=)``."""
-    return transformer.prepare(cfg.decoder, params["decoder"], jnp.dtype(dtype))
+    """The decoder's weights laid out for decode steps (``transformer.prepare``), for ``generate(decoder_params=)``.
+
+    Called outside ``jit``, it runs one small compiled program per layer (compiled once for all layers).
+    """
+    dtype, p = jnp.dtype(dtype), params["decoder"]
+    layers = [_prepare_layer(p["layers"], jnp.int32(i), dtype) for i in range(cfg.decoder.num_layers)]
+    return {**jax.jit(transformer.prepare_head, static_argnums=1)(p, dtype), "layers": layers}
 
 
 generate_jit = jax.jit(generate, static_argnames=("cfg", "gen", "dtype"))
-prepare_decoder_jit = jax.jit(prepare_decoder, static_argnames=("cfg", "dtype"))
