@@ -269,6 +269,36 @@ def test_decode_layout_cache_follows_params(pair):
     assert not np.array_equal(got, first), "perturbed decoder weights should change the greedy tokens"
 
 
+@pytest.mark.parametrize("dec", ["bert", "gpt2", "bart"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_decode_step_layout_matches_teacher_forced_pass(pair, dec, dtype):
+    """One-token steps over the decode layout (``prepare_decoder``, head-major caches) give the logits of the
+    teacher-forced pass over stored params, in float32 and in bfloat16 (weights cast once, to the compute dtype)."""
+    import jax.numpy as jnp
+
+    from speechseq import model as M
+    from speechseq.decoders import transformer
+    from speechseq.decoding.generate import prepare_decoder
+
+    p = pair("w2v-group", dec)
+    cfg, params, dt = p.ours.config, p.ours.params, jnp.dtype(dtype)
+    enc = M.encode(cfg, params, jnp.asarray(X), jnp.asarray(MASK), dt)
+    cross = M.cross_kv(cfg, params, M.project(cfg, params, enc.last_hidden_state, dt), dt)
+    ids = np.array([[START, 5, 7, 9, 3], [START, 2, 2, 8, 1], [START, 9, 4, 4, 6]], np.int32)
+    want = np.asarray(transformer.decode(cfg.decoder, params["decoder"], ids, cross, enc.attention_mask, dtype=dt)[0])
+
+    dec_p = prepare_decoder(cfg, params, dt)
+    kernels = [x for lp in dec_p["layers"] for x in (lp["self_attn"]["qkv"]["kernel_t"], lp["mlp"]["wi"]["kernel_t"])]
+    assert {x.dtype for x in kernels + [dec_p["head"]["kernel_t"]]} == {dt}
+    cache = transformer.init_cache(cfg.decoder, len(ids), 8, dt, per_layer=True)
+    heads_major = transformer.heads_major(cross)
+    tol = (1e-5 if dtype == "float32" else 3e-2) * np.abs(want).max()
+    for t in range(ids.shape[1]):
+        got, cache = transformer.decode(cfg.decoder, dec_p, ids[:, t:t + 1], heads_major, enc.attention_mask,
+                                        cache=cache, start=t, dtype=dt)
+        np.testing.assert_allclose(np.asarray(got[:, 0]), want[:, t], rtol=0, atol=tol, err_msg=f"step {t}")
+
+
 # -- guard rails ------------------------------------------------------------------------------------------------------
 
 GUARDS = [

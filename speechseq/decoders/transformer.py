@@ -140,9 +140,8 @@ def lm_head(cfg: DecoderConfig, p: Params, h: jax.Array, dtype: jnp.dtype) -> ja
     if cfg.head_transform:
         h = activation(cfg.head_act)(dense(head["transform"], h, dtype))
         h = layer_norm(head["transform_norm"], h, cfg.layer_norm_eps)
-    if "kernel_t" in head or (cfg.tie_word_embeddings and isinstance(p["layers"], list)):  # decode step: out-major
-        w_t = head["kernel_t"] if "kernel_t" in head else p["embed"]["tokens"]  # [V, D]
-        logits = out_major_dot(h.astype(dtype), w_t.astype(dtype)).astype(jnp.float32)
+    if "kernel_t" in head:  # decode-step layout (``prepare``): [V, D]
+        logits = out_major_dot(h.astype(dtype), head["kernel_t"].astype(dtype)).astype(jnp.float32)
     elif cfg.tie_word_embeddings:
         logits = jnp.einsum("btd,vd->btv", h.astype(dtype), p["embed"]["tokens"].astype(dtype),
                             preferred_element_type=jnp.float32)
@@ -203,15 +202,15 @@ def prepare_layer(lp: Params, dtype: jnp.dtype) -> dict:
 
 
 def prepare_head(p: Params, dtype: jnp.dtype) -> dict:
-    """Everything but the layers in decode-step layout; see ``prepare``."""
+    """Everything but the layers in decode-step layout (the output projection as ``head/kernel_t`` [V, D], tied or
+    not, in the compute dtype); see ``prepare``."""
     out = {k: v for k, v in p.items() if k != "layers"}
-    if "head" in p:
-        head = dict(p["head"])
-        if "kernel" in head:
-            head["kernel_t"] = head.pop("kernel").T.astype(dtype)
-        if "transform" in head:
-            head["transform"] = out_major(head["transform"], dtype)
-        out["head"] = head
+    head = dict(p.get("head", {}))
+    tied = "kernel" not in head
+    head["kernel_t"] = (p["embed"]["tokens"] if tied else head.pop("kernel").T).astype(dtype)
+    if "transform" in head:
+        head["transform"] = out_major(head["transform"], dtype)
+    out["head"] = head
     return out
 
 
@@ -309,7 +308,8 @@ def decode(cfg: DecoderConfig, p: Params, input_ids: jax.Array, cross: CrossKV, 
     if prepared:  # a Python loop over per-layer params: no per-step slicing of stacked arrays
         caches = []
         for i, lp in enumerate(p["layers"]):
-            h, c = layer(h, (lp, scales[i], cross.k[i], cross.v[i], None if cache is None else (cache.k[i], cache.v[i])))
+            kv = None if cache is None else (cache.k[i], cache.v[i])
+            h, c = layer(h, (lp, scales[i], cross.k[i], cross.v[i], kv))
             caches.append(c)
         new_cache = None if cache is None else (tuple(c[0] for c in caches), tuple(c[1] for c in caches))
     else:
