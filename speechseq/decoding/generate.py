@@ -65,6 +65,9 @@ def _prepare_layer(layers: Any, i: jax.Array, dtype: Any) -> dict:
     return transformer.prepare_layer(jax.tree.map(lambda x: x[i], layers), dtype)
 
 
+_prepare_head = jax.jit(transformer.prepare_head, static_argnums=1)
+
+
 def prepare_decoder(cfg: SpeechSeq2SeqConfig, params: Any, dtype: Any = jnp.float32) -> dict:
     """The decoder's weights laid out for decode steps (``transformer.prepare``), for ``generate(decoder_params=)``.
 
@@ -72,7 +75,7 @@ def prepare_decoder(cfg: SpeechSeq2SeqConfig, params: Any, dtype: Any = jnp.floa
     """
     dtype, p = jnp.dtype(dtype), params["decoder"]
     layers = [_prepare_layer(p["layers"], jnp.int32(i), dtype) for i in range(cfg.decoder.num_layers)]
-    return {**jax.jit(transformer.prepare_head, static_argnums=1)(p, dtype), "layers": layers}
+    return {**_prepare_head(p, dtype), "layers": layers}
 
 
 generate_jit = jax.jit(generate, static_argnames=("cfg", "gen", "dtype"))
