@@ -80,6 +80,7 @@ class SpeechSeq2Seq:
         self.params = params
         self.dtype = _dtype(dtype)
         self.loading_info = loading_info or table.LoadReport([], [], [])
+        self._decode_cache: tuple | None = None  # (dtype, decoder leaves, decode-layout decoder params)
 
     # -- construction ----------------------------------------------------------------------------------------------
 
@@ -220,7 +221,7 @@ class SpeechSeq2Seq:
         from speechseq.decoding.generate import prepare_decoder
 
         leaves = jax.tree.leaves(self.params["decoder"])
-        cached = getattr(self, "_decode_cache", None)
+        cached = self._decode_cache
         if cached is None or cached[0] != self.dtype or len(cached[1]) != len(leaves) or any(
                 a is not b for a, b in zip(cached[1], leaves)):
             cached = (self.dtype, leaves, prepare_decoder(self.config, self.params, self.dtype))

@@ -273,7 +273,8 @@ def test_decode_layout_cache_follows_params(pair):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_decode_step_layout_matches_teacher_forced_pass(pair, dec, dtype):
     """One-token steps over the decode layout (``prepare_decoder``, head-major caches) give the logits of the
-    teacher-forced pass over stored params, in float32 and in bfloat16 (weights cast once, to the compute dtype)."""
+    teacher-forced pass over stored params, in float32 and in bfloat16 (weights cast once, to the compute dtype);
+    so do steps over the stored (stacked) params with a stacked cache."""
     import jax.numpy as jnp
 
     from speechseq import model as M
@@ -290,13 +291,15 @@ def test_decode_step_layout_matches_teacher_forced_pass(pair, dec, dtype):
     dec_p = prepare_decoder(cfg, params, dt)
     kernels = [x for lp in dec_p["layers"] for x in (lp["self_attn"]["qkv"]["kernel_t"], lp["mlp"]["wi"]["kernel_t"])]
     assert {x.dtype for x in kernels + [dec_p["head"]["kernel_t"]]} == {dt}
-    cache = transformer.init_cache(cfg.decoder, len(ids), 8, dt, per_layer=True)
-    heads_major = transformer.heads_major(cross)
     tol = (1e-5 if dtype == "float32" else 3e-2) * np.abs(want).max()
-    for t in range(ids.shape[1]):
-        got, cache = transformer.decode(cfg.decoder, dec_p, ids[:, t:t + 1], heads_major, enc.attention_mask,
-                                        cache=cache, start=t, dtype=dt)
-        np.testing.assert_allclose(np.asarray(got[:, 0]), want[:, t], rtol=0, atol=tol, err_msg=f"step {t}")
+    layouts = [(dec_p, transformer.heads_major(cross), True), (params["decoder"], cross, False)]
+    for weights, kv, per_layer in layouts:
+        cache = transformer.init_cache(cfg.decoder, len(ids), 8, dt, per_layer=per_layer)
+        for t in range(ids.shape[1]):
+            got, cache = transformer.decode(cfg.decoder, weights, ids[:, t:t + 1], kv, enc.attention_mask,
+                                            cache=cache, start=t, dtype=dt)
+            np.testing.assert_allclose(np.asarray(got[:, 0]), want[:, t], rtol=0, atol=tol,
+                                       err_msg=f"step {t}, {'decode layout' if per_layer else 'stacked'}")
 
 
 # -- guard rails ------------------------------------------------------------------------------------------------------

@@ -89,8 +89,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, 
     mask bool broadcastable to [B, N, T, S] (True = attend).
     Returns [B, T, N, H]. Scores and softmax in float32; a fully masked row is uniform, as in transformers.
 
-    ``transpose_q`` moves q to [B, N, T, H] first so that both dots are in canonical batched
-    form: on CPU that is faster when T is several rows (beams sharing one utterance's cross K/V), slower for one.
+    ``transpose_q`` moves q to [B, N, T, H] first so that both dots are in canonical batched form: on CPU that
+    measured faster for decode-step cross-attention (many keys, one or several query rows per utterance), and not
+    for self-attention over the short cache, which does without it.
     """
     kv = "bnsh" if heads_major else "bsnh"
     qo = "bnth" if transpose_q else "btnh"
