@@ -35,22 +35,37 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: Any = None
             progress: bool = True) -> table.LoadReport:
     """HF checkpoint (dir or hub id; safetensors or .bin, sharded or not) -> speechseq checkpoint at ``dst``.
 
-    Streams tensor by tensor. Refuses to leave missing weights uninitialised: every weight the config needs must be
-    in the source. ``dtype`` casts the stored params (default: keep the source dtype).
+    Streams: parameters are read, converted and written in batches of about ``storage.CONCURRENT_GB``, so peak
+    memory stays near one batch, not the whole checkpoint. Refuses to leave missing weights uninitialised: every
+    weight the config needs must be in the source (checked from names and shapes before anything is written).
+    ``dtype`` casts the stored params (default: keep the source dtype).
     """
     path = resolve(src)
     cfg = config_from_dict(read_json(path / "config.json"), str(path / "config.json"))
     rules = weight_rules(cfg)
+    cast = None if dtype is None else np.dtype(dtype)
     with storage.atomic_dir(dst, force) as tmp:
         with open_checkpoint(path) as ckpt:
-            flat, report = table.load(rules, ckpt, where=str(path), dtype=None if dtype is None else np.dtype(dtype),
-                                      progress=_progress("convert", progress), place=jax.device_put)
-        if report.missing:
-            raise CheckpointError(f"{path}: {len(report.missing)} weights the config needs are missing "
-                                  f"(first: {report.missing[0]}); the checkpoint does not match its config.json")
-        stored = {str(v.dtype) for v in flat.values()}
-        storage.save_params(tmp, table.unflatten(flat))
-        del flat
+            _, report = table.plan(rules, {k: ckpt.shape(k) for k in ckpt}, where=str(path))
+            if report.missing:
+                raise CheckpointError(f"{path}: {len(report.missing)} weights the config needs are missing "
+                                      f"(first: {report.missing[0]}); the checkpoint does not match its config.json")
+            stored: set[str] = set()
+
+            def batches() -> Iterable[dict]:
+                batch: dict = {}
+                wrap = _progress("convert", progress)
+                for r in (wrap(rules) if wrap else rules):
+                    flat, _ = table.load([r], ckpt, where=str(path), dtype=cast, place=jax.device_put)
+                    stored.update(str(v.dtype) for v in flat.values())
+                    batch.update(flat)
+                    if sum(v.nbytes for v in batch.values()) >= storage.CONCURRENT_GB * 1e9:
+                        yield batch
+                        batch = {}
+                if batch:
+                    yield batch
+
+            storage.save_params_streaming(tmp, batches())
         storage.write_json(tmp / "config.json", cfg.to_dict())
         storage.write_json(tmp / storage.MARKER, {"format": "speechseq", "version": storage.FORMAT_VERSION,
                                                   "dtype": sorted(stored)})

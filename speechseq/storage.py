@@ -19,7 +19,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import jax
 import numpy as np
@@ -93,6 +93,33 @@ def save_params(directory: Path, params: Mapping) -> None:
     handler = ocp.PyTreeCheckpointHandler(save_concurrent_gb=_limit_gb(x.nbytes for x in jax.tree.leaves(params)))
     with ocp.Checkpointer(handler) as ckptr:
         ckptr.save((directory / "params").absolute(), args=ocp.args.PyTreeSave(params))
+
+
+def save_params_streaming(directory: Path, batches: Iterable[Mapping[str, Any]]) -> None:
+    """Orbax-save params that arrive as batches of flat ``{"a/b/c": array}`` dicts (disjoint paths), writing each batch
+    before the next is made, so that only one batch is resident: the same ``params/`` checkpoint as ``save_params``.
+
+    Uses orbax's partial saving; with an orbax that lacks it, the batches are gathered and saved at once.
+    """
+    from speechseq.weights.table import unflatten
+
+    try:
+        from orbax.checkpoint.experimental.v1 import partial
+    except ImportError:  # pragma: no cover - older orbax
+        merged: dict[str, Any] = {}
+        for batch in batches:
+            merged.update(batch)
+        return save_params(directory, unflatten(merged))
+    staging = (directory / "params_partial").absolute()  # orbax mishandles a leading dot here
+    for batch in batches:
+        partial.save(staging, unflatten(batch))
+    partial.finalize(staging)
+    tree_dirs = [d for d in staging.iterdir() if (d / "_METADATA").is_file()]
+    if len(tree_dirs) != 1:
+        raise CheckpointError(f"{staging}: orbax's partial save left {len(tree_dirs)} pytree folders, expected 1")
+    os.replace(tree_dirs[0], directory / "params")
+    shutil.copy2(staging / "_CHECKPOINT_METADATA", directory / "params" / "_CHECKPOINT_METADATA")
+    shutil.rmtree(staging)
 
 
 def restore_params(directory: Path, target: Any = None) -> dict:
