@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import jax
 import numpy as np
@@ -18,7 +18,7 @@ from speechseq.errors import CheckpointError
 from speechseq.hub import resolve
 from speechseq.model import weight_rules
 from speechseq.weights import table
-from speechseq.weights.readers import open_checkpoint, write_safetensors
+from speechseq.weights.readers import open_checkpoint, write_safetensors, write_safetensors_streamed
 
 Progress = Callable[[Iterable], Iterable] | None
 
@@ -74,22 +74,47 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: Any = None
 
 
 def export(src: str | os.PathLike, dst: str | os.PathLike, *, force: bool = False, progress: bool = True) -> Path:
-    """speechseq checkpoint -> Hugging Face layout (config.json, model.safetensors, generation and processor files)."""
+    """speechseq checkpoint -> Hugging Face layout (config.json, model.safetensors, generation and processor files).
+
+    Streams like ``convert``: parameters are restored in batches of about ``storage.CONCURRENT_GB`` and their HF
+    tensors written one by one (a checkpoint whose params mix item sizes is written whole, to keep offsets aligned).
+    """
     path = resolve(src)
     if not storage.is_speechseq(path):
         raise CheckpointError(f"{path}: not a speechseq checkpoint (no {storage.MARKER}); "
                               "use `speechseq convert` first, or the folder is already in the Hugging Face layout")
     cfg = config_from_dict(read_json(path / "config.json"), str(path / "config.json"))
-    rules = weight_rules(cfg)
-    flat = table.flatten(storage.restore_params(path))
-    missing = sorted(p for r in rules for p in r.paths if p not in flat)
+    rules = [r for r in weight_rules(cfg) if r.paths]
+    meta = storage.params_metadata(path)
+    missing = sorted(p for r in rules for p in r.paths if p not in meta)
     if missing:
         raise CheckpointError(f"{path}: params/ lacks {len(missing)} parameters the config needs (first: {missing[0]})")
+    out = {"format": "pt"}
     with storage.atomic_dir(dst, force) as tmp:
-        write_safetensors(tmp / "model.safetensors", table.save(rules, flat, consume=True), {"format": "pt"})
+        if len({dtype.itemsize for _, dtype in meta.values()}) > 1:
+            flat = table.flatten(storage.restore_params(path))
+            write_safetensors(tmp / "model.safetensors", table.save(rules, flat, consume=True), out)
+        else:
+            names = [r.names(i)[0] for r in rules for i in range(r.num_layers)]
+            write_safetensors_streamed(tmp / "model.safetensors", names, _exported(path, rules, meta, progress), out)
         storage.write_json(tmp / "config.json", cfg.to_dict())
         storage.copy_side_files(path, tmp)
     return Path(dst)
+
+
+def _exported(path: Path, rules: list[table.Rule], meta: dict, progress: bool) -> Iterator[tuple[str, np.ndarray]]:
+    """HF tensors of a speechseq checkpoint, restoring its params in batches of about ``storage.CONCURRENT_GB``."""
+    def nbytes(r: table.Rule) -> int:
+        return sum(int(np.prod(meta[p][0])) * meta[p][1].itemsize for p in r.paths)
+
+    batch: list[table.Rule] = []
+    wrap = _progress("export", progress)
+    for i, r in enumerate(wrap(rules) if wrap else rules):
+        batch.append(r)
+        if sum(map(nbytes, batch)) >= storage.CONCURRENT_GB * 1e9 or i == len(rules) - 1:
+            flat = table.flatten(storage.restore_params(path, paths=[p for b in batch for p in b.paths]))
+            yield from table.save(batch, flat, consume=True).items()
+            batch = []
 
 
 def describe(src: str | os.PathLike) -> dict:

@@ -122,20 +122,29 @@ def save_params_streaming(directory: Path, batches: Iterable[Mapping[str, Any]])
     shutil.rmtree(staging)
 
 
-def restore_params(directory: Path, target: Any = None) -> dict:
-    """Restore params; ``target`` (a pytree of ``jax.ShapeDtypeStruct`` with shardings) places them on devices."""
+def restore_params(directory: Path, target: Any = None, paths: Iterable[str] | None = None) -> dict:
+    """Restore params; ``target`` (a pytree of ``jax.ShapeDtypeStruct`` with shardings) places them on devices.
+    ``paths`` ("a/b/c" names, without ``target``) restores only those parameters, as host numpy arrays."""
     import orbax.checkpoint as ocp
+
+    from speechseq.weights.table import flatten, unflatten
 
     path = (directory / "params").absolute()
     if not path.is_dir():
         raise CheckpointError(f"{directory}: speechseq checkpoint has no params/ folder")
     tree = _metadata_tree(path)
+    if paths is not None:
+        flat = flatten(tree)
+        tree = unflatten({p: flat[p] for p in paths})
     sizes = (int(np.prod(m.shape)) * np.dtype(m.dtype).itemsize for m in jax.tree.leaves(tree))
     handler = ocp.PyTreeCheckpointHandler(restore_concurrent_gb=_limit_gb(sizes))
     try:
         with ocp.Checkpointer(handler) as ckptr:
             if target is None:  # host numpy arrays, whatever topology wrote them
                 restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+                if paths is not None:
+                    return ckptr.restore(path, args=ocp.args.PyTreeRestore(item=tree, restore_args=restore_args,
+                                                                           partial_restore=True))
                 return ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
             restore_args = ocp.checkpoint_utils.construct_restore_args(target)
             return ckptr.restore(path, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args))

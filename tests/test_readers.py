@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from speechseq.errors import CheckpointError
-from speechseq.weights.readers import Checkpoint, open_checkpoint, write_safetensors
+from speechseq.weights.readers import Checkpoint, open_checkpoint, write_safetensors, write_safetensors_streamed
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -282,6 +282,32 @@ def test_write_safetensors_failure_leaves_nothing(tmp_path):
     msg = error_of(write_safetensors, path, {"ok": np.zeros(2), "c": np.zeros(2, np.complex64)})
     assert msg.startswith("model.safetensors: cannot write tensor 'c'")
     assert os.listdir(tmp_path) == []
+
+
+def test_write_safetensors_streamed(tmp_path):
+    """Tensors written one at a time (header last) read back exactly, in torch's safetensors too; a tensor that was
+    not announced, or one announced that never comes, fails in one line and leaves no file."""
+    from safetensors.torch import load_file
+
+    rng = np.random.default_rng(0)
+    arrays = {f"layer.{i}.weight": rng.standard_normal((3, i + 1)).astype(np.float32) for i in range(5)}
+    arrays["fortran"] = np.asfortranarray(rng.standard_normal((4, 2)).astype(np.float32))
+    path = tmp_path / "model.safetensors"
+    write_safetensors_streamed(path, list(arrays), iter(arrays.items()))
+    assert os.listdir(tmp_path) == ["model.safetensors"]
+    (n,) = struct.unpack("<Q", path.read_bytes()[:8])
+    assert n % 8 == 0
+    with open_checkpoint(path) as ckpt:
+        assert ckpt.metadata == {"format": "pt"} and sorted(ckpt) == sorted(arrays)
+        assert all(np.array_equal(ckpt[k], v) for k, v in arrays.items())
+    assert all(np.array_equal(t.numpy(), arrays[k]) for k, t in load_file(path).items())
+
+    other = tmp_path / "other.safetensors"
+    msg = error_of(write_safetensors_streamed, other, ["a"], iter([("b", np.zeros(2, np.float32))]))
+    assert msg.startswith("other.safetensors: tensor 'b' was not announced")
+    msg = error_of(write_safetensors_streamed, other, ["a", "b"], iter([("a", np.zeros(2, np.float32))]))
+    assert msg.startswith("other.safetensors: 1 announced tensors never came (first: b)")
+    assert os.listdir(tmp_path) == ["model.safetensors"]
 
 
 def _safetensors_bytes() -> bytes:

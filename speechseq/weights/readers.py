@@ -18,7 +18,7 @@ import uuid
 import zipfile
 import zlib
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -179,17 +179,7 @@ def write_safetensors(
     metadata = {"format": "pt"} if metadata is None else metadata
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise _error(path, "metadata must map str to str")
-    arrays: dict[str, np.ndarray] = {}
-    for name, value in tensors.items():
-        if not isinstance(name, str) or name == "__metadata__":
-            raise _error(path, f"invalid tensor name {name!r}")
-        arr = np.asarray(value)
-        if arr.dtype.byteorder == ">":
-            arr = arr.astype(arr.dtype.newbyteorder("<"))
-        if arr.dtype not in _ST_TAGS:
-            raise _error(path, f"cannot write tensor '{name}' of dtype {arr.dtype} "
-                               f"(supported: {', '.join(_ST_DTYPES)})")
-        arrays[name] = arr if arr.flags.c_contiguous else np.array(arr, order="C")
+    arrays = {name: _writable(path, name, value) for name, value in tensors.items()}
     # Largest item size first, then by name: every tensor starts at an aligned offset.
     order = sorted(arrays, key=lambda k: (-arrays[k].dtype.itemsize, k))
     header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
@@ -202,15 +192,78 @@ def write_safetensors(
     blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
     blob += b" " * (-len(blob) % 8)
 
+    def write(f: Any) -> None:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for name in order:
+            if arrays[name].size:
+                f.write(arrays[name].reshape(-1).view(np.uint8).data)
+
+    _atomic_write(path, write)
+
+
+def write_safetensors_streamed(
+    path: str | os.PathLike,
+    names: Sequence[str],
+    tensors: Iterable[tuple[str, np.ndarray]],
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """``write_safetensors`` for tensors that arrive one at a time, so that only one is in memory: ``names`` (all of
+    them, known up front) size a header area, each tensor's bytes are written as it comes, and the header (shapes,
+    dtypes, offsets in arrival order) is written last into that area, padded with spaces as the format allows.
+    Tensors of one item size keep every offset aligned, as ``write_safetensors`` does by sorting."""
+    path = Path(path)
+    metadata = {"format": "pt"} if metadata is None else metadata
+    expected = set(names)
+    # room for each entry: its name plus the longest dtype tag, shape (rank <= 8) and two offsets JSON can take
+    reserve = len(json.dumps({"__metadata__": metadata})) + sum(len(json.dumps(n)) + 256 for n in names)
+    reserve += -reserve % 8
+
+    def write(f: Any) -> None:
+        header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+        f.write(struct.pack("<Q", reserve))
+        f.write(b" " * reserve)
+        offset = 0
+        for name, value in tensors:
+            if name not in expected or name in header:
+                raise _error(path, f"tensor {name!r} was not announced or came twice")
+            arr = _writable(path, name, value)
+            if arr.ndim > 8:
+                raise _error(path, f"tensor '{name}' has {arr.ndim} dimensions; at most 8 fit the reserved header")
+            header[name] = {"dtype": _ST_TAGS[arr.dtype], "shape": list(arr.shape),
+                            "data_offsets": [offset, offset + arr.nbytes]}
+            if arr.size:
+                f.write(arr.reshape(-1).view(np.uint8).data)
+            offset += arr.nbytes
+        absent = expected - set(header)
+        if absent:
+            raise _error(path, f"{len(absent)} announced tensors never came (first: {sorted(absent)[0]})")
+        blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        f.seek(8)
+        f.write(blob + b" " * (reserve - len(blob)))
+
+    _atomic_write(path, write)
+
+
+def _writable(path: Path, name: Any, value: Any) -> np.ndarray:
+    """A tensor as a little-endian C-contiguous array of a safetensors dtype (or a one-line error)."""
+    if not isinstance(name, str) or name == "__metadata__":
+        raise _error(path, f"invalid tensor name {name!r}")
+    arr = np.asarray(value)
+    if arr.dtype.byteorder == ">":
+        arr = arr.astype(arr.dtype.newbyteorder("<"))
+    if arr.dtype not in _ST_TAGS:
+        raise _error(path, f"cannot write tensor '{name}' of dtype {arr.dtype} (supported: {', '.join(_ST_DTYPES)})")
+    return arr if arr.flags.c_contiguous else np.array(arr, order="C")
+
+
+def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
+    """``write(file)`` into a temp file beside ``path``, fsync, rename over ``path``; nothing is left on failure."""
     tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(struct.pack("<Q", len(blob)))
-            f.write(blob)
-            for name in order:
-                if arrays[name].size:
-                    f.write(arrays[name].reshape(-1).view(np.uint8).data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
