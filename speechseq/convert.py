@@ -46,22 +46,29 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: Any = None
     cast = None if dtype is None else np.dtype(dtype)
     with storage.atomic_dir(dst, force) as tmp:
         with open_checkpoint(path) as ckpt:
-            _, report = table.plan(rules, {k: ckpt.shape(k) for k in ckpt}, where=str(path))
+            found, report = table.plan(rules, {k: ckpt.shape(k) for k in ckpt}, where=str(path))
             if report.missing:
                 raise CheckpointError(f"{path}: {len(report.missing)} weights the config needs are missing "
                                       f"(first: {report.missing[0]}); the checkpoint does not match its config.json")
             stored: set[str] = set()
 
+            def nbytes(names: list[str] | None) -> int:
+                return sum(int(np.prod(ckpt.shape(n))) * (ckpt.dtype(n) if cast is None else cast).itemsize for n in names or ())
+
             def batches() -> Iterable[dict]:
+                # a batch is written before the next rule would take it past the budget, so that a large stacked
+                # parameter is read while little else is resident
                 batch: dict = {}
+                size, budget = 0, storage.CONCURRENT_GB * 1e9
                 wrap = _progress("convert", progress)
-                for r in (wrap(rules) if wrap else rules):
+                for r, names in (wrap(list(zip(rules, found))) if wrap else zip(rules, found)):
+                    if batch and size + nbytes(names) > budget:
+                        yield batch
+                        batch, size = {}, 0
                     flat, _ = table.load([r], ckpt, where=str(path), dtype=cast, place=jax.device_put)
                     stored.update(str(v.dtype) for v in flat.values())
                     batch.update(flat)
-                    if sum(v.nbytes for v in batch.values()) >= storage.CONCURRENT_GB * 1e9:
-                        yield batch
-                        batch = {}
+                    size += nbytes(names)
                 if batch:
                     yield batch
 
