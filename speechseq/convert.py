@@ -53,7 +53,9 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: Any = None
             stored: set[str] = set()
 
             def nbytes(names: list[str] | None) -> int:
-                return sum(int(np.prod(ckpt.shape(n))) * (ckpt.dtype(n) if cast is None else cast).itemsize for n in names or ())
+                sizes = (int(np.prod(ckpt.shape(n))) * (ckpt.dtype(n) if cast is None else cast).itemsize
+                         for n in names or ())
+                return sum(sizes)
 
             def batches() -> Iterable[dict]:
                 # a batch is written before the next rule would take it past the budget, so that a large stacked
