@@ -1,13 +1,20 @@
-"""Test-session settings: keep transformers and huggingface_hub quiet and offline (set before they are imported)."""
+"""Test-session settings: keep transformers and huggingface_hub quiet and offline (set before they are imported),
+and the compilation cache out of the home folder."""
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+# the command line's JAX compilation cache goes to a fresh folder per test session, never the user's ~/.cache
+os.environ["SPEECHSEQ_CACHE_DIR"] = tempfile.mkdtemp(prefix="speechseq-test-jax-cache-")
+atexit.register(shutil.rmtree, os.environ["SPEECHSEQ_CACHE_DIR"], True)
 
 import torch  # noqa: E402
 
