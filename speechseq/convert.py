@@ -52,27 +52,17 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: Any = None
                                       f"(first: {report.missing[0]}); the checkpoint does not match its config.json")
             stored: set[str] = set()
 
-            def nbytes(names: list[str] | None) -> int:
-                sizes = (int(np.prod(ckpt.shape(n))) * (ckpt.dtype(n) if cast is None else cast).itemsize
-                         for n in names or ())
-                return sum(sizes)
+            def nbytes(rule_and_names: tuple[table.Rule, list[str] | None]) -> int:
+                names = rule_and_names[1] or ()
+                return sum(int(np.prod(ckpt.shape(n))) * (ckpt.dtype(n) if cast is None else cast).itemsize
+                           for n in names)
 
-            def batches() -> Iterable[dict]:
-                # a batch is written before the next rule would take it past the budget, so that a large stacked
-                # parameter is read while little else is resident
-                batch: dict = {}
-                size, budget = 0, storage.CONCURRENT_GB * 1e9
-                wrap = _progress("convert", progress)
-                for r, names in (wrap(list(zip(rules, found))) if wrap else zip(rules, found)):
-                    if batch and size + nbytes(names) > budget:
-                        yield batch
-                        batch, size = {}, 0
-                    flat, _ = table.load([r], ckpt, where=str(path), dtype=cast, place=jax.device_put)
+            def batches() -> Iterator[dict]:
+                for group in _batched(list(zip(rules, found)), nbytes, "convert", progress):
+                    flat, _ = table.load([r for r, _ in group], ckpt, where=str(path), dtype=cast,
+                                         place=jax.device_put)
                     stored.update(str(v.dtype) for v in flat.values())
-                    batch.update(flat)
-                    size += nbytes(names)
-                if batch:
-                    yield batch
+                    yield flat
 
             storage.save_params_streaming(tmp, batches())
         storage.write_json(tmp / "config.json", cfg.to_dict())
@@ -116,14 +106,27 @@ def _exported(path: Path, rules: list[table.Rule], meta: dict, progress: bool) -
     def nbytes(r: table.Rule) -> int:
         return sum(int(np.prod(meta[p][0])) * meta[p][1].itemsize for p in r.paths)
 
-    batch: list[table.Rule] = []
-    wrap = _progress("export", progress)
-    for i, r in enumerate(wrap(rules) if wrap else rules):
-        batch.append(r)
-        if sum(map(nbytes, batch)) >= storage.CONCURRENT_GB * 1e9 or i == len(rules) - 1:
-            flat = table.flatten(storage.restore_params(path, paths=[p for b in batch for p in b.paths]))
-            yield from table.save(batch, flat, consume=True).items()
-            batch = []
+    for group in _batched(rules, nbytes, "export", progress):
+        flat = table.flatten(storage.restore_params(path, paths=[p for r in group for p in r.paths]))
+        yield from table.save(group, flat, consume=True).items()
+
+
+def _batched(items: list, nbytes: Callable[[Any], int], desc: str, progress: bool) -> Iterator[list]:
+    """``items`` in consecutive groups of at most ``storage.CONCURRENT_GB`` bytes (an item larger than that is a group
+    alone), each group closed before the next item would take it past the budget, so that a large parameter is
+    handled while little else is resident. The progress bar counts items."""
+    wrap = _progress(desc, progress)
+    group: list = []
+    size, budget = 0, storage.CONCURRENT_GB * 1e9
+    for item in (wrap(items) if wrap else items):
+        n = nbytes(item)
+        if group and size + n > budget:
+            yield group
+            group, size = [], 0
+        group.append(item)
+        size += n
+    if group:
+        yield group
 
 
 def describe(src: str | os.PathLike) -> dict:

@@ -135,12 +135,12 @@ def layer_scales(cfg: DecoderConfig) -> jax.Array:
 
 
 def lm_head(cfg: DecoderConfig, p: Params, h: jax.Array, dtype: jnp.dtype) -> jax.Array:
-    """Hidden states [B, T, D] -> float32 logits [B, T, V]. Takes params as stored or as ``prepare`` leaves them."""
+    """Hidden states [B, T, D] -> float32 logits [B, T, V]. Takes params as stored or in decode-step layout."""
     head = p["head"] if "head" in p else {}
     if cfg.head_transform:
         h = activation(cfg.head_act)(dense(head["transform"], h, dtype))
         h = layer_norm(head["transform_norm"], h, cfg.layer_norm_eps)
-    if "kernel_t" in head:  # decode-step layout (``prepare``): [V, D]
+    if "kernel_t" in head:  # decode-step layout (``prepare_head``): [V, D]
         logits = out_major_dot(h.astype(dtype), head["kernel_t"].astype(dtype)).astype(jnp.float32)
     elif cfg.tie_word_embeddings:
         logits = jnp.einsum("btd,vd->btv", h.astype(dtype), p["embed"]["tokens"].astype(dtype),
@@ -173,7 +173,7 @@ class CrossKV(NamedTuple):
 
 class KVCache(NamedTuple):
     """Static self-attention cache, written at the current step: k, v [L, B, N, Tmax, H], or per-layer tuples of
-    [B, N, Tmax, H] for params from ``prepare``."""
+    [B, N, Tmax, H] for params in decode-step layout (``prepare_layer``)."""
 
     k: jax.Array | tuple[jax.Array, ...]
     v: jax.Array | tuple[jax.Array, ...]
@@ -191,7 +191,14 @@ def cross_kv(cfg: DecoderConfig, p: Params, enc: jax.Array, dtype: jnp.dtype) ->
 
 
 def prepare_layer(lp: Params, dtype: jnp.dtype) -> dict:
-    """One layer's params (unstacked) in decode-step layout; see ``prepare``."""
+    """One layer's params (unstacked) laid out for fast one-token decode steps.
+
+    Kernels are stored [Dout, Din] in the compute dtype (see ``out_major_dot``) and self-attention q/k/v become one
+    fused projection. Cross-attention k/v kernels are left out: they run once per utterance (``cross_kv``). The
+    decoder's layers go into a list of these (``decoding.generate.prepare_decoder``): inside a ``while_loop`` XLA CPU
+    would copy each layer's slice out of stacked arrays on every step. ``decode`` with such params takes
+    ``heads_major(cross)`` and a cache from ``init_cache(..., per_layer=True)``.
+    """
     sa, ca = lp["self_attn"], lp["cross_attn"]
     qkv = {"kernel": jnp.concatenate([sa[n]["kernel"] for n in "qkv"], axis=1)}
     if "bias" in sa["q"]:
@@ -203,7 +210,7 @@ def prepare_layer(lp: Params, dtype: jnp.dtype) -> dict:
 
 def prepare_head(p: Params, dtype: jnp.dtype) -> dict:
     """Everything but the layers in decode-step layout (the output projection as ``head/kernel_t`` [V, D], tied or
-    not, in the compute dtype); see ``prepare``."""
+    not, in the compute dtype); see ``prepare_layer``."""
     out = {k: v for k, v in p.items() if k != "layers"}
     head = dict(p.get("head", {}))
     tied = "kernel" not in head
@@ -214,20 +221,6 @@ def prepare_head(p: Params, dtype: jnp.dtype) -> dict:
     return out
 
 
-def prepare(cfg: DecoderConfig, p: Params, dtype: jnp.dtype) -> dict:
-    """Decoder params rearranged for fast one-token decode steps (``generate`` does this once per call, or takes
-    the result from the caller so that it is done once per model).
-
-    Layers become a list (inside a ``while_loop`` XLA CPU would copy each layer's slice out of the stacked arrays on
-    every step), kernels are stored [Dout, Din] in the compute dtype (see ``out_major_dot``), and self-attention
-    q/k/v become one fused projection. Cross-attention k/v kernels stay: they run once per utterance
-    (``cross_kv``). ``decode`` with these params takes ``heads_major(cross)`` and a cache from
-    ``init_cache(..., per_layer=True)``.
-    """
-    layers = [prepare_layer(jax.tree.map(lambda x: x[i], p["layers"]), dtype) for i in range(cfg.num_layers)]
-    return {**prepare_head(p, dtype), "layers": layers}
-
-
 def heads_major(cross: CrossKV) -> CrossKV:
     """Cross K/V [L, B, S, N, H] -> per-layer tuples of [B, N, S, H], the layout the decode step reads."""
     L = cross.k.shape[0]
@@ -235,8 +228,8 @@ def heads_major(cross: CrossKV) -> CrossKV:
 
 
 def init_cache(cfg: DecoderConfig, batch: int, max_len: int, dtype: jnp.dtype, per_layer: bool = False) -> KVCache:
-    """Zeroed self-attention cache: [L, B, N, Tmax, H] per tensor, or (``per_layer``, for params from ``prepare``)
-    a tuple of L [B, N, Tmax, H] arrays."""
+    """Zeroed self-attention cache: [L, B, N, Tmax, H] per tensor, or (``per_layer``, for params in decode-step
+    layout) a tuple of L [B, N, Tmax, H] arrays."""
     shape = (batch, cfg.num_heads, max_len, cfg.head_dim)
     if per_layer:
         return KVCache(*(tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)) for _ in range(2)))
@@ -265,7 +258,7 @@ def decode(cfg: DecoderConfig, p: Params, input_ids: jax.Array, cross: CrossKV, 
     the whole sequence; with it, keys/values are written at ``start`` and attention reads the cache up to there.
     """
     check_ids(cfg, input_ids)
-    prepared = isinstance(p["layers"], list)  # from ``prepare``: per-layer params, head-major cross K/V
+    prepared = isinstance(p["layers"], list)  # decode-step layout: per-layer params, head-major cross K/V
     T = input_ids.shape[1]
     h = embed(cfg, p["embed"], input_ids, positions(cfg, input_ids, start), dtype)
     query_pos = start + jnp.arange(T)

@@ -41,7 +41,7 @@ def generate(cfg: SpeechSeq2SeqConfig, params: Any, input_values: jax.Array, att
     rows = batch * group
     dec_cfg = cfg.decoder
     if decoder_params is None:  # the barrier keeps XLA from folding the new layout back into the step's dots
-        dec_p = jax.lax.optimization_barrier(transformer.prepare(dec_cfg, params["decoder"], dtype))
+        dec_p = jax.lax.optimization_barrier(prepare_decoder(cfg, params, dtype))
     else:
         dec_p = decoder_params
     cross = transformer.heads_major(cross)
@@ -69,9 +69,11 @@ _prepare_head = jax.jit(transformer.prepare_head, static_argnums=1)
 
 
 def prepare_decoder(cfg: SpeechSeq2SeqConfig, params: Any, dtype: Any = jnp.float32) -> dict:
-    """The decoder's weights laid out for decode steps (``transformer.prepare``), for ``generate(decoder_params=)``.
+    """The decoder's weights laid out for one-token decode steps, for ``generate(decoder_params=)``: a list of
+    per-layer params (``transformer.prepare_layer``) and the rest (``transformer.prepare_head``).
 
-    Called outside ``jit``, it runs one small compiled program per layer (compiled once for all layers).
+    Called outside ``jit``, it runs one small compiled program per layer (compiled once for all layers); inside
+    ``generate`` it is part of that program.
     """
     dtype, p = jnp.dtype(dtype), params["decoder"]
     layers = [_prepare_layer(p["layers"], jnp.int32(i), dtype) for i in range(cfg.decoder.num_layers)]
