@@ -302,6 +302,40 @@ def test_decode_step_layout_matches_teacher_forced_pass(pair, dec, dtype):
                                        err_msg=f"step {t}, {'decode layout' if per_layer else 'stacked'}")
 
 
+@pytest.mark.parametrize("dec", ["bert", "gpt2", "bart"])
+def test_grouped_cache_follows_reordered_beams(pair, dec):
+    """Beam search's grouped cache (``decode(cache_rows=)``): beams are reordered at every step by reordering only
+    the table of which slot holds each position's keys, never the cache; each row's logits still equal the
+    teacher-forced pass over that row's own history."""
+    import jax.numpy as jnp
+
+    from speechseq import model as M
+    from speechseq.decoders import transformer
+    from speechseq.decoding.generate import prepare_decoder
+
+    p = pair("w2v-group", dec)
+    cfg, params = p.ours.config, p.ours.params
+    enc = M.encode(cfg, params, jnp.asarray(X), jnp.asarray(MASK))
+    cross = M.cross_kv(cfg, params, M.project(cfg, params, enc.last_hidden_state))
+    B, G, Tmax = len(X), 3, 8
+    rng = np.random.default_rng(0)
+    seqs = np.full((B * G, 1), START, np.int32)
+    cache = transformer.init_cache(cfg.decoder, B, Tmax, jnp.float32, per_layer=True, groups=G)
+    holders = jnp.zeros((B * G, Tmax), jnp.int32)
+    own = np.arange(B * G, dtype=np.int32) % G
+    dec_p, kv = prepare_decoder(cfg, params), transformer.heads_major(cross)
+    for t in range(6):
+        got, cache = transformer.decode(cfg.decoder, dec_p, seqs[:, -1:], kv, enc.attention_mask, cache=cache,
+                                        start=t, cache_rows=holders)
+        want = np.asarray(transformer.decode(cfg.decoder, params["decoder"], seqs, cross, enc.attention_mask)[0])
+        np.testing.assert_allclose(np.asarray(got[:, 0]), want[:, -1], rtol=0, atol=1e-5 * np.abs(want).max(),
+                                   err_msg=f"step {t}")
+        holders = holders.at[:, t].set(own)
+        parents = np.repeat(np.arange(B) * G, G) + rng.integers(0, G, B * G)  # each row continues a beam of its utterance
+        holders = holders[parents]
+        seqs = np.concatenate([seqs[parents], rng.integers(1, 30, (B * G, 1), dtype=np.int32)], axis=1)
+
+
 # -- guard rails ------------------------------------------------------------------------------------------------------
 
 GUARDS = [

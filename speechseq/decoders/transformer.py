@@ -227,10 +227,12 @@ def heads_major(cross: CrossKV) -> CrossKV:
     return jax.lax.optimization_barrier(CrossKV(*(tuple(jnp.swapaxes(x[i], 1, 2) for i in range(L)) for x in cross)))
 
 
-def init_cache(cfg: DecoderConfig, batch: int, max_len: int, dtype: jnp.dtype, per_layer: bool = False) -> KVCache:
+def init_cache(cfg: DecoderConfig, batch: int, max_len: int, dtype: jnp.dtype, per_layer: bool = False,
+               groups: int = 1) -> KVCache:
     """Zeroed self-attention cache: [L, B, N, Tmax, H] per tensor, or (``per_layer``, for params in decode-step
-    layout) a tuple of L [B, N, Tmax, H] arrays."""
-    shape = (batch, cfg.num_heads, max_len, cfg.head_dim)
+    layout) a tuple of L [B, N, Tmax, H] arrays. With ``groups`` G > 1 (beam search, ``decode(cache_rows=)``) ``batch``
+    counts utterances and each holds its G rows side by side: [B, N, G * Tmax, H]."""
+    shape = (batch, cfg.num_heads, groups * max_len, cfg.head_dim)
     if per_layer:
         return KVCache(*(tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)) for _ in range(2)))
     return KVCache(*(jnp.zeros((cfg.num_layers, *shape), dtype) for _ in range(2)))
@@ -245,17 +247,50 @@ def _attend_grouped(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | 
     """
     B, G = k.shape[0], q.shape[0] // k.shape[0]
     T = q.shape[1]
-    out = attention(q.reshape(B, G * T, *q.shape[2:]), k, v, mask, scale, heads_major, transpose_q=heads_major)
+    q = q.reshape(B, G * T, *q.shape[2:])
+    if heads_major:
+        out = attention(q, k, v, mask, scale, layout="bnsh", transpose_q=True)
+    else:
+        out = attention(q, k, v, mask, scale)
     return out.reshape(B * G, T, *out.shape[2:])
+
+
+def _write(cache: jax.Array, new: jax.Array, start: int | jax.Array, groups: int) -> jax.Array:
+    """New keys or values [B*G, T, N, H] into the head-major cache [B, N, G*Tmax, H] at ``start`` (slot g of row
+    b*G+g)."""
+    R, T, N, H = new.shape
+    B, G = R // groups, groups
+    c = cache.reshape(B, N, G, -1, H)
+    new = jnp.transpose(new.reshape(B, G, T, N, H), (0, 3, 1, 2, 4)).astype(c.dtype)
+    return jax.lax.dynamic_update_slice(c, new, (0, 0, 0, start, 0)).reshape(cache.shape)
+
+
+def _grouped_self_mask(cache_rows: jax.Array, groups: int, start: int | jax.Array, T: int) -> jax.Array:
+    """Self-attention mask [B, 1, G*T, G*Tmax] for a grouped cache (see ``decode``): a query row sees, at each
+    earlier position, the key of the row its ``cache_rows`` entry names, and its own keys from ``start`` on."""
+    R, Tmax = cache_rows.shape
+    B, G = R // groups, groups
+    t = jnp.arange(Tmax)
+    query_pos = start + jnp.arange(T)
+    own = jnp.arange(G)[:, None]  # [G, 1]
+    rows = jnp.where(t[None, None, :] >= start, own[None], cache_rows.reshape(B, G, Tmax))  # [B, G, Tmax]
+    holder = rows[:, :, None, None, :] == jnp.arange(G)[None, None, None, :, None]  # [B, G, 1, G', Tmax]
+    causal = (t[None, :] <= query_pos[:, None])[None, None, :, None, :]  # [1, 1, T, 1, Tmax]
+    return (holder & causal).reshape(B, 1, G * T, G * Tmax)
 
 
 def decode(cfg: DecoderConfig, p: Params, input_ids: jax.Array, cross: CrossKV, enc_mask: jax.Array | None,
            attention_mask: jax.Array | None = None, cache: KVCache | None = None, start: int | jax.Array = 0,
-           dtype: jnp.dtype = jnp.float32) -> tuple[jax.Array, KVCache | None]:
+           dtype: jnp.dtype = jnp.float32, cache_rows: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
     """Decoder over ids [B', T] at steps start..start+T-1 -> (float32 logits [B', T, V], updated cache).
 
     ``cross`` holds K/V for B utterances (B' = B * beams). Without ``cache`` this is the teacher-forced pass over
     the whole sequence; with it, keys/values are written at ``start`` and attention reads the cache up to there.
+
+    ``cache_rows`` [B', Tmax] int (beam search): the cache is grouped, ``init_cache(groups=G)``, [B, N, G*Tmax, H]
+    with B' = B * G rows, and row r = (b, g) writes its keys to group slot g. Entry [r, t] says which slot of its
+    utterance holds the key row r sees at position t < ``start`` (its beam's history), so beams that are reordered
+    need only this small table reordered, never the cache.
     """
     check_ids(cfg, input_ids)
     prepared = isinstance(p["layers"], list)  # decode-step layout: per-layer params, head-major cross K/V
@@ -263,7 +298,13 @@ def decode(cfg: DecoderConfig, p: Params, input_ids: jax.Array, cross: CrossKV, 
     h = embed(cfg, p["embed"], input_ids, positions(cfg, input_ids, start), dtype)
     query_pos = start + jnp.arange(T)
     key_len = T if cache is None else jax.tree.leaves(cache.k)[0].shape[-2]
-    self_mask = (jnp.arange(key_len)[None, :] <= query_pos[:, None])[None, None]
+    groups = 1 if cache_rows is None else key_len // cache_rows.shape[1]
+    if cache_rows is not None:
+        if cache is None or attention_mask is not None:
+            raise InputError("cache_rows: needs a grouped cache and no decoder attention_mask")
+        self_mask = _grouped_self_mask(cache_rows, groups, start, T)
+    else:
+        self_mask = (jnp.arange(key_len)[None, :] <= query_pos[:, None])[None, None]
     if attention_mask is not None:
         self_mask = self_mask & (attention_mask[:, None, None, :] != 0)
     cross_mask = None if enc_mask is None else enc_mask[:, None, None, :]
@@ -280,12 +321,15 @@ def decode(cfg: DecoderConfig, p: Params, input_ids: jax.Array, cross: CrossKV, 
                 q, k, v = jnp.split(split_heads(dense(sp["qkv"], x, dtype), 3 * N), 3, axis=2)
             else:
                 q, k, v = (split_heads(dense(sp[n], x, dtype), N) for n in "qkv")
-            if kv_cache is not None:  # the cache is head-major [B, N, Tmax, H]
-                k, v = (jax.lax.dynamic_update_slice(c, jnp.swapaxes(new, 1, 2).astype(c.dtype), (0, 0, start, 0))
-                        for c, new in zip(kv_cache, (k, v)))
+            if kv_cache is not None:  # the cache is head-major [B, N, G * Tmax, H]
+                k, v = (_write(c, new, start, groups) for c, new in zip(kv_cache, (k, v)))
                 new_cache = (k, v)
-            out = attention(q, k, v, self_mask, scale, heads_major=kv_cache is not None)
-            return dense(sp["o"], out.reshape(*out.shape[:2], -1), dtype)
+            if groups > 1:  # the G rows of an utterance attend together over its grouped cache
+                q = q.reshape(-1, groups * T, *q.shape[2:])
+            out = attention(q, k, v, self_mask, scale, layout="bsnh" if kv_cache is None else "bnsh",
+                            transpose_q=groups > 1)
+            out = out.reshape(-1, T, out.shape[2] * out.shape[3])
+            return dense(sp["o"], out, dtype)
 
         def cross_attn(x: jax.Array) -> jax.Array:
             cp = lp["cross_attn"]

@@ -45,19 +45,34 @@ def generate(cfg: SpeechSeq2SeqConfig, params: Any, input_values: jax.Array, att
     else:
         dec_p = decoder_params
     cross = transformer.heads_major(cross)
-    cache = transformer.init_cache(dec_cfg, rows, gen.max_length, dtype, per_layer=True)
 
-    def step(last: jax.Array, position: jax.Array, cache: transformer.KVCache) -> tuple[jax.Array, Any]:
+    if gen.num_beams == 1:  # greedy or sampling: rows never change places
+        def step(last: jax.Array, position: jax.Array, cache: transformer.KVCache) -> tuple[jax.Array, Any]:
+            logits, cache = transformer.decode(dec_cfg, dec_p, last[:, None], cross, enc_out.attention_mask,
+                                               cache=cache, start=position, dtype=dtype)
+            return logits[:, 0], cache
+
+        return search.sample(gen, step, transformer.init_cache(dec_cfg, rows, gen.max_length, dtype, per_layer=True),
+                             rows, key)
+
+    # beam search: a grouped cache that stays in place; reordering beams reorders only the table of which beam slot
+    # holds each position's keys (``decode(cache_rows=)``)
+    own = jnp.arange(rows, dtype=jnp.int32) % group
+
+    def beam_step(last: jax.Array, position: jax.Array, state: tuple) -> tuple[jax.Array, tuple]:
+        cache, holders = state
         logits, cache = transformer.decode(dec_cfg, dec_p, last[:, None], cross, enc_out.attention_mask,
-                                           cache=cache, start=position, dtype=dtype)
-        return logits[:, 0], cache
+                                           cache=cache, start=position, dtype=dtype, cache_rows=holders)
+        holders = jax.lax.dynamic_update_slice_in_dim(holders, own[:, None], position, axis=1)
+        return logits[:, 0], (cache, holders)
 
-    def reorder(cache: transformer.KVCache, idx: jax.Array) -> transformer.KVCache:
-        return jax.tree.map(lambda x: jnp.take(x, idx, axis=0), cache)  # per-layer [R, N, Tmax, H]
+    def reorder(state: tuple, idx: jax.Array) -> tuple:
+        cache, holders = state
+        return cache, holders[idx]
 
-    if gen.num_beams > 1:
-        return search.beam_search(gen, step, reorder, cache, batch, key)
-    return search.sample(gen, step, cache, rows, key)
+    cache = transformer.init_cache(dec_cfg, batch, gen.max_length, dtype, per_layer=True, groups=group)
+    holders = jnp.zeros((rows, gen.max_length), jnp.int32)
+    return search.beam_search(gen, beam_step, reorder, (cache, holders), batch, key)
 
 
 @partial(jax.jit, static_argnames=("dtype",))
