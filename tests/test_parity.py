@@ -165,3 +165,25 @@ def test_bfloat16_close_to_float32(zoo, enc, dec):
     assert abs(float(low.loss) - float(full.loss)) < 0.05
     # the float32 model is untouched by astype
     assert np.array_equal(np.asarray(ours(x, mask, labels=labels).logits), np.asarray(full.logits))
+
+
+@pytest.mark.parametrize("enc", ["w2v-layer-stable", "w2v-layer-post", "hubert-noprojnorm"])
+@pytest.mark.parametrize("budget", [1, 4000])
+def test_feature_encoder_windows(zoo, enc, budget, monkeypatch):
+    """Layer-norm conv stacks run long audio in windows of whole frames (``wav2vec2.CHUNK_BYTES``, made tiny here so
+    that this short audio takes one frame per window, or a few uneven windows): same encoder states as
+    transformers for padded audio."""
+    from speechseq import model as M
+    from speechseq.encoders import wav2vec2
+
+    hf, ours = zoo(enc, "bert")
+    calls = []
+    stack = wav2vec2._conv_stack
+    monkeypatch.setattr(wav2vec2, "CHUNK_BYTES", budget)
+    monkeypatch.setattr(wav2vec2, "_conv_stack", lambda *a: calls.append(a[2].shape) or stack(*a))
+    x, mask = F.audio_batch((1700, 1100))
+    encode = jax.jit(lambda p, x, m: M.encode(ours.config, p, x, m))  # a new function: traced afresh
+    got = encode(ours.params, jnp.asarray(x), jnp.asarray(mask))
+    want = F.hf_forward(hf.encoder, input_values=x, attention_mask=mask)
+    assert len(calls) == 1 and calls[0][1] < x.shape[1], calls  # traced once, on a window shorter than the audio
+    assert F.max_abs_diff(got.last_hidden_state, want.last_hidden_state) <= HIDDEN_TOL

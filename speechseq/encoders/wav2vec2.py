@@ -5,6 +5,7 @@ HuBERT is a config variant: no adapter, optional norm before the feature project
 
 from __future__ import annotations
 
+import math
 from typing import Mapping
 
 import jax
@@ -161,8 +162,35 @@ def _conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int | tuple = 0
                                         feature_group_count=groups)
 
 
+CHUNK_BYTES = 32 * 2**20  # feature_encoder's budget for the first conv's output of one window (CPU)
+
+
 def feature_encoder(cfg: EncoderConfig, p: Params, audio: jax.Array, dtype: jnp.dtype) -> jax.Array:
-    """Raw audio [B, N] -> conv features [B, S, C]."""
+    """Raw audio [B, N] -> conv features [B, S, C].
+
+    With per-frame layer norms (``feat_extract_norm="layer"``) a frame depends only on its receptive field, so on
+    CPU long audio runs through the conv stack in overlapping windows of whole frames, one after another
+    (``lax.map``): the first conv's output (B x N/5 x 512 values, the encoder's largest tensor, several hundred
+    MB for a batch of 5 s clips) then never exists whole, which measured 10% faster on 2 cores (fewer page faults
+    and DRAM passes for its norm and activation). Frames are the same up to float rounding.
+    """
+    B, N = audio.shape
+    hop, field = math.prod(cfg.conv_stride), receptive_field(cfg)
+    frames = (N - field) // hop + 1
+    frame_bytes = B * (hop // cfg.conv_stride[0]) * cfg.conv_dim[0] * jnp.dtype(dtype).itemsize
+    windows = -(-frames // max(1, CHUNK_BYTES // frame_bytes))
+    if cfg.feat_extract_norm != "layer" or windows < 2 or jax.default_backend() != "cpu":
+        return _conv_stack(cfg, p, audio, dtype)
+    per = -(-frames // windows)  # frames per window
+    width = (per - 1) * hop + field  # samples per window
+    padded = jnp.pad(audio, ((0, 0), (0, max(0, (windows - 1) * per * hop + width - N))))
+    out = jax.lax.map(lambda i: _conv_stack(cfg, p, jax.lax.dynamic_slice_in_dim(padded, i * per * hop, width, 1),
+                                            dtype), jnp.arange(windows))  # [W, B, per, C]
+    return jnp.moveaxis(out, 0, 1).reshape(B, windows * per, -1)[:, :frames]
+
+
+def _conv_stack(cfg: EncoderConfig, p: Params, audio: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """Raw audio [B, N] -> conv features [B, S, C], in one piece."""
     act = activation(cfg.feat_extract_activation)
     h = audio[:, :, None].astype(dtype)
     for j, s in enumerate(cfg.conv_stride):
