@@ -187,3 +187,24 @@ def test_feature_encoder_windows(zoo, enc, budget, monkeypatch):
     want = F.hf_forward(hf.encoder, input_values=x, attention_mask=mask)
     assert len(calls) == 1 and calls[0][1] < x.shape[1], calls  # traced once, on a window shorter than the audio
     assert F.max_abs_diff(got.last_hidden_state, want.last_hidden_state) <= HIDDEN_TOL
+
+
+@pytest.mark.parametrize("enc,dec", [("w2v-layer-stable", "bart"), ("w2v-group", "gpt2")])
+def test_accelerator_layouts(zoo, enc, dec, monkeypatch):
+    """On GPU/TPU, attention keeps XLA's own layouts and the feature encoder runs in one piece (the CPU-specific
+    rearrangements are skipped): same numbers as transformers. Pretends another backend while tracing."""
+    from speechseq import model as M
+    from speechseq.encoders import wav2vec2
+
+    hf, ours = zoo(enc, dec)
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    monkeypatch.setattr(wav2vec2, "CHUNK_BYTES", 1)  # would window the conv stack on CPU
+    labels = labels_with_ignored()
+    x, mask = F.audio_batch((1600, 1100))
+    forward = jax.jit(lambda p, x, m, y: M.forward(ours.config, p, x, m, labels=y))  # a new function: traced afresh
+    args = (ours.params, jnp.asarray(x), jnp.asarray(mask), jnp.asarray(labels))
+    jaxpr = str(jax.make_jaxpr(forward)(*args))
+    assert "optimization_barrier" not in jaxpr and " scan[" not in jaxpr.split("conv_general_dilated")[0]
+    got = forward(*args)
+    want = F.hf_forward(hf, input_values=x, attention_mask=mask, labels=labels)
+    assert_parity(got, want, with_loss=True)

@@ -302,6 +302,10 @@ def decode(cfg: DecoderConfig, p: Params, input_ids: jax.Array, cross: CrossKV, 
     if cache_rows is not None:
         if cache is None or attention_mask is not None:
             raise InputError("cache_rows: needs a grouped cache and no decoder attention_mask")
+        rows = jax.tree.leaves(cache.k)[0].shape[-4] * groups
+        if key_len % cache_rows.shape[1] or rows != input_ids.shape[0] or cache_rows.shape[0] != rows:
+            raise InputError(f"cache_rows: shape {tuple(cache_rows.shape)} does not fit a grouped cache of "
+                             f"{key_len} positions for {input_ids.shape[0]} rows (expected [rows, positions / groups])")
         self_mask = _grouped_self_mask(cache_rows, groups, start, T)
     else:
         self_mask = (jnp.arange(key_len)[None, :] <= query_pos[:, None])[None, None]

@@ -89,11 +89,15 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, 
     mask bool broadcastable to [B, N, T, S] (True = attend). Returns [B, T, N, H]. Scores and softmax in float32; a
     fully masked row is uniform, as in transformers.
 
-    Sequence-major keys are moved head-major first and ``transpose_q`` moves q to [B, N, T, H], so that both dots
-    are canonical batched matmuls over (B, N): on CPU 3x faster for the encoder's self-attention, and faster for
-    decode-step cross-attention; not for self-attention over the short decode cache, which does without it.
+    On CPU sequence-major keys are moved head-major first, and ``transpose_q`` moves q to [B, N, T, H], so that
+    both dots are canonical batched matmuls over (B, N): 3x faster for the encoder's self-attention, and faster for
+    decode-step cross-attention; not for self-attention over the short decode cache, which does without it. Other
+    backends keep XLA's own layout choice for sequence-major keys.
     """
-    if layout == "bsnh":  # the barriers stop XLA from folding the transposes into the dots (slower kernels on CPU)
+    if layout not in ("bsnh", "bnsh"):
+        raise ValueError(f"attention: layout must be 'bsnh' or 'bnsh', got {layout!r}")
+    if layout == "bsnh" and jax.default_backend() == "cpu":
+        # the barriers stop XLA from folding the transposes into the dots (slower kernels on CPU)
         k, v = jax.lax.optimization_barrier((jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)))
         layout = "bnsh"
         transpose_q = True
