@@ -239,19 +239,15 @@ def init_cache(cfg: DecoderConfig, batch: int, max_len: int, dtype: jnp.dtype, p
 
 
 def _attend_grouped(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, scale: jax.Array,
-                    heads_major: bool) -> jax.Array:
+                    layout: str) -> jax.Array:
     """Cross-attention where q has G rows per key row (beams or samples share one utterance's K/V).
 
-    q [B*G, T, N, H], k and v [B, S, N, H] (or [B, N, S, H]), mask [B, 1, 1, S] -> [B*G, T, N, H]; no copy of K/V
-    per beam.
+    q [B*G, T, N, H], k and v [B, S, N, H] (``layout="bsnh"``) or [B, N, S, H] (``"bnsh"``), mask [B, 1, 1, S]
+    -> [B*G, T, N, H]; no copy of K/V per beam.
     """
     B, G = k.shape[0], q.shape[0] // k.shape[0]
     T = q.shape[1]
-    q = q.reshape(B, G * T, *q.shape[2:])
-    if heads_major:
-        out = attention(q, k, v, mask, scale, layout="bnsh", transpose_q=True)
-    else:
-        out = attention(q, k, v, mask, scale)
+    out = attention(q.reshape(B, G * T, *q.shape[2:]), k, v, mask, scale, layout, transpose_q=layout == "bnsh")
     return out.reshape(B * G, T, *out.shape[2:])
 
 
@@ -337,7 +333,8 @@ def decode(cfg: DecoderConfig, p: Params, input_ids: jax.Array, cross: CrossKV, 
 
         def cross_attn(x: jax.Array) -> jax.Array:
             cp = lp["cross_attn"]
-            out = _attend_grouped(split_heads(dense(cp["q"], x, dtype), N), ck, cv, cross_mask, scale, prepared)
+            out = _attend_grouped(split_heads(dense(cp["q"], x, dtype), N), ck, cv, cross_mask, scale,
+                                  "bnsh" if prepared else "bsnh")
             return dense(cp["o"], out.reshape(*out.shape[:2], -1), dtype)
 
         h = block(h, lp["self_norm"], self_attn, pre, eps)

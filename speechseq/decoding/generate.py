@@ -46,12 +46,13 @@ def generate(cfg: SpeechSeq2SeqConfig, params: Any, input_values: jax.Array, att
         dec_p = decoder_params
     cross = transformer.heads_major(cross)
 
-    if gen.num_beams == 1:  # greedy or sampling: rows never change places
-        def step(last: jax.Array, position: jax.Array, cache: transformer.KVCache) -> tuple[jax.Array, Any]:
-            logits, cache = transformer.decode(dec_cfg, dec_p, last[:, None], cross, enc_out.attention_mask,
-                                               cache=cache, start=position, dtype=dtype)
-            return logits[:, 0], cache
+    def step(last: jax.Array, position: jax.Array, cache: transformer.KVCache,
+             holders: jax.Array | None = None) -> tuple[jax.Array, Any]:
+        logits, cache = transformer.decode(dec_cfg, dec_p, last[:, None], cross, enc_out.attention_mask,
+                                           cache=cache, start=position, dtype=dtype, cache_rows=holders)
+        return logits[:, 0], cache
 
+    if gen.num_beams == 1:  # greedy or sampling: rows never change places
         return search.sample(gen, step, transformer.init_cache(dec_cfg, rows, gen.max_length, dtype, per_layer=True),
                              rows, key)
 
@@ -61,10 +62,8 @@ def generate(cfg: SpeechSeq2SeqConfig, params: Any, input_values: jax.Array, att
 
     def beam_step(last: jax.Array, position: jax.Array, state: tuple) -> tuple[jax.Array, tuple]:
         cache, holders = state
-        logits, cache = transformer.decode(dec_cfg, dec_p, last[:, None], cross, enc_out.attention_mask,
-                                           cache=cache, start=position, dtype=dtype, cache_rows=holders)
-        holders = jax.lax.dynamic_update_slice_in_dim(holders, own[:, None], position, axis=1)
-        return logits[:, 0], (cache, holders)
+        logits, cache = step(last, position, cache, holders)
+        return logits, (cache, jax.lax.dynamic_update_slice_in_dim(holders, own[:, None], position, axis=1))
 
     def reorder(state: tuple, idx: jax.Array) -> tuple:
         cache, holders = state

@@ -176,7 +176,7 @@ def feature_encoder(cfg: EncoderConfig, p: Params, audio: jax.Array, dtype: jnp.
     """
     B, N = audio.shape
     hop, field = math.prod(cfg.conv_stride), receptive_field(cfg)
-    frames = (N - field) // hop + 1
+    frames = output_lengths(cfg, N, with_adapter=False)
     frame_bytes = B * (hop // cfg.conv_stride[0]) * cfg.conv_dim[0] * jnp.dtype(dtype).itemsize
     windows = -(-frames // max(1, CHUNK_BYTES // frame_bytes))
     if cfg.feat_extract_norm != "layer" or windows < 2 or jax.default_backend() != "cpu":
