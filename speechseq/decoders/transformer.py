@@ -253,12 +253,18 @@ def _attend_grouped(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | 
 
 def _write(cache: jax.Array, new: jax.Array, start: int | jax.Array, groups: int) -> jax.Array:
     """New keys or values [B*G, T, N, H] into the head-major cache [B, N, G*Tmax, H] at ``start`` (slot g of row
-    b*G+g)."""
+    b*G+g).
+
+    One update per group slot, each on the cache's own shape: an update through a reshaped view makes XLA copy the
+    whole cache every step (measured on CPU: 24 copies of the beam cache per step) instead of writing in place.
+    """
     R, T, N, H = new.shape
     B, G = R // groups, groups
-    c = cache.reshape(B, N, G, -1, H)
-    new = jnp.transpose(new.reshape(B, G, T, N, H), (0, 3, 1, 2, 4)).astype(c.dtype)
-    return jax.lax.dynamic_update_slice(c, new, (0, 0, 0, start, 0)).reshape(cache.shape)
+    Tmax = cache.shape[2] // G
+    new = jnp.swapaxes(new, 1, 2).reshape(B, G, N, T, H).astype(cache.dtype)
+    for g in range(G):
+        cache = jax.lax.dynamic_update_slice(cache, new[:, g], (0, 0, g * Tmax + start, 0))
+    return cache
 
 
 def _grouped_self_mask(cache_rows: jax.Array, groups: int, start: int | jax.Array, T: int) -> jax.Array:
