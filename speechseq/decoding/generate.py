@@ -30,8 +30,27 @@ def generate(cfg: SpeechSeq2SeqConfig, params: Any, input_values: jax.Array, att
     Pure: jit it with ``cfg``, ``gen`` and ``dtype`` static (``generate_jit`` does). ``decoder_params`` is
     ``prepare_decoder(cfg, params, dtype)``, computed once and passed to every call to save rearranging the decoder
     weights per call (a copy of the decoder weights in memory); without it each call does that itself.
+
+    Shard it by passing sharded arrays (e.g. audio and mask split over a ``"data"`` mesh axis, params replicated):
+    the result rows follow the audio's batch sharding. Meshes with explicit axes (``jax.make_mesh``'s default) run
+    the search with those axes in auto mode, since its state is made inside the program.
     """
     TRACES["generate"] += 1
+    sharding = jax.typeof(input_values).sharding
+    mesh = sharding.mesh
+    explicit = tuple(n for n, t in zip(mesh.axis_names, mesh.axis_types) if t == jax.sharding.AxisType.Explicit)
+    if not explicit:
+        return _generate(cfg, params, input_values, attention_mask, gen, key, dtype, decoder_params)
+    batch_axis = sharding.spec[0] if sharding.spec else None
+    out = search.SearchResult(*(jax.sharding.NamedSharding(mesh, spec)
+                                for spec in (jax.P(batch_axis, None), jax.P(batch_axis), jax.P())))
+    run = jax.sharding.auto_axes(lambda p, x, m, k, d: _generate(cfg, p, x, m, gen, k, dtype, d), axes=explicit,
+                                 out_sharding=out)
+    return run(params, input_values, attention_mask, key, decoder_params)
+
+
+def _generate(cfg: SpeechSeq2SeqConfig, params: Any, input_values: jax.Array, attention_mask: jax.Array | None,
+              gen: GenerationConfig, key: jax.Array | None, dtype: Any, decoder_params: Any) -> search.SearchResult:
     dtype = jnp.dtype(dtype)
     enc_out = M.encode(cfg, params, input_values, attention_mask, dtype)
     enc = M.project(cfg, params, enc_out.last_hidden_state, dtype)
