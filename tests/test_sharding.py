@@ -4,7 +4,8 @@ Four simulated CPU devices (``XLA_FLAGS=--xla_force_host_platform_device_count=4
 imported, so the check runs in a child process): audio and mask sharded over the batch, params and decode-step
 weights replicated, on a mesh of each axis type (``jax.make_mesh``'s default, Explicit, and ``Mesh(...)``'s, Auto);
 greedy, beam search (with ``num_return_sequences``) and sampling with a key. Tokens must be equal, beam scores
-within 1e-5, and the outputs must really be spread over the four devices.
+within 1e-5, and the outputs must really be spread over the four devices. The teacher-forced loss and its gradient
+(a data-parallel training step) must match one device within 1e-5.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ CHILD = textwrap.dedent("""
     import sys
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
-    from speechseq import SpeechSeq2Seq
+    from speechseq import SpeechSeq2Seq, model as M
     from speechseq.decoding.generate import generate_jit
 
     assert jax.device_count() == 4, jax.devices()
@@ -65,10 +66,23 @@ CHILD = textwrap.dedent("""
             diff = float(np.abs(np.asarray(one.scores) - np.asarray(sharded.scores)).max())
             assert diff <= 1e-5, f"{where}: scores differ by {diff}"
         print(name, "ok", a.shape, "distinct rows", len({tuple(r) for r in a}))
+
+    # the teacher-forced loss and its gradient (a data-parallel training step's work)
+    labels = rng.integers(3, 60, size=(8, 6)).astype(np.int32)
+    labels[2, 4:] = -100
+    loss_grad = jax.jit(jax.value_and_grad(lambda p, x, m, l: M.forward(model.config, p, x, m, labels=l).loss))
+    ref = loss_grad(params, x, mask, labels)
+    for kind, mesh in meshes.items():
+        batch, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+        got = loss_grad(jax.device_put(params, replicated), *(jax.device_put(a, batch) for a in (x, mask, labels)))
+        diff = max(float(np.abs(np.asarray(g) - np.asarray(r)).max())
+                   for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(ref)))
+        assert diff <= 1e-5, f"loss and grads, {kind} mesh: differ by {diff}"
+    print("loss-grad ok")
 """)
 
 
-def test_generate_sharded_over_batch_equals_one_device(tmp_path):
+def test_sharded_over_batch_equals_one_device(tmp_path):
     path = tmp_path / "model"
     F.decoding_seq2seq("w2v-layer-stable", "bart").save_pretrained(path)
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
@@ -76,7 +90,7 @@ def test_generate_sharded_over_batch_equals_one_device(tmp_path):
                           timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     lines = proc.stdout.split("\n")
-    for name in ("greedy", "beam", "sample"):
+    for name in ("greedy", "beam", "sample", "loss-grad"):
         assert any(line.startswith(f"{name} ok") for line in lines), proc.stdout
     # the rows differ from each other: a model that decodes one token sequence for everything proves nothing
     assert all(int(line.rsplit(" ", 1)[1]) > 1 for line in lines if " ok " in line), proc.stdout

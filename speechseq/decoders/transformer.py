@@ -18,8 +18,8 @@ import jax.numpy as jnp
 
 from speechseq.config import DecoderConfig
 from speechseq.errors import InputError
-from speechseq.layers.core import (activation, attention, block, dense, layer_norm, mlp, out_major, out_major_dot,
-                                   split_heads)
+from speechseq.layers.core import (activation, attention, block, dense, embedding_lookup, layer_norm, mlp, out_major,
+                                   out_major_dot, split_heads)
 from speechseq.weights.table import Rule, dense as dense_rules, norm as norm_rules, rule
 
 Params = Mapping[str, jax.Array]
@@ -118,7 +118,7 @@ def positions(cfg: DecoderConfig, input_ids: jax.Array, start: int | jax.Array =
 
 def embed(cfg: DecoderConfig, p: Params, input_ids: jax.Array, pos: jax.Array, dtype: jnp.dtype) -> jax.Array:
     """Token ids [B, T] and position rows [B, T] -> [B, T, D]."""
-    h = jnp.take(p["tokens"], input_ids, axis=0) * cfg.embed_scale + jnp.take(p["positions"], pos, axis=0)
+    h = embedding_lookup(p["tokens"], input_ids) * cfg.embed_scale + embedding_lookup(p["positions"], pos)
     if "token_type" in p:
         h = h + p["token_type"][0]
     h = h.astype(dtype)

@@ -112,6 +112,16 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, 
     return jnp.swapaxes(jax.lax.optimization_barrier(out), 1, 2) if transpose_q else out
 
 
+def embedding_lookup(table: jax.Array, ids: jax.Array) -> jax.Array:
+    """Rows of ``table`` [V, D] at integer ``ids`` [...] -> [..., D] (``jnp.take``). Under a mesh with explicit axes
+    (``jax.make_mesh``'s default) the rows are sharded like the ids, which JAX cannot infer for a gather by itself."""
+    sharding = jax.typeof(ids).sharding
+    if jax.sharding.AxisType.Explicit in sharding.mesh.axis_types:
+        return table.at[ids].get(mode="fill", fill_value=jnp.nan,
+                                 out_sharding=sharding.update(spec=jax.P(*sharding.spec, None)))
+    return jnp.take(table, ids, axis=0)
+
+
 def split_heads(x: jax.Array, num_heads: int) -> jax.Array:
     """[B, T, N*H] -> [B, T, N, H]."""
     return x.reshape(*x.shape[:-1], num_heads, x.shape[-1] // num_heads)
