@@ -5,7 +5,8 @@ imported, so the check runs in a child process): audio and mask sharded over the
 weights replicated, on a mesh of each axis type (``jax.make_mesh``'s default, Explicit, and ``Mesh(...)``'s, Auto);
 greedy, beam search (with ``num_return_sequences``) and sampling with a key. Tokens must be equal, beam scores
 within 1e-5, and the outputs must really be spread over the four devices. The teacher-forced loss and its gradient
-(a data-parallel training step) must match one device within 1e-5.
+(a data-parallel training step) must match one device within 1e-5, and ``SpeechSeq2Seq`` (its ``generate`` and
+forward) must keep sharded inputs sharded.
 """
 
 from __future__ import annotations
@@ -79,6 +80,23 @@ CHILD = textwrap.dedent("""
                    for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(ref)))
         assert diff <= 1e-5, f"loss and grads, {kind} mesh: differ by {diff}"
     print("loss-grad ok")
+
+    # the object API keeps sharded inputs sharded (given replicated params)
+    ids = np.zeros((8, 3), np.int32)
+    want_seqs = model.generate(x, attention_mask=mask, max_new_tokens=6, num_beams=2)
+    want_logits = np.asarray(model(x, attention_mask=mask, decoder_input_ids=ids).logits)
+    for kind, mesh in meshes.items():
+        batch, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+        m = SpeechSeq2Seq.from_pretrained(sys.argv[1])
+        m.params = jax.device_put(m.params, replicated)
+        xs, ms = jax.device_put(x, batch), jax.device_put(mask, batch)
+        seqs = m.generate(xs, attention_mask=ms, max_new_tokens=6, num_beams=2)
+        assert (seqs == want_seqs).all(), f"object generate, {kind} mesh: tokens differ"
+        logits = m(xs, attention_mask=ms, decoder_input_ids=jax.device_put(ids, batch)).logits
+        assert not logits.sharding.is_fully_replicated, f"object forward, {kind} mesh: logits not sharded"
+        diff = float(np.abs(np.asarray(logits) - want_logits).max())
+        assert diff <= 1e-5, f"object forward, {kind} mesh: logits differ by {diff}"
+    print("object ok")
 """)
 
 
@@ -90,7 +108,7 @@ def test_sharded_over_batch_equals_one_device(tmp_path):
                           timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     lines = proc.stdout.split("\n")
-    for name in ("greedy", "beam", "sample", "loss-grad"):
+    for name in ("greedy", "beam", "sample", "loss-grad", "object"):
         assert any(line.startswith(f"{name} ok") for line in lines), proc.stdout
     # the rows differ from each other: a model that decodes one token sequence for everything proves nothing
     assert all(int(line.rsplit(" ", 1)[1]) > 1 for line in lines if " ok " in line), proc.stdout
