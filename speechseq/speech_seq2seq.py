@@ -61,8 +61,8 @@ def _array(x: Any, name: str, integer: bool = False) -> jax.Array | None:
     if x is None:
         return None
     if isinstance(x, jax.Array):  # kept where it is: a sharded batch stays sharded
-        if integer and x.dtype.kind not in "iub" or not integer and x.dtype.kind not in "iubf":
-            raise InputError(f"{name}: expected {'integer' if integer else 'numeric'} values, got dtype {x.dtype}")
+        if integer and not (jnp.issubdtype(x.dtype, jnp.integer) or x.dtype == bool):
+            raise InputError(f"{name}: expected integer values, got dtype {x.dtype}")
         if x.size == 0:
             raise InputError(f"{name}: is empty (shape {x.shape})")
         return x

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -137,6 +138,9 @@ def test_missing_and_unexpected_weights_are_reported(saved, tmp_path):
     (np.zeros((2, 1600), np.int32), "float"),
     (np.zeros((2, 0), np.float32), "empty"),
     (np.zeros((2, 30), np.float32), "too short"),
+    # jax arrays are taken as they are (a sharded batch stays sharded), with the same checks
+    (jnp.zeros((2, 1600), jnp.int32), "float"),
+    (jnp.zeros((2, 0), jnp.float32), "empty"),
 ])
 def test_bad_audio(model, audio, needle):
     with pytest.raises(InputError) as e:
@@ -153,6 +157,12 @@ def test_bad_mask_and_ids(model):
     with pytest.raises(InputError) as e:
         model(x, m, decoder_input_ids=np.zeros((2, 3), np.float32))
     assert "decoder_input_ids" in one_line(e) and "integer" in str(e.value)
+    with pytest.raises(InputError) as e:
+        model(x, m, decoder_input_ids=jnp.zeros((2, 3), jnp.float32))
+    assert "decoder_input_ids" in one_line(e) and "integer" in str(e.value)
+    with pytest.raises(InputError) as e:
+        model(x, jnp.asarray(m, jnp.float32), decoder_input_ids=np.zeros((2, 3), np.int32))
+    assert "attention_mask" in one_line(e) and "integer" in str(e.value)
     with pytest.raises(InputError) as e:
         model(x, m, decoder_input_ids=np.zeros((2, 3, 1), np.int32))
     assert "rank 2" in one_line(e)
@@ -174,3 +184,13 @@ def test_bad_dtype_argument(model):
     with pytest.raises(InputError) as e:
         model.astype("float77")
     assert "dtype" in one_line(e)
+
+
+def test_jax_array_inputs_accepted_as_numpy_ones(model):
+    """jax arrays skip the host copy but not the checks: bfloat16 audio and a boolean mask give what numpy gives."""
+    x, m = F.audio_batch()
+    ids = np.zeros((2, 3), np.int32)
+    x16 = jnp.asarray(x, jnp.bfloat16)
+    want = np.asarray(model(np.asarray(x16, np.float32), m, decoder_input_ids=ids).logits)
+    got = np.asarray(model(x16, jnp.asarray(m, bool), decoder_input_ids=jnp.asarray(ids)).logits)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
