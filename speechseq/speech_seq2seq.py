@@ -60,16 +60,10 @@ def _token_ids(x: Any, name: str, vocab: int) -> jax.Array | None:
 def _array(x: Any, name: str, integer: bool = False) -> jax.Array | None:
     if x is None:
         return None
-    if isinstance(x, jax.Array):  # kept where it is: a sharded batch stays sharded
-        if integer and not (jnp.issubdtype(x.dtype, jnp.integer) or x.dtype == bool):
-            raise InputError(f"{name}: expected integer values, got dtype {x.dtype}")
-        if x.size == 0:
-            raise InputError(f"{name}: is empty (shape {x.shape})")
-        return x
-    arr = np.asarray(x)
+    arr = x if isinstance(x, jax.Array) else np.asarray(x)  # a jax array stays put: a sharded batch stays sharded
     if arr.dtype == object:
         raise InputError(f"{name}: expected a numeric array, got ragged or non-numeric data")
-    if integer and arr.dtype.kind not in "iub":
+    if integer and not (jnp.issubdtype(arr.dtype, jnp.integer) or arr.dtype == bool):
         raise InputError(f"{name}: expected integer values, got dtype {arr.dtype}")
     if arr.size == 0:
         raise InputError(f"{name}: is empty (shape {arr.shape})")

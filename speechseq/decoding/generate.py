@@ -18,6 +18,7 @@ from speechseq.config import SpeechSeq2SeqConfig
 from speechseq.decoders import transformer
 from speechseq.decoding import search
 from speechseq.decoding.config import GenerationConfig
+from speechseq.layers.core import explicit_axes
 
 TRACES = {"generate": 0}  # how many times ``generate`` was traced (compiled); tests read it
 
@@ -36,13 +37,12 @@ def generate(cfg: SpeechSeq2SeqConfig, params: Any, input_values: jax.Array, att
     the search with those axes in auto mode, since its state is made inside the program.
     """
     TRACES["generate"] += 1
-    sharding = jax.typeof(input_values).sharding
-    mesh = sharding.mesh
-    explicit = tuple(n for n, t in zip(mesh.axis_names, mesh.axis_types) if t == jax.sharding.AxisType.Explicit)
+    explicit = explicit_axes(input_values)
     if not explicit:
         return _generate(cfg, params, input_values, attention_mask, gen, key, dtype, decoder_params)
+    sharding = jax.typeof(input_values).sharding
     batch_axis = sharding.spec[0] if sharding.spec else None
-    out = search.SearchResult(*(jax.sharding.NamedSharding(mesh, spec)
+    out = search.SearchResult(*(jax.sharding.NamedSharding(sharding.mesh, spec)
                                 for spec in (jax.P(batch_axis, None), jax.P(batch_axis), jax.P())))
     run = jax.sharding.auto_axes(lambda p, x, m, k, d: _generate(cfg, p, x, m, gen, k, dtype, d), axes=explicit,
                                  out_sharding=out)

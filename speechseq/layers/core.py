@@ -112,11 +112,17 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, 
     return jnp.swapaxes(jax.lax.optimization_barrier(out), 1, 2) if transpose_q else out
 
 
+def explicit_axes(x: jax.Array) -> tuple[str, ...]:
+    """Names of the mesh axes with explicit sharding (``jax.make_mesh``'s default) that ``x``'s type carries."""
+    mesh = jax.typeof(x).sharding.mesh
+    return tuple(n for n, t in zip(mesh.axis_names, mesh.axis_types) if t == jax.sharding.AxisType.Explicit)
+
+
 def embedding_lookup(table: jax.Array, ids: jax.Array) -> jax.Array:
     """Rows of ``table`` [V, D] at integer ``ids`` [...] -> [..., D] (``jnp.take``). Under a mesh with explicit axes
-    (``jax.make_mesh``'s default) the rows are sharded like the ids, which JAX cannot infer for a gather by itself."""
-    sharding = jax.typeof(ids).sharding
-    if jax.sharding.AxisType.Explicit in sharding.mesh.axis_types:
+    the rows are sharded like the ids, which JAX cannot infer for a gather by itself."""
+    if explicit_axes(ids):
+        sharding = jax.typeof(ids).sharding
         return table.at[ids].get(mode="fill", fill_value=jnp.nan,
                                  out_sharding=sharding.update(spec=jax.P(*sharding.spec, None)))
     return jnp.take(table, ids, axis=0)
