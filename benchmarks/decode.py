@@ -14,7 +14,8 @@ to back, so all systems share the machine's fast and slow minutes; the ratio's r
 with the share of CPU time the hypervisor took (steal) while each system ran.
 
 The Flax competitor runs in its own venv (``benchmarks/.venv-flax446``, built on first use) through
-``flax446_generate.py``, a subprocess that times one call per request; if that venv cannot be built or run, the script says so and goes on without it.
+``competitor.py``; if that venv cannot be built or run, the script says so and goes on without it. PyTorch and Flax
+each run in a process of their own (``competitor.py``), which times one call per request.
 
 The roofline part measures this machine's float32 matmul FLOP/s and weight-streaming GB/s with XLA, and compares
 speechseq's per-token decoder step (generate with all new tokens minus generate with one new token, divided by the
@@ -185,31 +186,6 @@ def speechseq_jobs(ckpt: Path, audio, args) -> tuple[dict, dict]:
     return jobs, {"params": params, "frames": frames}
 
 
-def pytorch_jobs(model, audio, args) -> dict:
-    """transformers 5 PyTorch's timed jobs: generate per num_beams and the encoder, under inference_mode."""
-    import torch
-
-    torch.set_num_threads(os.cpu_count() or 1)
-    x = torch.from_numpy(audio)
-    jobs = {}
-    for beams in args.beams:
-        def generate(beams=beams):
-            with torch.inference_mode():
-                out = model.generate(input_values=x, max_new_tokens=args.new_tokens, num_beams=beams,
-                                     do_sample=False, eos_token_id=EOS, suppress_tokens=[EOS], pad_token_id=PAD,
-                                     decoder_start_token_id=START)
-            check(f"PyTorch num_beams={beams}", out.numpy(), len(audio), args.new_tokens)
-
-        jobs[beams] = generate
-
-    def encoder():
-        with torch.inference_mode():
-            model.encoder(x)
-
-    jobs["encoder"] = encoder
-    return jobs
-
-
 def flax_python(skip_build: bool) -> Path | None:
     """The Flax 4.46 venv's python, building the venv on first use; None (with a message) if that fails."""
     python = FLAX_VENV / "bin" / "python"
@@ -228,15 +204,17 @@ def flax_python(skip_build: bool) -> Path | None:
     return python
 
 
-class FlaxServer:
-    """``flax446_generate.py`` in the Flax venv, answering one timed call per request (see its docstring)."""
+class Competitor:
+    """``competitor.py`` for one system in its own process, answering one timed call per request (see its docstring).
 
-    def __init__(self, python: Path, ckpt: Path, args):
+    Each competitor gets a process of its own so that no thread pool or allocator state passes between systems."""
+
+    def __init__(self, python: Path, system: str, ckpt: Path, args):
         settings = {"new_tokens": args.new_tokens, "beams": args.beams, "start": START, "pad": PAD, "eos": EOS}
         env = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2"}
-        self.batch, self.new_tokens = args.batch, args.new_tokens
+        self.name, self.batch, self.new_tokens = system, args.batch, args.new_tokens
         self.stderr = tempfile.TemporaryFile(mode="w+")
-        self.proc = subprocess.Popen([str(python), str(HERE / "flax446_generate.py"), str(ckpt), json.dumps(settings)],
+        self.proc = subprocess.Popen([str(python), str(HERE / "competitor.py"), system, str(ckpt), json.dumps(settings)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True,
                                      env=env)
         self.versions = self._read()["versions"]
@@ -247,7 +225,7 @@ class FlaxServer:
             self.proc.wait()
             self.stderr.seek(0)
             tail = "\n".join(self.stderr.read().strip().splitlines()[-15:])
-            raise RuntimeError(f"the Flax 4.46 process ended (exit {self.proc.returncode}). Last output:\n{tail}")
+            raise RuntimeError(f"the {self.name} process ended (exit {self.proc.returncode}). Last output:\n{tail}")
         return json.loads(line)
 
     def call(self, job: str) -> None:
@@ -255,7 +233,7 @@ class FlaxServer:
         self.proc.stdin.flush()
         reply = self._read()
         if job != "encoder" and (reply["shape"] != [self.batch, 1 + self.new_tokens] or reply["eos_count"]):
-            raise SystemExit(f"Flax 4.46 num_beams={job}: returned shape {reply['shape']}, {reply['eos_count']} "
+            raise SystemExit(f"{self.name} num_beams={job}: returned shape {reply['shape']}, {reply['eos_count']} "
                              f"EOS; expected {1 + self.new_tokens} tokens without EOS")
 
     def jobs(self, beams: list[int]) -> dict:
@@ -458,41 +436,40 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="speechseq-bench-") as tmp:
         ckpt = Path(tmp)
         t = time.perf_counter()
-        hf_model = build_checkpoint(ckpt, args.quick, args.batch, samples)
+        build_checkpoint(ckpt, args.quick, args.batch, samples)
         audio = np.load(ckpt / "audio.npy")
         print(f"[setup] checkpoint built and saved in {time.perf_counter() - t:.1f} s", flush=True)
 
         print("[roofline] measuring matmul FLOP/s and streaming GB/s", flush=True)
         machine = measure_machine(args.quick)
-        systems, server = {}, None
-        jobs, extra = speechseq_jobs(ckpt, audio, args)
-        systems["sq"] = jobs
-        systems["pt"] = pytorch_jobs(hf_model, audio, args)
+        systems, procs = {}, {}
+        systems["sq"], extra = speechseq_jobs(ckpt, audio, args)
+        procs["pt"] = Competitor(Path(sys.executable), "pytorch", ckpt, args)
         if not args.skip_flax:
             python = flax_python(args.no_build_flax)
             if python is not None:
                 try:
-                    server = FlaxServer(python, ckpt, args)
-                    systems["fx"] = server.jobs(args.beams)
+                    procs["fx"] = Competitor(python, "flax", ckpt, args)
                 except (RuntimeError, OSError, json.JSONDecodeError) as err:
                     print(f"[flax] could not start transformers 4.46 Flax ({err}); continuing without it")
+        systems.update({key: proc.jobs(args.beams) for key, proc in procs.items()})
         print(f"[timing] {', '.join(names[k] for k in systems)}: first calls, then {args.repeats} interleaved rounds",
               flush=True)
         try:
             res = interleaved(systems, args.repeats)
         except RuntimeError as err:  # the Flax process died: time the other two
-            if "fx" not in systems:
+            if "fx" not in systems or procs["fx"].proc.poll() is None:
                 raise
             print(f"[flax] {err}\n[flax] continuing without transformers 4.46 Flax")
             del systems["fx"]
             res = interleaved(systems, args.repeats)
         finally:
-            if server is not None:
-                server.close()
+            for proc in procs.values():
+                proc.close()
         sq, pt, fx = res["sq"], res["pt"], res.get("fx")
+        pt["versions"] = procs["pt"].versions
         if fx is not None:
-            fx["versions"] = server.versions
-        del hf_model
+            fx["versions"] = procs["fx"].versions
 
     params, frames = extra["params"], extra["frames"]
     dims = {b: {**decoder_step_bytes(params, args.batch * b, args.batch, frames, 1 + args.new_tokens),
