@@ -13,9 +13,9 @@ steady. The calls are interleaved: after each job's first call, every round runs
 to back, so all systems share the machine's fast and slow minutes; the ratio's range over rounds is printed too,
 with the share of CPU time the hypervisor took (steal) while each system ran.
 
-The Flax competitor runs in its own venv (``benchmarks/.venv-flax446``, built on first use) through
-``competitor.py``; if that venv cannot be built or run, the script says so and goes on without it. PyTorch and Flax
-each run in a process of their own (``competitor.py``), which times one call per request.
+PyTorch and Flax each run in a process of their own (``competitor.py``), which times one call per request; Flax's
+uses its own venv (``benchmarks/.venv-flax446``, built on first use), and if that venv cannot be built or run, the
+script says so and goes on without it.
 
 The roofline part measures this machine's float32 matmul FLOP/s and weight-streaming GB/s with XLA, and compares
 speechseq's per-token decoder step (generate with all new tokens minus generate with one new token, divided by the
@@ -144,12 +144,11 @@ def interleaved(systems: dict[str, dict], repeats: int) -> dict:
     return out
 
 
-def check(name: str, seqs: np.ndarray, batch: int, new_tokens: int) -> None:
+def check(name: str, shape: tuple, eos_count: int, batch: int, new_tokens: int) -> None:
     """Every system must return [batch, 1 + new_tokens] with no EOS: the same amount of work."""
-    seqs = np.asarray(seqs)
-    if seqs.shape != (batch, 1 + new_tokens) or (seqs[:, 1:] == EOS).any():
+    if tuple(shape) != (batch, 1 + new_tokens) or eos_count:
         raise SystemExit(f"{name}: expected {batch} sequences of {1 + new_tokens} tokens without EOS, "
-                         f"got shape {seqs.shape}")
+                         f"got shape {tuple(shape)} with {eos_count} EOS")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -173,7 +172,8 @@ def speechseq_jobs(ckpt: Path, audio, args) -> tuple[dict, dict]:
         def generate(beams=beams, new_tokens=args.new_tokens):
             out = model.generate(x, max_new_tokens=new_tokens, num_beams=beams, do_sample=False, eos_token_id=EOS,
                                  suppress_tokens=[EOS], pad_token_id=PAD, decoder_start_token_id=START)
-            check(f"speechseq num_beams={beams}", out, len(audio), new_tokens)
+            out = np.asarray(out)
+            check(f"speechseq num_beams={beams}", out.shape, int((out[:, 1:] == EOS).sum()), len(audio), new_tokens)
 
         jobs[beams] = generate
         # the same program with one step: the difference is the token loop
@@ -232,9 +232,8 @@ class Competitor:
         self.proc.stdin.write(f"{job}\n")
         self.proc.stdin.flush()
         reply = self._read()
-        if job != "encoder" and (reply["shape"] != [self.batch, 1 + self.new_tokens] or reply["eos_count"]):
-            raise SystemExit(f"{self.name} num_beams={job}: returned shape {reply['shape']}, {reply['eos_count']} "
-                             f"EOS; expected {1 + self.new_tokens} tokens without EOS")
+        if job != "encoder":
+            check(f"{self.name} num_beams={job}", reply["shape"], reply["eos_count"], self.batch, self.new_tokens)
 
     def jobs(self, beams: list[int]) -> dict:
         jobs = {b: (lambda b=b: self.call(str(b))) for b in beams}
@@ -335,12 +334,12 @@ def report(args, machine, sq, pt, fx, dims) -> str:
             lines.append(f"{names[key]:<30}{strategy:<10}{r['compile_s']:>10.2f}{r['steady_s']:>10.3f}   {ratio}")
     compile_ok = all(sq[b]["compile_s"] <= 5.0 for b in args.beams)
     lines.append(f"speechseq compile <= 5 s each: {'met' if compile_ok else 'MISSED'}")
-    steal = [f"{names[k]} {100 * res['steal']:.1f}%" for k, res in (("sq", sq), ("pt", pt), ("fx", fx))
-             if res is not None and res.get("steal") is not None]
+    steal = {k: res["steal"] for k, res in (("sq", sq), ("pt", pt), ("fx", fx))
+             if res is not None and res.get("steal") is not None}
     if steal:
-        worst = max(res["steal"] for res in (sq, pt, fx) if res is not None and res.get("steal") is not None)
-        lines.append("CPU time taken by the hypervisor (steal) during the timed calls: " + ", ".join(steal)
-                     + (" (over 5%: the machine was shared, timings are disturbed)" if worst > 0.05 else ""))
+        lines.append("CPU time taken by the hypervisor (steal) during the timed calls: "
+                     + ", ".join(f"{names[k]} {100 * v:.1f}%" for k, v in steal.items())
+                     + (" (over 5%: the machine was shared, timings are disturbed)" if max(steal.values()) > 0.05 else ""))
 
     lines += ["", "Where the time goes (steady state, seconds)"]
     enc = sq["encoder"]["steady_s"]
