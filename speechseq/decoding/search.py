@@ -111,12 +111,12 @@ def beam_search(gen: GenerationConfig, step: Step, reorder: Reorder, cache: Any,
         if gen.do_sample:
             logw = processors.warp(gen, acc, min_keep=len(gen.eos_token_id) + 1)
             g = jax.random.gumbel(jax.random.fold_in(key, cur), logw.shape)
-            idx = jax.lax.top_k(jnp.where(jnp.isneginf(logw), -jnp.inf, logw + g), keep)[1]
+            idx = processors.top_k(jnp.where(jnp.isneginf(logw), -jnp.inf, logw + g), keep)[1]
             top = jnp.take_along_axis(acc, idx, axis=1)
             order = jnp.argsort(-top, axis=1)
             top, idx = jnp.take_along_axis(top, order, axis=1), jnp.take_along_axis(idx, order, axis=1)
         else:
-            top, idx = jax.lax.top_k(acc, keep)  # [B, keep]
+            top, idx = processors.top_k(acc, keep)  # [B, keep]
         beam, tok = idx // V, (idx % V).astype(jnp.int32)
         cand = _gather(s.running, beam)  # [B, keep, Tm]
         cand = jax.lax.dynamic_update_slice_in_dim(cand, tok[:, :, None], cur, axis=2)
