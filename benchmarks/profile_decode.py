@@ -1,0 +1,115 @@
+"""Where one ``generate`` call spends its time, per XLA op: the decode benchmark's model and inputs, one profiled call.
+
+    python benchmarks/profile_decode.py                 # wav2vec2-base + bert-base, batch 4, 5 s, 32 new tokens
+    python benchmarks/profile_decode.py --beams 4 --top 15
+    python benchmarks/profile_decode.py --quick         # tiny model: a smoke test
+
+For each ``num_beams`` value it compiles ``SpeechSeq2Seq.generate`` (EOS suppressed, as in ``decode.py``), runs it
+once more under ``jax.profiler`` and reads the trace's op events (a Perfetto JSON trace, no extra packages). Ops
+that ran once per token (as many times as there are new tokens, or a multiple) are the token loop; the rest run once
+per call (encoder, cross-attention K/V, set-up). Dots and convolutions are the ``ynn_fusion`` (YNNPACK), ``dot``
+and ``conv*`` ops on XLA CPU; everything else is elementwise work, copies, top-k (``custom-call``), gathers. Times are summed over the threads that ran
+them, so on a busy machine read the split between the groups rather than the totals. CPU only: other backends name
+their ops differently.
+
+Unlike ``decode.py``'s timings, the split is stable on a shared machine: the share of the step outside the dots
+is the same when every op is slowed alike. It is how the beam step's top-k (2.0 ms of a 55 ms step) was found.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from decode import EOS, PAD, START, build_checkpoint, strategy_name
+
+CONTROL = ("while", "conditional", "call")  # ops that hold other ops: their time is their body's
+DOTS = ("ynn_fusion", "dot", "conv")  # YNNPACK / Eigen dots and convolutions
+
+
+def is_dot(name: str) -> bool:
+    return name.startswith(DOTS)
+
+
+def op_times(trace_dir: Path) -> tuple[collections.Counter, collections.Counter]:
+    """(total microseconds, calls) per XLA op name in the Perfetto trace under ``trace_dir``."""
+    path = glob.glob(str(trace_dir / "**" / "*.json.gz"), recursive=True)
+    if not path:
+        raise SystemExit(f"{trace_dir}: jax.profiler wrote no Perfetto trace (*.json.gz)")
+    with gzip.open(path[0]) as f:
+        events = json.load(f)["traceEvents"]
+    total, calls = collections.Counter(), collections.Counter()
+    for e in events:
+        name = e.get("args", {}).get("hlo_op")
+        if e.get("ph") != "X" or not name or name.startswith(CONTROL):
+            continue
+        total[name] += e["dur"]
+        calls[name] += 1
+    return total, calls
+
+
+def report(total: collections.Counter, calls: collections.Counter, steps: int, top: int) -> str:
+    per_step = {n for n in total if calls[n] >= steps and calls[n] % steps == 0}
+    groups = {"token loop": per_step, "once per call": set(total) - per_step}
+    lines = []
+    for title, ops in groups.items():
+        div = steps if title == "token loop" else 1
+        unit = "ms per step" if div > 1 else "ms"
+        dots = sum(total[n] for n in ops if is_dot(n)) / div / 1e3
+        rest = sum(total[n] for n in ops if not is_dot(n)) / div / 1e3
+        lines.append(f"  {title}: {dots + rest:.2f} {unit} = dots {dots:.2f} + other ops {rest:.2f} "
+                     f"({100 * rest / max(dots + rest, 1e-9):.0f}% outside the dots)")
+        others = sorted((n for n in ops if not is_dot(n)), key=lambda n: -total[n])[:top]
+        for n in others:
+            lines.append(f"    {total[n] / div / 1e3:8.3f} {unit}  x{calls[n] // div:<4} {n}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny model and 1 s of audio: a smoke test")
+    parser.add_argument("--beams", type=int, nargs="+", default=[1, 4], help="num_beams values to profile")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seconds", type=float, default=None, help="audio length (default 5, or 1 with --quick)")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--top", type=int, default=10, help="ops outside the dots to list per group")
+    args = parser.parse_args()
+    if args.new_tokens < 2:
+        parser.error("--new-tokens must be at least 2 (one-off ops are told apart by running once)")
+
+    import jax
+
+    from speechseq import SpeechSeq2Seq
+
+    samples = int((args.seconds or (1.0 if args.quick else 5.0)) * 16000)
+    with tempfile.TemporaryDirectory(prefix="speechseq-profile-") as tmp:
+        ckpt = Path(tmp) / "ckpt"
+        build_checkpoint(ckpt, args.quick, args.batch, samples)
+        model = SpeechSeq2Seq.from_pretrained(ckpt)
+        x = jax.device_put(np.load(ckpt / "audio.npy"))
+        for beams in args.beams:
+            def call(beams=beams):
+                return model.generate(x, max_new_tokens=args.new_tokens, num_beams=beams, do_sample=False,
+                                      eos_token_id=EOS, suppress_tokens=[EOS], pad_token_id=PAD,
+                                      decoder_start_token_id=START)
+
+            call()  # compile
+            trace = Path(tmp) / f"trace-{beams}"
+            with jax.profiler.trace(str(trace), create_perfetto_trace=True):
+                out = call()
+            if out.shape != (args.batch, 1 + args.new_tokens):
+                raise SystemExit(f"num_beams={beams}: expected {args.batch} sequences of {1 + args.new_tokens} "
+                                 f"tokens, got {out.shape}")
+            print(f"{strategy_name(beams)} ({args.batch * beams} rows), {args.new_tokens} new tokens, one call:")
+            print(report(*op_times(trace), args.new_tokens, args.top), flush=True)
+
+
+if __name__ == "__main__":
+    main()
