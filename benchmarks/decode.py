@@ -155,6 +155,14 @@ def check(name: str, shape: tuple, eos_count: int, batch: int, new_tokens: int) 
 # The three systems
 
 
+def speechseq_generate(model, x, beams: int, new_tokens: int) -> np.ndarray:
+    """``model.generate`` with the benchmark's settings (EOS suppressed), its result checked."""
+    out = np.asarray(model.generate(x, max_new_tokens=new_tokens, num_beams=beams, do_sample=False, eos_token_id=EOS,
+                                    suppress_tokens=[EOS], pad_token_id=PAD, decoder_start_token_id=START))
+    check(f"speechseq num_beams={beams}", out.shape, int((out[:, 1:] == EOS).sum()), x.shape[0], new_tokens)
+    return out
+
+
 def speechseq_jobs(ckpt: Path, audio, args) -> tuple[dict, dict]:
     """speechseq's timed jobs: generate per num_beams, the same with one new token, the encoder, encoder + cross K/V.
 
@@ -170,10 +178,7 @@ def speechseq_jobs(ckpt: Path, audio, args) -> tuple[dict, dict]:
     jobs = {}
     for beams in args.beams:
         def generate(beams=beams, new_tokens=args.new_tokens):
-            out = model.generate(x, max_new_tokens=new_tokens, num_beams=beams, do_sample=False, eos_token_id=EOS,
-                                 suppress_tokens=[EOS], pad_token_id=PAD, decoder_start_token_id=START)
-            out = np.asarray(out)
-            check(f"speechseq num_beams={beams}", out.shape, int((out[:, 1:] == EOS).sum()), len(audio), new_tokens)
+            speechseq_generate(model, x, beams, new_tokens)
 
         jobs[beams] = generate
         # the same program with one step: the difference is the token loop

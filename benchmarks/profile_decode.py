@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from decode import EOS, PAD, START, build_checkpoint, strategy_name
+from decode import build_checkpoint, speechseq_generate, strategy_name
 
 CONTROL = ("while", "conditional", "call")  # ops that hold other ops: their time is their body's
 DOTS = ("ynn_fusion", "dot", "conv")  # YNNPACK / Eigen dots and convolutions
@@ -95,18 +95,10 @@ def main() -> None:
         model = SpeechSeq2Seq.from_pretrained(ckpt)
         x = jax.device_put(np.load(ckpt / "audio.npy"))
         for beams in args.beams:
-            def call(beams=beams):
-                return model.generate(x, max_new_tokens=args.new_tokens, num_beams=beams, do_sample=False,
-                                      eos_token_id=EOS, suppress_tokens=[EOS], pad_token_id=PAD,
-                                      decoder_start_token_id=START)
-
-            call()  # compile
+            speechseq_generate(model, x, beams, args.new_tokens)  # compile
             trace = Path(tmp) / f"trace-{beams}"
             with jax.profiler.trace(str(trace), create_perfetto_trace=True):
-                out = call()
-            if out.shape != (args.batch, 1 + args.new_tokens):
-                raise SystemExit(f"num_beams={beams}: expected {args.batch} sequences of {1 + args.new_tokens} "
-                                 f"tokens, got {out.shape}")
+                speechseq_generate(model, x, beams, args.new_tokens)
             print(f"{strategy_name(beams)} ({args.batch * beams} rows), {args.new_tokens} new tokens, one call:")
             print(report(*op_times(trace), args.new_tokens, args.top), flush=True)
 

@@ -149,7 +149,7 @@ def test_chunked_top_k_equals_lax_top_k_with_ties_and_neg_inf():
         x = rng.integers(-3, 3, (3, n)).astype(np.float32)
         x[rng.random((3, n)) < 0.4] = -np.inf
         x[2, :] = -np.inf  # a row with nothing finite
-        x[1, -k:] = 5.0  # the winners in the last (partly padded) chunk
+        x[1, -k:] = 5.0  # the winners in the last (shorter) chunk
         want_values, want_idx = jax.lax.top_k(jnp.asarray(x), k)
         got_values, got_idx = jax.jit(processors.top_k, static_argnums=1)(jnp.asarray(x), k)
         np.testing.assert_array_equal(got_values, want_values, err_msg=f"n={n} k={k}")
