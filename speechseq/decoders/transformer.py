@@ -165,7 +165,8 @@ def check_ids(cfg: DecoderConfig, input_ids: jax.Array, name: str = "decoder_inp
 
 class CrossKV(NamedTuple):
     """Cross-attention keys and values of every layer, computed once per utterance: k, v [L, B, S, N, H]
-    (as ``cross_kv`` returns them), or per-layer tuples of [B, N, S, H] (``heads_major``, for decode steps)."""
+    (as ``cross_kv`` returns them), or per-layer tuples of k [B, N, H, S] and v [B, N, S, H] (``heads_major``, for
+    decode steps)."""
 
     k: jax.Array | tuple[jax.Array, ...]
     v: jax.Array | tuple[jax.Array, ...]
@@ -222,9 +223,11 @@ def prepare_head(p: Params, dtype: jnp.dtype) -> dict:
 
 
 def heads_major(cross: CrossKV) -> CrossKV:
-    """Cross K/V [L, B, S, N, H] -> per-layer tuples of [B, N, S, H], the layout the decode step reads."""
+    """Cross K/V [L, B, S, N, H] -> per-layer tuples of k [B, N, H, S] and v [B, N, S, H], the layout the decode
+    step reads (``attention(layout="bnhs")``)."""
     L = cross.k.shape[0]
-    return jax.lax.optimization_barrier(CrossKV(*(tuple(jnp.swapaxes(x[i], 1, 2) for i in range(L)) for x in cross)))
+    return jax.lax.optimization_barrier(CrossKV(tuple(jnp.transpose(cross.k[i], (0, 2, 3, 1)) for i in range(L)),
+                                                tuple(jnp.swapaxes(cross.v[i], 1, 2) for i in range(L))))
 
 
 def init_cache(cfg: DecoderConfig, batch: int, max_len: int, dtype: jnp.dtype, per_layer: bool = False,
@@ -242,12 +245,12 @@ def _attend_grouped(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | 
                     layout: str) -> jax.Array:
     """Cross-attention where q has G rows per key row (beams or samples share one utterance's K/V).
 
-    q [B*G, T, N, H], k and v [B, S, N, H] (``layout="bsnh"``) or [B, N, S, H] (``"bnsh"``), mask [B, 1, 1, S]
+    q [B*G, T, N, H], k and v [B, S, N, H] (``layout="bsnh"``) or as ``heads_major`` (``"bnhs"``), mask [B, 1, 1, S]
     -> [B*G, T, N, H]; no copy of K/V per beam.
     """
     B, G = k.shape[0], q.shape[0] // k.shape[0]
     T = q.shape[1]
-    out = attention(q.reshape(B, G * T, *q.shape[2:]), k, v, mask, scale, layout, transpose_q=layout == "bnsh")
+    out = attention(q.reshape(B, G * T, *q.shape[2:]), k, v, mask, scale, layout, transpose_q=layout != "bsnh")
     return out.reshape(B * G, T, *out.shape[2:])
 
 
@@ -340,7 +343,7 @@ def decode(cfg: DecoderConfig, p: Params, input_ids: jax.Array, cross: CrossKV, 
         def cross_attn(x: jax.Array) -> jax.Array:
             cp = lp["cross_attn"]
             out = _attend_grouped(split_heads(dense(cp["q"], x, dtype), N), ck, cv, cross_mask, scale,
-                                  "bnsh" if prepared else "bsnh")
+                                  "bnhs" if prepared else "bsnh")
             return dense(cp["o"], out.reshape(*out.shape[:2], -1), dtype)
 
         h = block(h, lp["self_norm"], self_attn, pre, eps)

@@ -85,7 +85,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, 
               layout: str = "bsnh", transpose_q: bool = False) -> jax.Array:
     """Scaled dot-product attention.
 
-    q [B, T, N, H]; k and v [B, S, N, H] (``layout="bsnh"``) or head-major [B, N, S, H] (``"bnsh"``, decode caches);
+    q [B, T, N, H]; k and v [B, S, N, H] (``layout="bsnh"``), head-major [B, N, S, H] (``"bnsh"``, decode caches),
+    or ``"bnhs"``: k transposed [B, N, H, S] and v [B, N, S, H] (cross-attention K/V in decode-step layout,
+    ``heads_major``: the scores dot then reads K row-major, which XLA CPU's batched few-row dots need; measured on
+    2 CPU cores, 10-25% less cross-attention time for beam search's 4 query rows per utterance, neutral for 1).
     mask bool broadcastable to [B, N, T, S] (True = attend). Returns [B, T, N, H]. Scores and softmax in float32; a
     fully masked row is uniform, as in transformers.
 
@@ -94,8 +97,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, 
     decode-step cross-attention; not for self-attention over the short decode cache, which does without it. Other
     backends keep XLA's own layout choice for sequence-major keys.
     """
-    if layout not in ("bsnh", "bnsh"):
-        raise ValueError(f"attention: layout must be 'bsnh' or 'bnsh', got {layout!r}")
+    if layout not in ("bsnh", "bnsh", "bnhs"):
+        raise ValueError(f"attention: layout must be 'bsnh', 'bnsh' or 'bnhs', got {layout!r}")
     if layout == "bsnh" and jax.default_backend() == "cpu":
         # the barriers stop XLA from folding the transposes into the dots (slower kernels on CPU)
         k, v = jax.lax.optimization_barrier((jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)))
@@ -108,7 +111,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, 
     if mask is not None:
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum(f"bnts,{layout}->{qo}", probs, v)
+    out = jnp.einsum(f"bnts,{'bnsh' if layout == 'bnhs' else layout}->{qo}", probs, v)
     return jnp.swapaxes(jax.lax.optimization_barrier(out), 1, 2) if transpose_q else out
 
 
