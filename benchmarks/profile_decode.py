@@ -9,12 +9,12 @@ For each ``num_beams`` value it compiles ``SpeechSeq2Seq.generate`` (EOS suppres
 once more under ``jax.profiler`` and reads the trace's op events (a Perfetto JSON trace, no extra packages). Ops
 that ran once per token (as many times as there are new tokens, or a multiple) are the token loop; the rest run once
 per call (encoder, cross-attention K/V, set-up). Dots and convolutions are the ``ynn_fusion`` (YNNPACK), ``dot``
-and ``conv*`` ops on XLA CPU; everything else is elementwise work, copies, top-k (``custom-call``), gathers. Times are summed over the threads that ran
-them, so on a busy machine read the split between the groups rather than the totals. CPU only: other backends name
-their ops differently.
+and ``conv*`` ops on XLA CPU; everything else is elementwise work, copies, top-k (``custom-call``), gathers. Times
+are summed over the threads that ran them, so on a busy machine read the split between the groups rather than the
+totals. CPU only: other backends name their ops differently.
 
 ``--by-shape`` also has XLA dump the optimized program (``--xla_dump_to``, a temporary folder) and sums the token
-loop's time per (dot or not, output shape): the 48 cross-attention dots of a step, say, show up as one line. That
+loop's time per (dot or not, output shape): the 12 cross-attention scores dots of a step, say, show up as one line. That
 is how the scores dots' cost was found (keys read column-major; now stored ``[B, N, H, S]``).
 
 Unlike ``decode.py``'s timings, the split is stable on a shared machine: the share of the step outside the dots
@@ -62,8 +62,13 @@ def op_times(trace_dir: Path) -> tuple[collections.Counter, collections.Counter]
     return total, calls
 
 
+def loop_ops(total: collections.Counter, calls: collections.Counter, steps: int) -> set[str]:
+    """The ops that ran once per token: as many times as there are new tokens, or a multiple."""
+    return {n for n in total if calls[n] >= steps and calls[n] % steps == 0}
+
+
 def report(total: collections.Counter, calls: collections.Counter, steps: int, top: int) -> str:
-    per_step = {n for n in total if calls[n] >= steps and calls[n] % steps == 0}
+    per_step = loop_ops(total, calls, steps)
     groups = {"token loop": per_step, "once per call": set(total) - per_step}
     lines = []
     for title, ops in groups.items():
@@ -92,11 +97,10 @@ def by_shape(total: collections.Counter, calls: collections.Counter, steps: int,
              top: int) -> str:
     """The token loop's time summed per (dot or not, output shape), largest first."""
     time, count = collections.Counter(), collections.Counter()
-    for n in total:
-        if calls[n] >= steps and calls[n] % steps == 0:
-            key = ("dot   " if is_dot(n) else "other ") + shapes.get(n, "?")
-            time[key] += total[n] / steps / 1e3
-            count[key] += calls[n] // steps
+    for n in loop_ops(total, calls, steps):
+        key = ("dot   " if is_dot(n) else "other ") + shapes.get(n, "?")
+        time[key] += total[n] / steps / 1e3
+        count[key] += calls[n] // steps
     lines = ["  token loop by op kind and output shape (ms per step, ops per step):"]
     lines += [f"    {t:8.3f}  x{count[k]:<4} {k}" for k, t in time.most_common(top)]
     return "\n".join(lines)
