@@ -8,6 +8,7 @@ once per module, and each case is one program.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -269,6 +270,23 @@ def test_decode_layout_cache_follows_params(pair):
     assert not np.array_equal(got, first), "perturbed decoder weights should change the greedy tokens"
 
 
+@functools.cache
+def jitted_parts():
+    """The encoder with cross K/V, and the decoder, as compiled programs shared by the tests below: op by op (eager)
+    every small op of every step compiled again for each new shape, which made these tests a large share of the
+    suite's time."""
+    import jax
+
+    from speechseq import model as M
+    from speechseq.decoders import transformer
+
+    cross = jax.jit(lambda cfg, p, x, mask, dtype: (lambda enc: (M.cross_kv(
+        cfg, p, M.project(cfg, p, enc.last_hidden_state, dtype), dtype), enc.attention_mask))(
+        M.encode(cfg, p, x, mask, dtype)), static_argnums=(0, 4))
+    decode = jax.jit(transformer.decode, static_argnums=0, static_argnames="dtype")
+    return cross, decode
+
+
 @pytest.mark.parametrize("dec", ["bert", "gpt2", "bart"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_decode_step_layout_matches_teacher_forced_pass(pair, dec, dtype):
@@ -277,16 +295,15 @@ def test_decode_step_layout_matches_teacher_forced_pass(pair, dec, dtype):
     so do steps over the stored (stacked) params with a stacked cache."""
     import jax.numpy as jnp
 
-    from speechseq import model as M
     from speechseq.decoders import transformer
     from speechseq.decoding.generate import prepare_decoder
 
     p = pair("w2v-group", dec)
     cfg, params, dt = p.ours.config, p.ours.params, jnp.dtype(dtype)
-    enc = M.encode(cfg, params, jnp.asarray(X), jnp.asarray(MASK), dt)
-    cross = M.cross_kv(cfg, params, M.project(cfg, params, enc.last_hidden_state, dt), dt)
+    encode_cross, decode = jitted_parts()
+    cross, enc_mask = encode_cross(cfg, params, jnp.asarray(X), jnp.asarray(MASK), dt)
     ids = np.array([[START, 5, 7, 9, 3], [START, 2, 2, 8, 1], [START, 9, 4, 4, 6]], np.int32)
-    want = np.asarray(transformer.decode(cfg.decoder, params["decoder"], ids, cross, enc.attention_mask, dtype=dt)[0])
+    want = np.asarray(decode(cfg.decoder, params["decoder"], ids, cross, enc_mask, dtype=dt)[0])
 
     dec_p = prepare_decoder(cfg, params, dt)
     kernels = [x for lp in dec_p["layers"] for x in (lp["self_attn"]["qkv"]["kernel_t"], lp["mlp"]["wi"]["kernel_t"])]
@@ -296,8 +313,8 @@ def test_decode_step_layout_matches_teacher_forced_pass(pair, dec, dtype):
     for weights, kv, per_layer in layouts:
         cache = transformer.init_cache(cfg.decoder, len(ids), 8, dt, per_layer=per_layer)
         for t in range(ids.shape[1]):
-            got, cache = transformer.decode(cfg.decoder, weights, ids[:, t:t + 1], kv, enc.attention_mask,
-                                            cache=cache, start=t, dtype=dt)
+            got, cache = decode(cfg.decoder, weights, ids[:, t:t + 1], kv, enc_mask, cache=cache,
+                                start=jnp.int32(t), dtype=dt)
             np.testing.assert_allclose(np.asarray(got[:, 0]), want[:, t], rtol=0, atol=tol,
                                        err_msg=f"step {t}, {'decode layout' if per_layer else 'stacked'}")
 
@@ -309,26 +326,27 @@ def test_grouped_cache_follows_reordered_beams(pair, dec):
     teacher-forced pass over that row's own history."""
     import jax.numpy as jnp
 
-    from speechseq import model as M
     from speechseq.decoders import transformer
     from speechseq.decoding.generate import prepare_decoder
 
     p = pair("w2v-group", dec)
     cfg, params = p.ours.config, p.ours.params
-    enc = M.encode(cfg, params, jnp.asarray(X), jnp.asarray(MASK))
-    cross = M.cross_kv(cfg, params, M.project(cfg, params, enc.last_hidden_state))
-    B, G, Tmax = len(X), 3, 8
+    encode_cross, decode = jitted_parts()
+    cross, enc_mask = encode_cross(cfg, params, jnp.asarray(X), jnp.asarray(MASK), jnp.dtype(jnp.float32))
+    B, G, Tmax, steps = len(X), 3, 8, 6
     rng = np.random.default_rng(0)
     seqs = np.full((B * G, 1), START, np.int32)
     cache = transformer.init_cache(cfg.decoder, B, Tmax, jnp.float32, per_layer=True, groups=G)
     holders = jnp.zeros((B * G, Tmax), jnp.int32)
     own = np.arange(B * G, dtype=np.int32) % G
     dec_p, kv = prepare_decoder(cfg, params), transformer.heads_major(cross)
-    for t in range(6):
-        got, cache = transformer.decode(cfg.decoder, dec_p, seqs[:, -1:], kv, enc.attention_mask, cache=cache,
-                                        start=t, cache_rows=holders)
-        want = np.asarray(transformer.decode(cfg.decoder, params["decoder"], seqs, cross, enc.attention_mask)[0])
-        np.testing.assert_allclose(np.asarray(got[:, 0]), want[:, -1], rtol=0, atol=1e-5 * np.abs(want).max(),
+    for t in range(steps):
+        got, cache = decode(cfg.decoder, dec_p, seqs[:, -1:], kv, enc_mask, cache=cache, start=jnp.int32(t),
+                            cache_rows=holders)
+        # the teacher-forced pass over every row's history, padded to one shape (causal: position t sees 0..t)
+        padded = np.pad(seqs, ((0, 0), (0, steps - seqs.shape[1])), constant_values=PAD)
+        want = np.asarray(decode(cfg.decoder, params["decoder"], padded, cross, enc_mask)[0])
+        np.testing.assert_allclose(np.asarray(got[:, 0]), want[:, t], rtol=0, atol=1e-5 * np.abs(want).max(),
                                    err_msg=f"step {t}")
         holders = holders.at[:, t].set(own)
         parents = np.repeat(np.arange(B) * G, G) + rng.integers(0, G, B * G)  # each row continues a beam of its utterance
