@@ -173,8 +173,9 @@ class CrossKV(NamedTuple):
 
 
 class KVCache(NamedTuple):
-    """Static self-attention cache, written at the current step: k, v [L, B, N, Tmax, H], or per-layer tuples of
-    [B, N, Tmax, H] for params in decode-step layout (``prepare_layer``)."""
+    """Static self-attention cache, written at the current step: keys transposed, k [L, B, N, H, Tmax], and
+    v [L, B, N, Tmax, H] (``attention(layout="bnhs")``), or per-layer tuples of k [B, N, H, Tmax] and v [B, N, Tmax, H]
+    for params in decode-step layout (``prepare_layer``). Grouped (``init_cache(groups=G)``): Tmax * G positions."""
 
     k: jax.Array | tuple[jax.Array, ...]
     v: jax.Array | tuple[jax.Array, ...]
@@ -232,13 +233,16 @@ def heads_major(cross: CrossKV) -> CrossKV:
 
 def init_cache(cfg: DecoderConfig, batch: int, max_len: int, dtype: jnp.dtype, per_layer: bool = False,
                groups: int = 1) -> KVCache:
-    """Zeroed self-attention cache: [L, B, N, Tmax, H] per tensor, or (``per_layer``, for params in decode-step
-    layout) a tuple of L [B, N, Tmax, H] arrays. With ``groups`` G > 1 (beam search, ``decode(cache_rows=)``) ``batch``
-    counts utterances and each holds its G rows side by side: [B, N, G * Tmax, H]."""
-    shape = (batch, cfg.num_heads, groups * max_len, cfg.head_dim)
+    """Zeroed self-attention cache (see ``KVCache``): k [L, B, N, H, Tmax] and v [L, B, N, Tmax, H], or
+    (``per_layer``, for params in decode-step layout) tuples of L [B, N, H, Tmax] and [B, N, Tmax, H] arrays. With
+    ``groups`` G > 1 (beam search, ``decode(cache_rows=)``) ``batch`` counts utterances and each holds its G rows
+    interleaved: position t of group slot g at index t * G + g of a Tmax * G axis, so one step's keys of all G rows
+    are one contiguous write per row of the transposed keys."""
+    B, N, H, S = batch, cfg.num_heads, cfg.head_dim, groups * max_len
+    shapes = ((B, N, H, S), (B, N, S, H))
     if per_layer:
-        return KVCache(*(tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)) for _ in range(2)))
-    return KVCache(*(jnp.zeros((cfg.num_layers, *shape), dtype) for _ in range(2)))
+        return KVCache(*(tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)) for shape in shapes))
+    return KVCache(*(jnp.zeros((cfg.num_layers, *shape), dtype) for shape in shapes))
 
 
 def _attend_grouped(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, scale: jax.Array,
@@ -254,25 +258,23 @@ def _attend_grouped(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | 
     return out.reshape(B * G, T, *out.shape[2:])
 
 
-def _write(cache: jax.Array, new: jax.Array, start: int | jax.Array, groups: int) -> jax.Array:
-    """New keys or values [B*G, T, N, H] into the head-major cache [B, N, G*Tmax, H] at ``start`` (slot g of row
-    b*G+g).
-
-    One update per group slot, each on the cache's own shape: an update through a reshaped view makes XLA copy the
-    whole cache every step (measured on CPU: 24 copies of the beam cache per step) instead of writing in place.
-    """
-    R, T, N, H = new.shape
+def _write(k_cache: jax.Array, v_cache: jax.Array, k: jax.Array, v: jax.Array, start: int | jax.Array,
+           groups: int) -> tuple[jax.Array, jax.Array]:
+    """New keys and values [B*G, T, N, H] into the caches k [B, N, H, Tmax*G] and v [B, N, Tmax*G, H] at ``start``
+    (row b*G+g's position t at index t*G+g): one update per tensor, on the cache's own shape (an update through a
+    reshaped view makes XLA copy the whole cache every step instead of writing in place)."""
+    R, T, N, H = k.shape
     B, G = R // groups, groups
-    Tmax = cache.shape[2] // G
-    new = jnp.swapaxes(new, 1, 2).reshape(B, G, N, T, H).astype(cache.dtype)
-    for g in range(G):
-        cache = jax.lax.dynamic_update_slice(cache, new[:, g], (0, 0, g * Tmax + start, 0))
-    return cache
+    k = jnp.transpose(k.reshape(B, G, T, N, H), (0, 3, 4, 2, 1)).reshape(B, N, H, T * G)
+    v = jnp.transpose(v.reshape(B, G, T, N, H), (0, 3, 2, 1, 4)).reshape(B, N, T * G, H)
+    return (jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, 0, 0, start * G)),
+            jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, 0, start * G, 0)))
 
 
 def _grouped_self_mask(cache_rows: jax.Array, groups: int, start: int | jax.Array, T: int) -> jax.Array:
-    """Self-attention mask [B, 1, G*T, G*Tmax] for a grouped cache (see ``decode``): a query row sees, at each
-    earlier position, the key of the row its ``cache_rows`` entry names, and its own keys from ``start`` on."""
+    """Self-attention mask [B, 1, G*T, Tmax*G] for a grouped cache (see ``decode``; key index t*G+g): a query row
+    sees, at each earlier position, the key of the row its ``cache_rows`` entry names, and its own keys from
+    ``start`` on."""
     R, Tmax = cache_rows.shape
     B, G = R // groups, groups
     t = jnp.arange(Tmax)
@@ -281,7 +283,7 @@ def _grouped_self_mask(cache_rows: jax.Array, groups: int, start: int | jax.Arra
     rows = jnp.where(t[None, None, :] >= start, own[None], cache_rows.reshape(B, G, Tmax))  # [B, G, Tmax]
     holder = rows[:, :, None, None, :] == jnp.arange(G)[None, None, None, :, None]  # [B, G, 1, G', Tmax]
     causal = (t[None, :] <= query_pos[:, None])[None, None, :, None, :]  # [1, 1, T, 1, Tmax]
-    return (holder & causal).reshape(B, 1, G * T, G * Tmax)
+    return jnp.swapaxes(holder & causal, 3, 4).reshape(B, 1, G * T, Tmax * G)
 
 
 def decode(cfg: DecoderConfig, p: Params, input_ids: jax.Array, cross: CrossKV, enc_mask: jax.Array | None,
@@ -292,7 +294,7 @@ def decode(cfg: DecoderConfig, p: Params, input_ids: jax.Array, cross: CrossKV, 
     ``cross`` holds K/V for B utterances (B' = B * beams). Without ``cache`` this is the teacher-forced pass over
     the whole sequence; with it, keys/values are written at ``start`` and attention reads the cache up to there.
 
-    ``cache_rows`` [B', Tmax] int (beam search): the cache is grouped, ``init_cache(groups=G)``, [B, N, G*Tmax, H]
+    ``cache_rows`` [B', Tmax] int (beam search): the cache is grouped, ``init_cache(groups=G)``, Tmax * G positions
     with B' = B * G rows, and row r = (b, g) writes its keys to group slot g. Entry [r, t] says which slot of its
     utterance holds the key row r sees at position t < ``start`` (its beam's history), so beams that are reordered
     need only this small table reordered, never the cache.
@@ -302,7 +304,7 @@ def decode(cfg: DecoderConfig, p: Params, input_ids: jax.Array, cross: CrossKV, 
     T = input_ids.shape[1]
     h = embed(cfg, p["embed"], input_ids, positions(cfg, input_ids, start), dtype)
     query_pos = start + jnp.arange(T)
-    key_len = T if cache is None else jax.tree.leaves(cache.k)[0].shape[-2]
+    key_len = T if cache is None else jax.tree.leaves(cache.k)[0].shape[-1]
     groups = 1 if cache_rows is None else key_len // cache_rows.shape[1]
     if cache_rows is not None:
         if cache is None or attention_mask is not None:
@@ -330,12 +332,12 @@ def decode(cfg: DecoderConfig, p: Params, input_ids: jax.Array, cross: CrossKV, 
                 q, k, v = jnp.split(split_heads(dense(sp["qkv"], x, dtype), 3 * N), 3, axis=2)
             else:
                 q, k, v = (split_heads(dense(sp[n], x, dtype), N) for n in "qkv")
-            if kv_cache is not None:  # the cache is head-major [B, N, G * Tmax, H]
-                k, v = (_write(c, new, start, groups) for c, new in zip(kv_cache, (k, v)))
+            if kv_cache is not None:  # keys [B, N, H, Tmax * G], values [B, N, Tmax * G, H]
+                k, v = _write(*kv_cache, k, v, start, groups)
                 new_cache = (k, v)
             if groups > 1:  # the G rows of an utterance attend together over its grouped cache
                 q = q.reshape(-1, groups * T, *q.shape[2:])
-            out = attention(q, k, v, self_mask, scale, layout="bsnh" if kv_cache is None else "bnsh",
+            out = attention(q, k, v, self_mask, scale, layout="bsnh" if kv_cache is None else "bnhs",
                             transpose_q=groups > 1)
             out = out.reshape(-1, T, out.shape[2] * out.shape[3])
             return dense(sp["o"], out, dtype)

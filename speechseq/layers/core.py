@@ -85,16 +85,17 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, 
               layout: str = "bsnh", transpose_q: bool = False) -> jax.Array:
     """Scaled dot-product attention.
 
-    q [B, T, N, H]; k and v [B, S, N, H] (``layout="bsnh"``), head-major [B, N, S, H] (``"bnsh"``, decode caches),
-    or ``"bnhs"``: k transposed [B, N, H, S] and v [B, N, S, H] (cross-attention K/V in decode-step layout,
-    ``heads_major``: the scores dot then reads K row-major, which XLA CPU's batched few-row dots need; measured on
-    2 CPU cores, 10-25% less cross-attention time for beam search's 4 query rows per utterance, neutral for 1).
+    q [B, T, N, H]; k and v [B, S, N, H] (``layout="bsnh"``), head-major [B, N, S, H] (``"bnsh"``), or ``"bnhs"``:
+    k transposed [B, N, H, S] and v [B, N, S, H] (the decode step's cross-attention K/V, ``heads_major``, and its
+    self-attention cache, ``init_cache``: the scores dot then reads K row-major, which XLA CPU's batched few-row dots
+    need; measured on 2 CPU cores, cross-attention 10-25% less time for beam search's 4 query rows per utterance and
+    neutral for 1, beam-4 self-attention scores ~4x cheaper).
     mask bool broadcastable to [B, N, T, S] (True = attend). Returns [B, T, N, H]. Scores and softmax in float32; a
     fully masked row is uniform, as in transformers.
 
     On CPU sequence-major keys are moved head-major first, and ``transpose_q`` moves q to [B, N, T, H], so that
     both dots are canonical batched matmuls over (B, N): 3x faster for the encoder's self-attention, and faster for
-    decode-step cross-attention; not for self-attention over the short decode cache, which does without it. Other
+    decode-step attention with several query rows per utterance (beam search). Other
     backends keep XLA's own layout choice for sequence-major keys.
     """
     if layout not in ("bsnh", "bnsh", "bnhs"):
