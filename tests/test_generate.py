@@ -280,11 +280,12 @@ def jitted_parts():
     from speechseq import model as M
     from speechseq.decoders import transformer
 
-    cross = jax.jit(lambda cfg, p, x, mask, dtype: (lambda enc: (M.cross_kv(
-        cfg, p, M.project(cfg, p, enc.last_hidden_state, dtype), dtype), enc.attention_mask))(
-        M.encode(cfg, p, x, mask, dtype)), static_argnums=(0, 4))
-    decode = jax.jit(transformer.decode, static_argnums=0, static_argnames="dtype")
-    return cross, decode
+    def encode_cross(cfg, p, x, mask, dtype):  # -> (cross K/V of every layer, frame-level encoder mask)
+        enc = M.encode(cfg, p, x, mask, dtype)
+        return M.cross_kv(cfg, p, M.project(cfg, p, enc.last_hidden_state, dtype), dtype), enc.attention_mask
+
+    return (jax.jit(encode_cross, static_argnums=(0, 4)),
+            jax.jit(transformer.decode, static_argnums=0, static_argnames="dtype"))
 
 
 @pytest.mark.parametrize("dec", ["bert", "gpt2", "bart"])

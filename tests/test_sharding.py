@@ -48,9 +48,10 @@ CHILD = textwrap.dedent("""
         "sample": dict(max_new_tokens=8, do_sample=True, top_k=10, temperature=1.3),
     }
     key = jax.random.key(3)
+    tokens = dict(eos_token_id=2, pad_token_id=1, decoder_start_token_id=0)
     one_device = {}
     for name, kw in cases.items():
-        gen = model.generation_config(eos_token_id=2, pad_token_id=1, decoder_start_token_id=0, **kw)
+        gen = model.generation_config(**tokens, **kw)
         k = key if gen.do_sample else None
         one = generate_jit(model.config, params, jnp.asarray(x), jnp.asarray(mask), gen, k, model.dtype, dec)
         a = np.asarray(one.sequences)
@@ -86,14 +87,13 @@ CHILD = textwrap.dedent("""
     # the object API keeps sharded inputs sharded (given replicated params); its generate asks for the beam case
     # above, so it runs the program compiled there if it passes the same shardings
     ids = np.zeros((8, 3), np.int32)
-    beam = dict(eos_token_id=2, pad_token_id=1, decoder_start_token_id=0, **cases["beam"])
     want_logits = np.asarray(model(x, attention_mask=mask, decoder_input_ids=ids).logits)
     for kind, mesh in meshes.items():
         batch, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
         m = SpeechSeq2Seq.from_pretrained(sys.argv[1])
         m.params = jax.device_put(m.params, replicated)
         xs, ms = jax.device_put(x, batch), jax.device_put(mask, batch)
-        seqs = m.generate(xs, attention_mask=ms, **beam)
+        seqs = m.generate(xs, attention_mask=ms, **tokens, **cases["beam"])
         assert np.array_equal(seqs, one_device["beam"]), f"object generate, {kind} mesh: tokens differ"
         logits = m(xs, attention_mask=ms, decoder_input_ids=jax.device_put(ids, batch)).logits
         assert not logits.sharding.is_fully_replicated, f"object forward, {kind} mesh: logits not sharded"
