@@ -280,12 +280,14 @@ def jitted_parts():
     from speechseq import model as M
     from speechseq.decoders import transformer
 
-    def encode_cross(cfg, p, x, mask, dtype):  # -> (cross K/V of every layer, frame-level encoder mask)
-        enc = M.encode(cfg, p, x, mask, dtype)
-        return M.cross_kv(cfg, p, M.project(cfg, p, enc.last_hidden_state, dtype), dtype), enc.attention_mask
+    def encode_cross(cfg, p, x, mask, dtype):  # -> (stacked cross K/V of every layer, frame-level encoder mask,
+        enc = M.encode(cfg, p, x, mask, dtype)  # encoder frames projected for the decoder)
+        frames = M.project(cfg, p, enc.last_hidden_state, dtype)
+        return M.cross_kv(cfg, p, frames, dtype), enc.attention_mask, frames
 
     return (jax.jit(encode_cross, static_argnums=(0, 4)),
-            jax.jit(transformer.decode, static_argnums=0, static_argnames="dtype"))
+            jax.jit(transformer.decode, static_argnums=0, static_argnames="dtype"),
+            jax.jit(transformer.decode_cross_kv, static_argnums=(0, 3)))
 
 
 @pytest.mark.parametrize("dec", ["bert", "gpt2", "bart"])
@@ -301,8 +303,8 @@ def test_decode_step_layout_matches_teacher_forced_pass(pair, dec, dtype):
 
     p = pair("w2v-group", dec)
     cfg, params, dt = p.ours.config, p.ours.params, jnp.dtype(dtype)
-    encode_cross, decode = jitted_parts()
-    cross, enc_mask = encode_cross(cfg, params, jnp.asarray(X), jnp.asarray(MASK), dt)
+    encode_cross, decode, decode_cross_kv = jitted_parts()
+    cross, enc_mask, frames = encode_cross(cfg, params, jnp.asarray(X), jnp.asarray(MASK), dt)
     ids = np.array([[START, 5, 7, 9, 3], [START, 2, 2, 8, 1], [START, 9, 4, 4, 6]], np.int32)
     want = np.asarray(decode(cfg.decoder, params["decoder"], ids, cross, enc_mask, dtype=dt)[0])
 
@@ -310,7 +312,8 @@ def test_decode_step_layout_matches_teacher_forced_pass(pair, dec, dtype):
     kernels = [x for lp in dec_p["layers"] for x in (lp["self_attn"]["qkv"]["kernel_t"], lp["mlp"]["wi"]["kernel_t"])]
     assert {x.dtype for x in kernels + [dec_p["head"]["kernel_t"]]} == {dt}
     tol = (1e-5 if dtype == "float32" else 3e-2) * np.abs(want).max()
-    layouts = [(dec_p, transformer.heads_major(cross), True), (params["decoder"], cross, False)]
+    layouts = [(dec_p, decode_cross_kv(cfg.decoder, dec_p["layers"], frames, dt), True),
+               (params["decoder"], cross, False)]
     for weights, kv, per_layer in layouts:
         cache = transformer.init_cache(cfg.decoder, len(ids), 8, dt, per_layer=per_layer)
         for t in range(ids.shape[1]):
@@ -332,15 +335,16 @@ def test_grouped_cache_follows_reordered_beams(pair, dec):
 
     p = pair("w2v-group", dec)
     cfg, params = p.ours.config, p.ours.params
-    encode_cross, decode = jitted_parts()
-    cross, enc_mask = encode_cross(cfg, params, jnp.asarray(X), jnp.asarray(MASK), jnp.dtype(jnp.float32))
+    encode_cross, decode, decode_cross_kv = jitted_parts()
+    cross, enc_mask, frames = encode_cross(cfg, params, jnp.asarray(X), jnp.asarray(MASK), jnp.dtype(jnp.float32))
     B, G, Tmax, steps = len(X), 3, 8, 6
     rng = np.random.default_rng(0)
     seqs = np.full((B * G, 1), START, np.int32)
     cache = transformer.init_cache(cfg.decoder, B, Tmax, jnp.float32, per_layer=True, groups=G)
     holders = jnp.zeros((B * G, Tmax), jnp.int32)
     own = np.arange(B * G, dtype=np.int32) % G
-    dec_p, kv = prepare_decoder(cfg, params), transformer.heads_major(cross)
+    dec_p = prepare_decoder(cfg, params)
+    kv = decode_cross_kv(cfg.decoder, dec_p["layers"], frames, jnp.dtype(jnp.float32))
     for t in range(steps):
         got, cache = decode(cfg.decoder, dec_p, seqs[:, -1:], kv, enc_mask, cache=cache, start=jnp.int32(t),
                             cache_rows=holders)

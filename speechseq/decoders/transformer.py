@@ -165,8 +165,8 @@ def check_ids(cfg: DecoderConfig, input_ids: jax.Array, name: str = "decoder_inp
 
 class CrossKV(NamedTuple):
     """Cross-attention keys and values of every layer, computed once per utterance: k, v [L, B, S, N, H]
-    (as ``cross_kv`` returns them), or per-layer tuples of k [B, N, H, S] and v [B, N, S, H] (``heads_major``, for
-    decode steps)."""
+    (as ``cross_kv`` returns them), or per-layer tuples of k [B, N, H, S] and v [B, N, S, H] (``decode_cross_kv``,
+    for decode steps)."""
 
     k: jax.Array | tuple[jax.Array, ...]
     v: jax.Array | tuple[jax.Array, ...]
@@ -195,18 +195,20 @@ def cross_kv(cfg: DecoderConfig, p: Params, enc: jax.Array, dtype: jnp.dtype) ->
 def prepare_layer(lp: Params, dtype: jnp.dtype) -> dict:
     """One layer's params (unstacked) laid out for fast one-token decode steps.
 
-    Kernels are stored [Dout, Din] in the compute dtype (see ``out_major_dot``) and self-attention q/k/v become one
-    fused projection. Cross-attention k/v kernels are left out: they run once per utterance (``cross_kv``). The
-    decoder's layers go into a list of these (``decoding.generate.prepare_decoder``): inside a ``while_loop`` XLA CPU
-    would copy each layer's slice out of stacked arrays on every step. ``decode`` with such params takes
-    ``heads_major(cross)`` and a cache from ``init_cache(..., per_layer=True)``.
+    Kernels of the step's projections are stored [Dout, Din] in the compute dtype (see ``out_major_dot``) and
+    self-attention q/k/v become one fused projection. Cross-attention k/v kernels, which run once per utterance over
+    all its frames (``decode_cross_kv``), keep their [Din, Dout] layout, cast to the compute dtype. The decoder's
+    layers go into a list of these (``decoding.generate.prepare_decoder``): inside a ``while_loop`` XLA CPU would
+    copy each layer's slice out of stacked arrays on every step. ``decode`` with such params takes
+    ``decode_cross_kv(...)`` and a cache from ``init_cache(..., per_layer=True)``.
     """
     sa, ca = lp["self_attn"], lp["cross_attn"]
     qkv = {"kernel": jnp.concatenate([sa[n]["kernel"] for n in "qkv"], axis=1)}
     if "bias" in sa["q"]:
         qkv["bias"] = jnp.concatenate([sa[n]["bias"] for n in "qkv"])
+    cast = {n: {**ca[n], "kernel": ca[n]["kernel"].astype(dtype)} for n in "kv"}
     return {**lp, "self_attn": {"qkv": out_major(qkv, dtype), "o": out_major(sa["o"], dtype)},
-            "cross_attn": {"q": out_major(ca["q"], dtype), "o": out_major(ca["o"], dtype)},
+            "cross_attn": {"q": out_major(ca["q"], dtype), "o": out_major(ca["o"], dtype), **cast},
             "mlp": {n: out_major(lp["mlp"][n], dtype) for n in ("wi", "wo")}}
 
 
@@ -223,12 +225,21 @@ def prepare_head(p: Params, dtype: jnp.dtype) -> dict:
     return out
 
 
-def heads_major(cross: CrossKV) -> CrossKV:
-    """Cross K/V [L, B, S, N, H] -> per-layer tuples of k [B, N, H, S] and v [B, N, S, H], the layout the decode
-    step reads (``attention(layout="bnhs")``)."""
-    L = cross.k.shape[0]
-    return jax.lax.optimization_barrier(CrossKV(tuple(jnp.transpose(cross.k[i], (0, 2, 3, 1)) for i in range(L)),
-                                                tuple(jnp.swapaxes(cross.v[i], 1, 2) for i in range(L))))
+def decode_cross_kv(cfg: DecoderConfig, layers: list[Params], enc: jax.Array, dtype: jnp.dtype) -> CrossKV:
+    """Encoder frames [B, S, D] -> per-layer tuples of cross-attention k [B, N, H, S] and v [B, N, S, H], the layout
+    the decode step reads (``attention(layout="bnhs")``), from the layers in decode-step layout (``prepare_layer``).
+
+    Layer by layer over separate weight arrays, so that every layer's projections and transposes are the same
+    computation and XLA compiles their kernels once; taken out of ``cross_kv``'s stacked result, each layer's
+    transposes would read at another constant offset and be compiled again (24 kernels for 12 layers)."""
+    enc = enc.astype(dtype)
+    ks, vs = [], []
+    for lp in layers:
+        ca = lp["cross_attn"]
+        ks.append(jnp.transpose(split_heads(dense(ca["k"], enc, dtype), cfg.num_heads), (0, 2, 3, 1)))
+        vs.append(jnp.swapaxes(split_heads(dense(ca["v"], enc, dtype), cfg.num_heads), 1, 2))
+    # the barrier keeps XLA from folding the transposes into the step's dots
+    return jax.lax.optimization_barrier(CrossKV(tuple(ks), tuple(vs)))
 
 
 def init_cache(cfg: DecoderConfig, batch: int, max_len: int, dtype: jnp.dtype, per_layer: bool = False,
@@ -249,7 +260,7 @@ def _attend_grouped(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | 
                     layout: str) -> jax.Array:
     """Cross-attention where q has G rows per key row (beams or samples share one utterance's K/V).
 
-    q [B*G, T, N, H], k and v [B, S, N, H] (``layout="bsnh"``) or as ``heads_major`` (``"bnhs"``), mask [B, 1, 1, S]
+    q [B*G, T, N, H], k and v [B, S, N, H] (``layout="bsnh"``) or as ``decode_cross_kv`` gives them (``"bnhs"``), mask [B, 1, 1, S]
     -> [B*G, T, N, H]; no copy of K/V per beam.
     """
     B, G = k.shape[0], q.shape[0] // k.shape[0]

@@ -54,7 +54,6 @@ def _generate(cfg: SpeechSeq2SeqConfig, params: Any, input_values: jax.Array, at
     dtype = jnp.dtype(dtype)
     enc_out = M.encode(cfg, params, input_values, attention_mask, dtype)
     enc = M.project(cfg, params, enc_out.last_hidden_state, dtype)
-    cross = M.cross_kv(cfg, params, enc, dtype)
     batch = input_values.shape[0]
     group = gen.num_beams if gen.num_beams > 1 else gen.num_return_sequences  # rows per utterance
     rows = batch * group
@@ -63,7 +62,7 @@ def _generate(cfg: SpeechSeq2SeqConfig, params: Any, input_values: jax.Array, at
         dec_p = jax.lax.optimization_barrier(prepare_decoder(cfg, params, dtype))
     else:
         dec_p = decoder_params
-    cross = transformer.heads_major(cross)
+    cross = transformer.decode_cross_kv(dec_cfg, dec_p["layers"], enc, dtype)
 
     def step(last: jax.Array, position: jax.Array, cache: transformer.KVCache,
              holders: jax.Array | None = None) -> tuple[jax.Array, Any]:
@@ -98,19 +97,17 @@ def _prepare_layer(layers: Any, i: jax.Array, dtype: Any) -> dict:
     return transformer.prepare_layer(jax.tree.map(lambda x: x[i], layers), dtype)
 
 
-_prepare_head = jax.jit(transformer.prepare_head, static_argnums=1)
-
-
 def prepare_decoder(cfg: SpeechSeq2SeqConfig, params: Any, dtype: Any = jnp.float32) -> dict:
     """The decoder's weights laid out for one-token decode steps, for ``generate(decoder_params=)``: a list of
     per-layer params (``transformer.prepare_layer``) and the rest (``transformer.prepare_head``).
 
-    Called outside ``jit``, it runs one small compiled program per layer (compiled once for all layers); inside
+    Called outside ``jit``, it runs one small compiled program per layer (compiled once for all layers) and the rest
+    op by op (a tied output projection already in ``dtype`` is the embedding table itself, not a copy); inside
     ``generate`` it is part of that program.
     """
     dtype, p = jnp.dtype(dtype), params["decoder"]
     layers = [_prepare_layer(p["layers"], jnp.int32(i), dtype) for i in range(cfg.decoder.num_layers)]
-    return {**_prepare_head(p, dtype), "layers": layers}
+    return {**transformer.prepare_head(p, dtype), "layers": layers}
 
 
 generate_jit = jax.jit(generate, static_argnames=("cfg", "gen", "dtype"))

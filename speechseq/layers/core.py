@@ -86,20 +86,24 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, 
     """Scaled dot-product attention.
 
     q [B, T, N, H]; k and v [B, S, N, H] (``layout="bsnh"``), head-major [B, N, S, H] (``"bnsh"``), or ``"bnhs"``:
-    k transposed [B, N, H, S] and v [B, N, S, H] (the decode step's cross-attention K/V, ``heads_major``, and its
+    k transposed [B, N, H, S] and v [B, N, S, H] (the decode step's cross-attention K/V, ``decode_cross_kv``, and its
     self-attention cache, ``init_cache``: the scores dot then reads K row-major, which XLA CPU's batched few-row dots
     need; measured on 2 CPU cores, cross-attention 10-25% less time for beam search's 4 query rows per utterance and
     neutral for 1, beam-4 self-attention scores ~4x cheaper).
     mask bool broadcastable to [B, N, T, S] (True = attend). Returns [B, T, N, H]. Scores and softmax in float32; a
     fully masked row is uniform, as in transformers.
 
-    On CPU sequence-major keys are moved head-major first, and ``transpose_q`` moves q to [B, N, T, H], so that
+    On CPU one query row per (batch, head) in the ``"bnhs"`` layout (greedy decode steps) is computed as
+    multiply-and-reduce (``_attend_one_query``: same numbers up to float rounding, far less compile time);
+    sequence-major keys are moved head-major first, and ``transpose_q`` moves q to [B, N, T, H], so that
     both dots are canonical batched matmuls over (B, N): 3x faster for the encoder's self-attention, and faster for
     decode-step attention with several query rows per utterance (beam search). Other
     backends keep XLA's own layout choice for sequence-major keys.
     """
     if layout not in ("bsnh", "bnsh", "bnhs"):
         raise ValueError(f"attention: layout must be 'bsnh', 'bnsh' or 'bnhs', got {layout!r}")
+    if layout == "bnhs" and q.shape[1] == 1 and jax.default_backend() == "cpu":
+        return _attend_one_query(q, k, v, mask, scale)
     if layout == "bsnh" and jax.default_backend() == "cpu":
         # the barriers stop XLA from folding the transposes into the dots (slower kernels on CPU)
         k, v = jax.lax.optimization_barrier((jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)))
@@ -114,6 +118,25 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, 
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum(f"bnts,{'bnsh' if layout == 'bnhs' else layout}->{qo}", probs, v)
     return jnp.swapaxes(jax.lax.optimization_barrier(out), 1, 2) if transpose_q else out
+
+
+def _attend_one_query(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
+                      scale: float | jax.Array) -> jax.Array:
+    """``attention`` for one query row per (batch, head) and ``layout="bnhs"`` (greedy and sampling decode steps), as
+    multiply-and-reduce instead of dots: q [B, 1, N, H], k [B, N, H, S], v [B, N, S, H] -> [B, 1, N, H].
+
+    XLA CPU passes a dot with one row to no library and compiles each one as a kernel of its own: 4 per layer, 48
+    for a 12-layer decoder, 0.5-1 s of a greedy program's compile on 2 cores. XLA CPU hands these reductions to
+    YNNPACK (library calls, nothing compiled per layer), and per step they take what the 1-row dots took (per-op
+    profile of the decode benchmark's greedy step: ~10.4 ms for 12 layers of cross- and self-attention, either way).
+    """
+    f32 = jnp.float32
+    qh = q[:, 0].astype(f32)  # [B, N, H]
+    scores = jnp.sum(qh[..., None] * k.astype(f32), axis=2) * scale  # [B, N, S]
+    if mask is not None:
+        scores = jnp.where(mask[..., 0, :] if mask.ndim >= 2 else mask, scores, jnp.finfo(f32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).astype(f32)
+    return jnp.sum(probs[..., None] * v.astype(f32), axis=2).astype(v.dtype)[:, None]  # [B, 1, N, H]
 
 
 def explicit_axes(x: jax.Array) -> tuple[str, ...]:
