@@ -1,6 +1,6 @@
 """Compile time of speechseq's ``generate`` as a user meets it: each strategy's first call in a fresh process, repeated.
 
-    python benchmarks/compile.py                # wav2vec2-base + bert-base, batch 4, 5 s audio, 32 new tokens, 3 processes each
+    python benchmarks/compile.py                # the decode benchmark's model and inputs, 3 processes per strategy
     python benchmarks/compile.py --repeats 5 --beams 1
     python benchmarks/compile.py --quick        # tiny model: a smoke test
 

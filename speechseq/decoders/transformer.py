@@ -260,8 +260,8 @@ def _attend_grouped(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | 
                     layout: str) -> jax.Array:
     """Cross-attention where q has G rows per key row (beams or samples share one utterance's K/V).
 
-    q [B*G, T, N, H], k and v [B, S, N, H] (``layout="bsnh"``) or as ``decode_cross_kv`` gives them (``"bnhs"``), mask [B, 1, 1, S]
-    -> [B*G, T, N, H]; no copy of K/V per beam.
+    q [B*G, T, N, H], k and v [B, S, N, H] (``layout="bsnh"``) or as ``decode_cross_kv`` gives them (``"bnhs"``),
+    mask [B, 1, 1, S] -> [B*G, T, N, H]; no copy of K/V per beam.
     """
     B, G = k.shape[0], q.shape[0] // k.shape[0]
     T = q.shape[1]
