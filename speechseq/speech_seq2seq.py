@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import copy
 import os
 from typing import Any, Mapping
@@ -215,18 +216,36 @@ class SpeechSeq2Seq:
         defaults.setdefault("eos_token_id", self.config.eos_token_id)
         return G.make(defaults, dec.max_positions - dec.position_offset, **kwargs)
 
-    def _decoder_params(self) -> Any:
+    def _decoder_params(self, generate_args: tuple | None = None) -> Any:
         """The decoder weights in decode-step layout, made on first use and kept while ``params`` and ``dtype`` stay
-        the same (a second copy of the decoder weights; ``generate`` without it would redo the layout per call)."""
-        from speechseq.decoding.generate import prepare_decoder
+        the same (a second copy of the decoder weights; ``generate`` without it would redo the layout per call).
+
+        With ``generate_args`` (``generate_jit``'s arguments but the last) on a first use, the layout is made in a
+        worker thread while this one compiles that ``generate`` program for the layout's shapes: tracing and most of
+        XLA's passes use one core, so the layout's own small compile and run (~1 s for a base-size decoder on 2
+        cores) come nearly free. Only for single-device arrays, whose abstract lowering is the one a call with the
+        made arrays finds in ``jit``'s cache; sharded params make the layout first.
+        """
+        from speechseq.decoding.generate import generate_jit, prepare_decoder
 
         leaves = jax.tree.leaves(self.params["decoder"])
         cached = self._decode_cache
-        if cached is None or cached[0] != self.dtype or len(cached[1]) != len(leaves) or any(
-                a is not b for a, b in zip(cached[1], leaves)):
-            cached = (self.dtype, leaves, prepare_decoder(self.config, self.params, self.dtype))
-            self._decode_cache = cached
-        return cached[2]
+        if cached is not None and cached[0] == self.dtype and len(cached[1]) == len(leaves) and all(
+                a is b for a, b in zip(cached[1], leaves)):
+            return cached[2]
+        config, params, dtype = self.config, self.params, self.dtype
+        single = generate_args is not None and all(
+            len(a.sharding.device_set) == 1 for a in jax.tree.leaves(generate_args) if isinstance(a, jax.Array))
+        if single:
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                made = pool.submit(prepare_decoder, config, params, dtype)
+                shapes = jax.eval_shape(lambda p: prepare_decoder(config, p, dtype), params)
+                generate_jit.lower(*generate_args, shapes).compile()  # into jit's cache for the call that follows
+                decoder_params = made.result()
+        else:
+            decoder_params = prepare_decoder(config, params, dtype)
+        self._decode_cache = (dtype, leaves, decoder_params)
+        return decoder_params
 
     def generate(self, input_values: Any, attention_mask: Any = None, *, seed: int = 0, key: Any = None,
                  return_dict: bool = False, **kwargs: Any):
@@ -247,7 +266,8 @@ class SpeechSeq2Seq:
         mask = _array(attention_mask, "attention_mask", integer=True)
         if gen.do_sample and key is None:
             key = jax.random.key(seed)
-        out = generate_jit(self.config, self.params, x, mask, gen, key, self.dtype, self._decoder_params())
+        args = (self.config, self.params, x, mask, gen, key, self.dtype)
+        out = generate_jit(*args, self._decoder_params(args))
         length = int(out.length)
         sequences = np.asarray(out.sequences)[:, :length]
         if not return_dict:

@@ -270,6 +270,37 @@ def test_decode_layout_cache_follows_params(pair):
     assert not np.array_equal(got, first), "perturbed decoder weights should change the greedy tokens"
 
 
+def test_first_call_compiles_generate_once_beside_the_layout(pair):
+    """The first ``generate`` of a model makes the decode layout in a worker thread while it compiles the program for
+    the layout's shapes: the call that follows must find that program (one XLA compile of ``generate``, one trace),
+    and its tokens are the pure function's."""
+    import jax
+    import jax.monitoring
+    import jax.numpy as jnp
+
+    from speechseq.decoding.generate import generate_jit
+
+    p = pair("w2v-group", "bert")
+    model = SpeechSeq2Seq(p.ours.config, p.ours.params)  # no decode layout yet
+    kwargs = {**settings(p), "num_beams": 2}  # a bucket no other test compiles
+    compiled = []
+
+    def listen(event: str, secs: float, fun_name: str = "", **_) -> None:
+        if event.endswith("backend_compile_duration") and fun_name == "jit(generate)":
+            compiled.append(secs)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        traces = TRACES["generate"]
+        got = model.generate(X, MASK, **kwargs)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    assert (len(compiled), TRACES["generate"] - traces) == (1, 1)
+    assert model._decode_cache is not None
+    pure = generate_jit(model.config, model.params, jnp.asarray(X), jnp.asarray(MASK), model.generation_config(**kwargs))
+    np.testing.assert_array_equal(got, np.asarray(pure.sequences)[:, :int(pure.length)])
+
+
 @functools.cache
 def jitted_parts():
     """The encoder with cross K/V, and the decoder, as compiled programs shared by the tests below: op by op (eager)
