@@ -332,11 +332,11 @@ def decode(cfg: DecoderConfig, p: Params, input_ids: jax.Array, cross: CrossKV, 
     cross_mask = None if enc_mask is None else enc_mask[:, None, None, :]
     eps, pre, N = cfg.layer_norm_eps, cfg.pre_norm, cfg.num_heads
 
-    masks = (self_mask, cross_mask, start)
+    shared = (self_mask, cross_mask, start)  # what every layer reads besides its own params, cache and cross K/V
 
-    def layer(h: jax.Array, xs: tuple, masks: tuple) -> tuple[jax.Array, tuple]:
+    def layer(h: jax.Array, xs: tuple, shared: tuple) -> tuple[jax.Array, tuple]:
         lp, scale, ck, cv, kv_cache = xs
-        self_mask, cross_mask, start = masks
+        self_mask, cross_mask, start = shared
         new_cache = None
 
         def self_attn(x: jax.Array) -> jax.Array:
@@ -371,16 +371,16 @@ def decode(cfg: DecoderConfig, p: Params, input_ids: jax.Array, cross: CrossKV, 
     if prepared:  # a Python loop over per-layer params: no per-step slicing of stacked arrays
         # one jitted function for every layer: traced once, its later calls found in jit's cache, lowered once
         # (XLA inlines the calls, so the compiled program is the same)
-        same = jax.jit(layer)
+        layer_jit = jax.jit(layer)
         caches = []
         for i, lp in enumerate(p["layers"]):
             kv = None if cache is None else (cache.k[i], cache.v[i])
-            h, c = same(h, (lp, scales[i], cross.k[i], cross.v[i], kv), masks)
+            h, c = layer_jit(h, (lp, scales[i], cross.k[i], cross.v[i], kv), shared)
             caches.append(c)
         new_cache = None if cache is None else (tuple(c[0] for c in caches), tuple(c[1] for c in caches))
     else:
         xs = (p["layers"], scales, cross.k, cross.v, None if cache is None else tuple(cache))
-        h, new_cache = jax.lax.scan(lambda h, xs: layer(h, xs, masks), h, xs)
+        h, new_cache = jax.lax.scan(lambda h, xs: layer(h, xs, shared), h, xs)
     if cfg.final_norm:
         h = layer_norm(p["final_norm"], h, cfg.layer_norm_eps)
     return lm_head(cfg, p, h, dtype), None if cache is None else KVCache(*new_cache)
