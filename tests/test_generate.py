@@ -134,6 +134,28 @@ def test_generate_matches_transformers(pair, enc, dec, mode):
         stop_steps(seqs, p.eos)  # pad after EOS
 
 
+@pytest.mark.parametrize("mode", ["greedy", "beam"])
+def test_xla_default_optimization_matches_transformers(pair, mode):
+    """conftest compiles the suite at XLA_FLAGS=--xla_backend_optimization_level=0 (half the compile time); here
+    the program is compiled as users get it (XLA's default level 3, set per program) and checked the same way."""
+    import jax
+
+    from speechseq.decoding.generate import generate
+
+    p = pair("w2v-group", "bart")
+    kwargs = settings(p, **(BEAM if mode == "beam" else {}))
+    want, want_scores = hf_generate(p.hf, **kwargs)
+    gen = p.ours.generation_config(**kwargs)
+    shipped = jax.jit(generate, static_argnames=("cfg", "gen", "dtype"),
+                      compiler_options={"xla_backend_optimization_level": 3})
+    out = shipped(p.ours.config, p.ours.params, X, MASK, gen, None, p.ours.dtype)
+    np.testing.assert_array_equal(np.asarray(out.sequences)[:, :int(out.length)], want)
+    if mode == "beam":
+        np.testing.assert_allclose(np.asarray(out.scores), want_scores, rtol=0, atol=1e-4)
+    else:
+        assert_eos_mid_sequence(want, p.eos)
+
+
 # -- search settings and logits processors ------------------------------------------------------------------------
 
 OPTIONS_PAIR = ("w2v-group", "bart")  # varied tokens along and across rows

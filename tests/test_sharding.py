@@ -106,7 +106,8 @@ CHILD = textwrap.dedent("""
 def test_sharded_over_batch_equals_one_device(tmp_path):
     path = tmp_path / "model"
     F.decoding_seq2seq("w2v-layer-stable", "bart").save_pretrained(path)
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4".strip()
+    env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, "-c", CHILD, str(path)], capture_output=True, text=True, env=env,
                           timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
