@@ -27,3 +27,9 @@ import torch  # noqa: E402
 
 # Tiny reference models: torch's OpenMP threads only fight XLA for the 2 cores (100x slower generate under load).
 torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(items):
+    """The longest test (a child process on four simulated devices, ~2 min) goes first: pytest-xdist hands tests out
+    in collection order, and started last it would keep one core busy alone at the end."""
+    items.sort(key=lambda item: not item.nodeid.startswith("tests/test_sharding.py"))
