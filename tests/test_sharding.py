@@ -16,6 +16,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 import hf_factory as F
 
 CHILD = textwrap.dedent("""
@@ -103,6 +105,7 @@ CHILD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.first
 def test_sharded_over_batch_equals_one_device(tmp_path):
     path = tmp_path / "model"
     F.decoding_seq2seq("w2v-layer-stable", "bart").save_pretrained(path)
