@@ -430,8 +430,9 @@ def report(args, machine, sq, pt, fx, dims, extra) -> str:
             t = min(dots["runs_s"])
             own = max(info["bytes"] / bw, info["flops"] / (machine["matmul_gflops"] * 1e9))
             lines.append(f"    the step's {info['count']} weight dots alone (one program, same rounds): best "
-                         f"{1e3 * t:.1f} ms = {info['bytes'] / t / 1e9:.1f} GB/s, {info['flops'] / t / 1e9:.0f} GFLOP/s, {t / own:.2f}x "
-                         f"their bytes/FLOPs bound (the floor XLA CPU's dot kernels set on these shapes); median "
+                         f"{1e3 * t:.1f} ms = {info['bytes'] / t / 1e9:.1f} GB/s, {info['flops'] / t / 1e9:.0f} "
+                         f"GFLOP/s, {t / own:.2f}x their bytes/FLOPs bound (about the floor XLA CPU's dot kernels set "
+                         f"on these shapes); median "
                          f"{1e3 * dots['steady_s']:.1f} ms, the step = {per_token / dots['steady_s']:.2f}x that")
     return "\n".join(lines)
 
