@@ -18,7 +18,7 @@ atexit.register(shutil.rmtree, os.environ["SPEECHSEQ_CACHE_DIR"], True)
 
 # The suite compiles a few hundred small programs, and LLVM's optimisation of XLA's CPU kernels is about half of each
 # compile (tiny beam-4 generate: 5.3 -> 2.6 s) while buying nothing on tiny models. Same HLO programs, same checks;
-# test_xla_default_optimization_matches_transformers checks XLA's default level (3) itself, and
+# test_xla_optimization_levels_match_transformers checks generate_jit's CPU level (1) and XLA's default (3), and
 # XLA_FLAGS=--xla_backend_optimization_level=3 runs the whole suite so.
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()

@@ -135,25 +135,50 @@ def test_generate_matches_transformers(pair, enc, dec, mode):
 
 
 @pytest.mark.parametrize("mode", ["greedy", "beam"])
-def test_xla_default_optimization_matches_transformers(pair, mode):
+@pytest.mark.parametrize("level", ["shipped", 3])
+def test_xla_optimization_levels_match_transformers(pair, mode, level):
     """conftest compiles the suite at XLA_FLAGS=--xla_backend_optimization_level=0 (half the compile time); here
-    the program is compiled as users get it (XLA's default level 3, set per program) and checked the same way."""
+    the program is compiled as users get it, set per program: ``generate_jit``'s CPU options (LLVM level 1) and
+    XLA's default level 3 (a user's own ``jax.jit(generate)``), and checked the same way."""
     import jax
 
-    from speechseq.decoding.generate import generate
+    from speechseq.decoding.generate import CPU_COMPILER_OPTIONS, generate
 
     p = pair("w2v-group", "bart")
     kwargs = settings(p, **(BEAM if mode == "beam" else {}))
     want, want_scores = hf_generate(p.hf, **kwargs)
     gen = p.ours.generation_config(**kwargs)
-    shipped = jax.jit(generate, static_argnames=("cfg", "gen", "dtype"),
-                      compiler_options={"xla_backend_optimization_level": 3})
+    options = CPU_COMPILER_OPTIONS if level == "shipped" else {"xla_backend_optimization_level": level}
+    shipped = jax.jit(generate, static_argnames=("cfg", "gen", "dtype"), compiler_options=options)
     out = shipped(p.ours.config, p.ours.params, X, MASK, gen, None, p.ours.dtype)
     np.testing.assert_array_equal(np.asarray(out.sequences)[:, :int(out.length)], want)
     if mode == "beam":
         np.testing.assert_allclose(np.asarray(out.scores), want_scores, rtol=0, atol=1e-4)
     else:
         assert_eos_mid_sequence(want, p.eos)
+
+
+def test_generate_jit_compiler_options(monkeypatch):
+    """LLVM level 1 on CPU only, and a level the user set in XLA_FLAGS wins; the pre-jitted function picks them by
+    the audio's platform (numpy: JAX's default backend)."""
+    import jax
+    import jax.numpy as jnp
+
+    from speechseq.decoding import generate as G
+
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+    assert G.compiler_options("cpu") == {"xla_backend_optimization_level": 1} == G.CPU_COMPILER_OPTIONS
+    assert G.compiler_options("gpu") is None and G.compiler_options("tpu") is None
+    monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=3")
+    assert G.compiler_options("cpu") is None
+
+    seen = []
+    monkeypatch.setattr(G, "compiler_options", lambda platform: seen.append(platform))
+    fn = G.PlatformJit(lambda cfg, p, x: x * p, ("cfg",), 2, "x")
+    assert float(fn(None, 2.0, jnp.float32(3.0))) == 6.0
+    assert float(fn(None, 2.0, x=np.float32(4.0))) == 8.0
+    assert float(fn.lower(None, 2.0, jnp.float32(1.0)).compile()(2.0, jnp.float32(1.0))) == 2.0
+    assert seen == [jax.default_backend()]  # one jitted function for the platform, made once
 
 
 # -- search settings and logits processors ------------------------------------------------------------------------
