@@ -180,6 +180,11 @@ def test_generate_jit_compiler_options(monkeypatch):
     assert float(fn.lower(None, 2.0, jnp.float32(1.0)).compile()(2.0, jnp.float32(1.0))) == 2.0
     assert seen == [jax.default_backend()]  # one jitted function for the platform, made once
 
+    # the options reach XLA: one it does not know fails the compile
+    monkeypatch.setattr(G, "compiler_options", lambda platform: {"no_such_xla_option": 1})
+    with pytest.raises(Exception, match="no_such_xla_option"):
+        G.PlatformJit(lambda cfg, p, x: x * p, ("cfg",), 2, "x")(None, 2.0, jnp.float32(3.0))
+
 
 # -- search settings and logits processors ------------------------------------------------------------------------
 
