@@ -174,7 +174,7 @@ def test_generate_jit_compiler_options(monkeypatch):
 
     seen = []
     monkeypatch.setattr(G, "compiler_options", lambda platform: seen.append(platform))
-    fn = G.PlatformJit(lambda cfg, p, x: x * p, ("cfg",), 2, "x")
+    fn = G.PlatformJit(lambda cfg, p, x: x * p, ("cfg",), "x")
     assert float(fn(None, 2.0, jnp.float32(3.0))) == 6.0
     assert float(fn(None, 2.0, x=np.float32(4.0))) == 8.0
     assert float(fn.lower(None, 2.0, jnp.float32(1.0)).compile()(2.0, jnp.float32(1.0))) == 2.0
@@ -183,7 +183,7 @@ def test_generate_jit_compiler_options(monkeypatch):
     # the options reach XLA: one it does not know fails the compile
     monkeypatch.setattr(G, "compiler_options", lambda platform: {"no_such_xla_option": 1})
     with pytest.raises(Exception, match="no_such_xla_option"):
-        G.PlatformJit(lambda cfg, p, x: x * p, ("cfg",), 2, "x")(None, 2.0, jnp.float32(3.0))
+        G.PlatformJit(lambda cfg, p, x: x * p, ("cfg",), "x")(None, 2.0, jnp.float32(3.0))
 
 
 # -- search settings and logits processors ------------------------------------------------------------------------

@@ -7,6 +7,7 @@ cache is preallocated for ``max_length`` and the loop stops when every sequence 
 
 from __future__ import annotations
 
+import inspect
 import os
 from functools import partial
 from typing import Any, Callable
@@ -129,12 +130,13 @@ def compiler_options(platform: str) -> dict | None:
 
 
 class PlatformJit:
-    """``jax.jit(fn, static_argnames=...)`` with ``compiler_options(platform)`` for the platform of the array at
-    ``input_index`` (numpy input or a tracer: JAX's default backend); one jitted function per platform, each with
-    jit's usual cache, called or lowered (``.lower``) like one."""
+    """``jax.jit(fn, static_argnames=...)`` with ``compiler_options(platform)`` for the platform of ``fn``'s argument
+    ``input_name``, passed by position or keyword (numpy input or a tracer: JAX's default backend); one jitted
+    function per platform, each with jit's usual cache, called or lowered (``.lower``) like one."""
 
-    def __init__(self, fn: Callable, static_argnames: tuple[str, ...], input_index: int, input_name: str):
-        self._fn, self._static, self._index, self._name = fn, static_argnames, input_index, input_name
+    def __init__(self, fn: Callable, static_argnames: tuple[str, ...], input_name: str):
+        self._fn, self._static, self._name = fn, static_argnames, input_name
+        self._index = list(inspect.signature(fn).parameters).index(input_name)
         self._jits: dict[str, Callable] = {}
 
     def _jit(self, args: tuple, kwargs: dict) -> Callable:
@@ -155,4 +157,4 @@ class PlatformJit:
         return self._jit(args, kwargs).lower(*args, **kwargs)
 
 
-generate_jit = PlatformJit(generate, ("cfg", "gen", "dtype"), 2, "input_values")
+generate_jit = PlatformJit(generate, ("cfg", "gen", "dtype"), "input_values")
