@@ -477,7 +477,8 @@ def main() -> None:
     transformers.utils.logging.disable_progress_bar()
     print(f"speechseq decode benchmark, {datetime.date.today()}, {cpu_name()} ({os.cpu_count()} CPUs), "
           f"jax {jax.__version__}, torch {torch.__version__}, transformers {transformers.__version__}"
-          + (f", XLA_FLAGS={os.environ['XLA_FLAGS']!r}" if os.environ.get("XLA_FLAGS") else ""))
+          + "".join(f", {name}={os.environ[name]!r}" for name in ("XLA_FLAGS", "GLIBC_TUNABLES")
+                    if os.environ.get(name)))
     print(f"load average before: {os.getloadavg()[0]:.2f}" + (" (other work is running: timings will be noisy)"
                                                              if os.getloadavg()[0] > 0.5 else ""))
     print(f"model: {'tiny (--quick)' if args.quick else 'wav2vec2-base + bert-base'}, batch {args.batch}, "

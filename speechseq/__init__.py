@@ -2,13 +2,17 @@
 
 from speechseq.config import DecoderConfig, EncoderConfig, SpeechSeq2SeqConfig  # noqa: F401
 from speechseq.errors import CheckpointError, ConfigError, InputError, SpeechSeqError  # noqa: F401
-from speechseq.speech_seq2seq import SpeechSeq2Seq  # noqa: F401
 
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    if name == "Processor":  # imported on first use: it pulls in soundfile, tokenizers and sentencepiece
+    # imported on first use, so that ``import speechseq.cli`` (the command) starts without jax
+    if name == "SpeechSeq2Seq":
+        from speechseq.speech_seq2seq import SpeechSeq2Seq
+
+        return SpeechSeq2Seq
+    if name == "Processor":  # also pulls in soundfile, tokenizers and sentencepiece
         from speechseq.processor import Processor
 
         return Processor

@@ -165,3 +165,69 @@ def test_console_script_help(capsys):
         with pytest.raises(SystemExit) as exit_:
             main([cmd, "--help"])
         assert exit_.value.code == 0 and f"usage: speechseq {cmd}" in capsys.readouterr().out, cmd
+
+
+@pytest.mark.parametrize("environ, thp, libc, expected", [
+    ({}, "madvise", "glibc 2.36", "glibc.malloc.hugetlb=1"),
+    ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, "madvise", "glibc 2.39",
+     "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"),  # the user's tunables are kept
+    ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, "madvise", "glibc 2.36", None),  # the user's choice stands
+    ({"SPEECHSEQ_HUGEPAGES": "0"}, "madvise", "glibc 2.36", None),
+    ({}, "always", "glibc 2.36", None),  # every mapping gets huge pages already
+    ({}, "never", "glibc 2.36", None),
+    ({}, None, "glibc 2.36", None),  # no THP (not Linux, or no sysfs)
+    ({}, "madvise", "glibc 2.34", None),  # no such tunable before 2.35
+    ({}, "madvise", None, None),  # musl, or not Linux
+])
+def test_hugepage_env(environ, thp, libc, expected):
+    from speechseq.cli import hugepage_env
+
+    env = hugepage_env({"PATH": "/bin", **environ}, thp, libc)
+    assert (env and env["GLIBC_TUNABLES"]) == expected
+    if env:
+        assert env["PATH"] == "/bin"
+
+
+def test_transcribe_from_the_command_line_reruns_with_hugepages(tmp_path, monkeypatch, capsys):
+    """``speechseq transcribe`` on the command line replaces its process by the same command under glibc's huge page
+    tunable; from Python (``main([...])``), with the tunable already set, and for the other commands it runs as is."""
+    import os
+
+    from speechseq import cli
+
+    class Rerun(Exception):
+        pass
+
+    def execve(path, args, env):
+        raise Rerun(path, args, env)
+
+    monkeypatch.setattr(os, "execve", execve)
+    monkeypatch.setattr(os, "confstr", lambda name: "glibc 2.36")
+    monkeypatch.setattr(cli, "_thp_mode", lambda: "madvise")
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    monkeypatch.delenv("SPEECHSEQ_HUGEPAGES", raising=False)
+    argv = ["speechseq", "-q", "--cache-dir", str(tmp_path / "cache"), "transcribe", str(tmp_path / "missing.wav"),
+            "--model", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(Rerun) as rerun:
+        main()
+    path, args, env = rerun.value.args
+    assert path == sys.executable and args == sys.orig_argv and env["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+
+    assert main(argv[1:]) == 2 and "missing.wav" in capsys.readouterr().err  # from Python: no rerun
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")  # the rerun process itself
+    assert main() == 2 and "missing.wav" in capsys.readouterr().err
+    monkeypatch.delenv("GLIBC_TUNABLES")
+    monkeypatch.setattr(sys, "argv", ["speechseq", "inspect", str(tmp_path / "nothing")])
+    assert main() == 2
+
+
+def test_command_line_transcribe_end_to_end_error(tmp_path):
+    """The real thing in a fresh process (on Linux with THP in madvise mode it reruns itself once): a missing file
+    still gives one error line and status 2; importing the command does not import jax."""
+    r = subprocess.run([sys.executable, "-m", "speechseq.cli", "--cache-dir", str(tmp_path / "cache"), "transcribe",
+                        str(tmp_path / "missing.wav"), "--model", str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "missing.wav" in r.stderr, r.stderr
+    r = subprocess.run([sys.executable, "-c", "import sys, speechseq.cli; print('jax' in sys.modules)"],
+                       capture_output=True, text=True)
+    assert r.stdout.strip() == "False", r.stderr
