@@ -222,12 +222,41 @@ def test_transcribe_from_the_command_line_reruns_with_hugepages(tmp_path, monkey
     assert main() == 2
 
 
+RERUN_PROBE = """
+import os, sys
+real_execve = os.execve
+def execve(path, args, env):
+    print("RERUN", env["GLIBC_TUNABLES"], file=sys.stderr, flush=True)
+    real_execve(path, args, env)
+os.execve = execve
+from speechseq import cli
+print("RUN", os.environ.get("GLIBC_TUNABLES"), file=sys.stderr, flush=True)
+sys.argv = ["speechseq"] + sys.argv[1:]
+sys.exit(cli.main())
+"""
+
+
 def test_command_line_transcribe_end_to_end_error(tmp_path):
-    """The real thing in a fresh process (on Linux with THP in madvise mode it reruns itself once): a missing file
-    still gives one error line and status 2; importing the command does not import jax."""
-    r = subprocess.run([sys.executable, "-m", "speechseq.cli", "--cache-dir", str(tmp_path / "cache"), "transcribe",
-                        str(tmp_path / "missing.wav"), "--model", str(tmp_path)], capture_output=True, text=True)
-    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "missing.wav" in r.stderr, r.stderr
+    """The real thing in a fresh process: where ``hugepage_env`` applies (Linux, glibc >= 2.35, THP in madvise mode)
+    the command reruns itself exactly once, the second process runs under the tunable, and a missing file still
+    gives one error line and status 2; importing the command does not import jax."""
+    import os
+
+    from speechseq import cli
+
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "SPEECHSEQ_HUGEPAGES")}
+    try:
+        libc = os.confstr("CS_GNU_LIBC_VERSION")
+    except (AttributeError, ValueError, OSError):
+        libc = None
+    reruns = cli.hugepage_env(env, cli._thp_mode(), libc) is not None
+    r = subprocess.run([sys.executable, "-c", RERUN_PROBE, "--cache-dir", str(tmp_path / "cache"), "transcribe",
+                        str(tmp_path / "missing.wav"), "--model", str(tmp_path)], capture_output=True, text=True,
+                       env=env)
+    lines = r.stderr.splitlines()
+    expected = (["RUN None", "RERUN glibc.malloc.hugetlb=1", "RUN glibc.malloc.hugetlb=1"] if reruns else
+                ["RUN None"])
+    assert r.returncode == 2 and lines[:-1] == expected and "missing.wav" in lines[-1], r.stderr
     r = subprocess.run([sys.executable, "-c", "import sys, speechseq.cli; print('jax' in sys.modules)"],
                        capture_output=True, text=True)
     assert r.stdout.strip() == "False", r.stderr
