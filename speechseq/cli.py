@@ -3,7 +3,6 @@
 Every subcommand prints ``--help``, shows progress on long work on stderr, and on bad input exits with status 2
 and one line ``speechseq: error: ...`` (no traceback). Compiled programs are kept in JAX's persistent cache
 (``--cache-dir``, default ``$SPEECHSEQ_CACHE_DIR`` or ``~/.cache/speechseq/jax``), so a second run starts warm.
-On Linux ``transcribe`` runs with glibc's malloc asking for transparent huge pages (``hugepage_env``).
 """
 
 from __future__ import annotations
@@ -11,11 +10,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import time
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Sequence
 
 from speechseq.errors import SpeechSeqError
 
@@ -33,50 +31,6 @@ def enable_compilation_cache(directory: str) -> None:
     jax.config.update("jax_compilation_cache_dir", directory)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-
-
-HUGEPAGE_TUNABLE = "glibc.malloc.hugetlb=1"
-
-
-def hugepage_env(environ: Mapping[str, str], thp_mode: str | None, libc: str | None) -> dict[str, str] | None:
-    """The environment to run ``speechseq transcribe`` in so that glibc's malloc asks for transparent huge pages
-    (``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``, added to any tunables already set), or None where that would change
-    nothing: already set, ``SPEECHSEQ_HUGEPAGES=0``, the kernel's THP mode (``thp_mode``) not ``madvise``, or a C
-    library (``libc``, as ``os.confstr("CS_GNU_LIBC_VERSION")``) other than glibc >= 2.35.
-
-    XLA CPU allocates a program's buffers afresh on every call, and glibc maps the large ones (above 32 MiB) anew
-    each time, so a greedy ``generate`` of a base-size model faults in ~100 MB of 4 KiB pages per call; with the
-    tunable the process takes ~7x fewer page faults and greedy ``generate`` ran ~10% faster (benchmarks/README.md).
-    """
-    if environ.get("SPEECHSEQ_HUGEPAGES") == "0" or "glibc.malloc.hugetlb" in environ.get("GLIBC_TUNABLES", ""):
-        return None
-    match = re.fullmatch(r"glibc (\d+)\.(\d+).*", libc or "")
-    if thp_mode != "madvise" or not match or (int(match[1]), int(match[2])) < (2, 35):
-        return None
-    return {**environ, "GLIBC_TUNABLES": ":".join(filter(None, [environ.get("GLIBC_TUNABLES"), HUGEPAGE_TUNABLE]))}
-
-
-def _thp_mode() -> str | None:
-    """The kernel's transparent huge page mode ("always", "madvise", "never"), None if unknown."""
-    try:
-        match = re.search(r"\[(\w+)\]", Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text())
-    except OSError:
-        return None
-    return match[1] if match else None
-
-
-def _rerun_with_hugepages() -> None:
-    """Replace this process by the same command with ``hugepage_env``'s environment, where it applies (glibc reads
-    its tunables only at start-up)."""
-    try:
-        libc = os.confstr("CS_GNU_LIBC_VERSION")
-    except (AttributeError, ValueError, OSError):
-        libc = None
-    env = hugepage_env(os.environ, _thp_mode(), libc)
-    if env is not None:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.execve(sys.executable, sys.orig_argv, env)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -265,8 +219,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "transcribe":
-            if argv is None:  # the command line, not a call from Python
-                _rerun_with_hugepages()
             enable_compilation_cache(_cache_dir(args.cache_dir))
         return args.func(args)
     except SpeechSeqError as e:
