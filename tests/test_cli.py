@@ -171,3 +171,7 @@ def test_command_starts_without_jax():
     r = subprocess.run([sys.executable, "-c", "import sys, speechseq.cli; print('jax' in sys.modules)"],
                        capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr
+    import speechseq  # the lazy names are still listed and load on use
+
+    assert {"SpeechSeq2Seq", "Processor", "SpeechSeq2SeqConfig"} <= set(dir(speechseq))
+    assert speechseq.SpeechSeq2Seq.__name__ == "SpeechSeq2Seq"
