@@ -15,6 +15,8 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 # the command line's JAX compilation cache goes to a fresh folder per test session, never the user's ~/.cache
 os.environ["SPEECHSEQ_CACHE_DIR"] = tempfile.mkdtemp(prefix="speechseq-test-jax-cache-")
 atexit.register(shutil.rmtree, os.environ["SPEECHSEQ_CACHE_DIR"], True)
+# the CPU decode kernel (speechseq.kernels) is built once into a folder the test workers share, not ~/.cache
+os.environ["SPEECHSEQ_KERNEL_DIR"] = os.path.join(tempfile.gettempdir(), f"speechseq-test-kernels-{os.getuid()}")
 
 # The suite compiles a few hundred small programs, and LLVM's optimisation of XLA's CPU kernels is about half of each
 # compile (tiny beam-4 generate: 5.3 -> 2.6 s) while buying nothing on tiny models. Same HLO programs, same checks;
@@ -23,6 +25,7 @@ atexit.register(shutil.rmtree, os.environ["SPEECHSEQ_CACHE_DIR"], True)
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
 # Tiny reference models: torch's OpenMP threads only fight XLA for the 2 cores (100x slower generate under load).
@@ -33,3 +36,28 @@ def pytest_collection_modifyitems(items):
     """Tests marked ``first`` (the longest: a child process on four simulated devices, ~2 min) go first: pytest-xdist
     hands tests out in collection order, and started last such a test keeps one core busy alone at the end."""
     items.sort(key=lambda item: item.get_closest_marker("first") is None)
+
+
+@pytest.fixture(params=["kernel", "xla"])
+def native(request):
+    """Runs a test with the decode step's weight dots in the CPU kernel (``speechseq.kernels``) and with XLA's:
+    the kernel's availability is decided once per process, so "xla" marks it off and clears JAX's caches (traced
+    programs that used it) before and after."""
+    import jax
+
+    from speechseq import kernels
+
+    if request.param == "kernel":
+        if not kernels.available():
+            pytest.skip(kernels.status())
+        yield request.param
+        return
+    saved = dict(kernels._state)
+    kernels._state.update(ok=False, why="turned off by the test")
+    jax.clear_caches()
+    try:
+        yield request.param
+    finally:
+        kernels._state.clear()
+        kernels._state.update(saved)
+        jax.clear_caches()

@@ -375,10 +375,11 @@ def jitted_parts():
 
 @pytest.mark.parametrize("dec", ["bert", "gpt2", "bart"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_decode_step_layout_matches_teacher_forced_pass(pair, dec, dtype):
+def test_decode_step_layout_matches_teacher_forced_pass(pair, dec, dtype, native):
     """One-token steps over the decode layout (``prepare_decoder``, head-major caches) give the logits of the
-    teacher-forced pass over stored params, in float32 and in bfloat16 (weights cast once, to the compute dtype);
-    so do steps over the stored (stacked) params with a stacked cache."""
+    teacher-forced pass over stored params, in float32 and in bfloat16 (weights cast once, to the compute dtype),
+    with the CPU kernel's weight dots and with XLA's; so do steps over the stored (stacked) params with a stacked
+    cache."""
     import jax.numpy as jnp
 
     from speechseq.decoders import transformer
@@ -392,8 +393,10 @@ def test_decode_step_layout_matches_teacher_forced_pass(pair, dec, dtype):
     want = np.asarray(decode(cfg.decoder, params["decoder"], ids, cross, enc_mask, dtype=dt)[0])
 
     dec_p = prepare_decoder(cfg, params, dt)
-    kernels = [x for lp in dec_p["layers"] for x in (lp["self_attn"]["qkv"]["kernel_t"], lp["mlp"]["wi"]["kernel_t"])]
-    assert {x.dtype for x in kernels + [dec_p["head"]["kernel_t"]]} == {dt}
+    # float32 on CPU: packed for the CPU kernel (``speechseq.kernels``) where it runs, else [Dout, Din]
+    key = "kernel_p" if native == "kernel" and dtype == "float32" else "kernel_t"
+    kernels = [x for lp in dec_p["layers"] for x in (lp["self_attn"]["qkv"][key], lp["mlp"]["wi"][key])]
+    assert {x.dtype for x in kernels + [dec_p["head"][key]]} == {dt}
     tol = (1e-5 if dtype == "float32" else 3e-2) * np.abs(want).max()
     layouts = [(dec_p, decode_cross_kv(cfg.decoder, dec_p["layers"], frames, dt), True),
                (params["decoder"], cross, False)]
@@ -466,3 +469,12 @@ def test_bad_settings_raise_one_line_before_compiling(pair, kwargs, words):
     for word in words:
         assert word in msg, msg
     assert TRACES["generate"] == before
+
+
+@pytest.mark.parametrize("dec", ["bert", "gpt2"])
+@pytest.mark.parametrize("mode", ["greedy", "beam"])
+def test_generate_matches_transformers_with_either_weight_dots(pair, dec, mode, native):
+    """The decode step's weight dots in the CPU kernel (``speechseq.kernels``, the default where it builds) and in
+    XLA (without a compiler, or ``SPEECHSEQ_NATIVE=0``) give transformers' tokens and beam scores alike."""
+    seqs = assert_parity(pair("w2v-group", dec), **(BEAM if mode == "beam" else {}))
+    assert np.all(seqs[:, 0] == START)

@@ -16,6 +16,7 @@ from typing import Mapping, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from speechseq import kernels
 from speechseq.config import DecoderConfig
 from speechseq.errors import InputError
 from speechseq.layers.core import (activation, attention, block, dense, embedding_lookup, layer_norm, mlp, out_major,
@@ -140,7 +141,9 @@ def lm_head(cfg: DecoderConfig, p: Params, h: jax.Array, dtype: jnp.dtype) -> ja
     if cfg.head_transform:
         h = activation(cfg.head_act)(dense(head["transform"], h, dtype))
         h = layer_norm(head["transform_norm"], h, cfg.layer_norm_eps)
-    if "kernel_t" in head:  # decode-step layout (``prepare_head``): [V, D]
+    if "kernel_p" in head:  # decode-step layout for the CPU kernel (``prepare_head``): [ceil(V / 16), D, 16]
+        logits = kernels.panel_dot(h.astype(jnp.float32), head["kernel_p"])[..., :cfg.vocab_size]
+    elif "kernel_t" in head:  # decode-step layout (``prepare_head``): [V, D]
         logits = out_major_dot(h.astype(dtype), head["kernel_t"].astype(dtype)).astype(jnp.float32)
     elif cfg.tie_word_embeddings:
         logits = jnp.einsum("btd,vd->btv", h.astype(dtype), p["embed"]["tokens"].astype(dtype),
@@ -214,11 +217,12 @@ def prepare_layer(lp: Params, dtype: jnp.dtype) -> dict:
 
 def prepare_head(p: Params, dtype: jnp.dtype) -> dict:
     """Everything but the layers in decode-step layout (the output projection as ``head/kernel_t`` [V, D], tied or
-    not, in the compute dtype); see ``prepare_layer``."""
+    not, in the compute dtype, or packed for the CPU kernel as ``head/kernel_p``); see ``prepare_layer``."""
     out = {k: v for k, v in p.items() if k != "layers"}
     head = dict(p.get("head", {}))
     tied = "kernel" not in head
-    head["kernel_t"] = (p["embed"]["tokens"] if tied else head.pop("kernel").T).astype(dtype)
+    w_t = (p["embed"]["tokens"] if tied else head.pop("kernel").T).astype(dtype)
+    head.update({"kernel_p": kernels.pack(w_t)} if kernels.use_for(w_t) else {"kernel_t": w_t})
     if "transform" in head:
         head["transform"] = out_major(head["transform"], dtype)
     out["head"] = head
