@@ -20,9 +20,9 @@ script says so and goes on without it.
 The roofline part measures this machine's float32 matmul FLOP/s and weight-streaming GB/s with XLA, and compares
 speechseq's per-token decoder step (generate with all new tokens minus generate with one new token, divided by the
 steps in between) with the lower bound "bytes the step must read / streaming GB/s". It also times the step's weight
-dots alone (``weight_dots_job``), in the same rounds: how close XLA CPU's dot kernels themselves come to that bound
-on the step's shapes (4 or 16 rows against 768-3072-wide weights), which separates the kernels' limit from the
-rest of the step.
+dots alone (``weight_dots_job``), in the same rounds: how close the step's dot kernels themselves (the CPU kernel of
+``speechseq.kernels`` where it builds, else XLA CPU's; the header says which) come to that bound on the step's
+shapes (4 or 16 rows against 768-3072-wide weights), which separates the kernels' limit from the rest of the step.
 """
 
 from __future__ import annotations
@@ -198,20 +198,25 @@ def speechseq_jobs(ckpt: Path, audio, args) -> tuple[dict, dict]:
 
 
 def weight_dots_job(model, rows: int, info: dict):
-    """A job that runs only the decode step's weight dots, as the step does them (``out_major_dot`` on the decoder's
-    decode-layout ``kernel_t`` arrays, ``rows`` rows each, chained one after the other), in one jitted program: the
-    rate XLA CPU's dot kernels reach on these shapes, timed in the same rounds as the step. Made on first call (after
-    ``generate``'s first calls, whose compile figure includes the decode layout); records bytes and FLOPs in ``info``.
+    """A job that runs only the decode step's weight dots, as the step does them (``dense`` on the decoder's
+    decode-layout weights: ``kernel_p`` through the CPU kernel of ``speechseq.kernels`` where it runs, else
+    ``kernel_t`` through XLA's dots; ``rows`` rows each, chained one after the other), in one jitted program: the
+    rate the step's dot kernels reach on these shapes, timed in the same rounds as the step. Made on first call
+    (after ``generate``'s first calls, whose compile figure includes the decode layout); records bytes and FLOPs
+    in ``info``.
     """
     import jax
     import jax.numpy as jnp
 
-    from speechseq.layers.core import out_major_dot
+    from speechseq.layers.core import dense
+
+    def width(w):  # Din of a weight in either layout
+        return w.shape[1]
 
     def dots(weights, x):
         s = jnp.float32(0)
-        for w in weights:  # each dot waits for the previous one's result, as in the step
-            s = out_major_dot(x[:, :w.shape[1]] + 1e-30 * s, w).sum()
+        for key, w in weights:  # each dot waits for the previous one's result, as in the step
+            s = dense({key: w}, x[:, :width(w)] + 1e-30 * s, w.dtype).sum()
         return s
 
     made = {}
@@ -219,11 +224,13 @@ def weight_dots_job(model, rows: int, info: dict):
     def run():
         if not made:
             tree = jax.tree_util.tree_leaves_with_path(model._decoder_params())
-            weights = [w for path, w in tree if getattr(path[-1], "key", None) == "kernel_t"]
+            weights = [(path[-1].key, w) for path, w in tree
+                       if getattr(path[-1], "key", None) in ("kernel_t", "kernel_p")]
             made.update(fn=jax.jit(dots), weights=weights,
-                        x=jnp.ones((rows, max(w.shape[1] for w in weights)), weights[0].dtype))
-            info[rows] = {"count": len(weights), "bytes": sum(w.nbytes for w in weights),
-                          "flops": 2 * rows * sum(w.size for w in weights)}
+                        x=jnp.ones((rows, max(width(w) for _, w in weights)), weights[0][1].dtype))
+            info[rows] = {"count": len(weights), "bytes": sum(w.nbytes for _, w in weights),
+                          "flops": 2 * rows * sum(w.size for _, w in weights),
+                          "kernel": "the CPU kernel" if weights[0][0] == "kernel_p" else "XLA CPU"}
         jax.block_until_ready(made["fn"](made["weights"], made["x"]))
 
     return run
@@ -431,8 +438,8 @@ def report(args, machine, sq, pt, fx, dims, extra) -> str:
             own = max(info["bytes"] / bw, info["flops"] / (machine["matmul_gflops"] * 1e9))
             lines.append(f"    the step's {info['count']} weight dots alone (one program, same rounds): best "
                          f"{1e3 * t:.1f} ms = {info['bytes'] / t / 1e9:.1f} GB/s, {info['flops'] / t / 1e9:.0f} "
-                         f"GFLOP/s, {t / own:.2f}x their bytes/FLOPs bound (about the floor XLA CPU's dot kernels set "
-                         f"on these shapes); median "
+                         f"GFLOP/s, {t / own:.2f}x their bytes/FLOPs bound (about the floor {info['kernel']}'s dot "
+                         f"kernels set on these shapes); median "
                          f"{1e3 * dots['steady_s']:.1f} ms, the step = {per_token / dots['steady_s']:.2f}x that")
     return "\n".join(lines)
 
@@ -479,6 +486,9 @@ def main() -> None:
           f"jax {jax.__version__}, torch {torch.__version__}, transformers {transformers.__version__}"
           + "".join(f", {name}={os.environ[name]!r}" for name in ("XLA_FLAGS", "GLIBC_TUNABLES")
                     if os.environ.get(name)))
+    from speechseq import kernels
+
+    print(f"speechseq's decode step: {kernels.status()}")
     print(f"load average before: {os.getloadavg()[0]:.2f}" + (" (other work is running: timings will be noisy)"
                                                              if os.getloadavg()[0] > 0.5 else ""))
     print(f"model: {'tiny (--quick)' if args.quick else 'wav2vec2-base + bert-base'}, batch {args.batch}, "

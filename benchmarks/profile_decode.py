@@ -9,7 +9,8 @@ For each ``num_beams`` value it compiles ``SpeechSeq2Seq.generate`` (EOS suppres
 once more under ``jax.profiler`` and reads the trace's op events (a Perfetto JSON trace, no extra packages). Ops
 that ran once per token (as many times as there are new tokens, or a multiple) are the token loop; the rest run once
 per call (encoder, cross-attention K/V, set-up). Dots and convolutions are the ``ynn_fusion`` (YNNPACK), ``dot``
-and ``conv*`` ops on XLA CPU; everything else is elementwise work, copies, top-k (``custom-call``), gathers. Times
+and ``conv*`` ops on XLA CPU and the ``ffi_call`` ops of speechseq's CPU kernel (``speechseq.kernels``); everything
+else is elementwise work, copies, top-k (``custom-call``), gathers. Times
 are summed over the threads that ran them, so on a busy machine read the split between the groups rather than the
 totals. CPU only: other backends name their ops differently.
 
@@ -38,7 +39,7 @@ import numpy as np
 from decode import build_checkpoint, speechseq_generate, strategy_name
 
 CONTROL = ("while", "conditional", "call")  # ops that hold other ops: their time is their body's
-DOTS = ("ynn_fusion", "dot", "conv")  # YNNPACK / Eigen dots and convolutions
+DOTS = ("ynn_fusion", "dot", "conv", "ffi_call")  # YNNPACK / Eigen dots, convolutions, speechseq.kernels' dots
 
 
 def is_dot(name: str) -> bool:

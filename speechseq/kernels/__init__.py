@@ -8,9 +8,9 @@ benchmark's machine it runs the decoder's weight dots 1.4x (4 rows) to 1.6x (16 
 It is built once per machine with the system C++ compiler (``$CXX`` or ``c++``, ``-march=native``) against the
 XLA FFI headers of the installed jaxlib, kept in ``cache_dir()`` (``$SPEECHSEQ_KERNEL_DIR``, default
 ``~/.cache/speechseq/kernels``; the file name is a hash of the source, jaxlib's version and the CPU), and called
-through ``jax.ffi``. Without a compiler, with ``SPEECHSEQ_NATIVE=0``, on other backends or for other dtypes, the
-decode step keeps XLA's dots (``layers.core.out_major_dot``): the results agree to float32 rounding. ``status()``
-says which and why.
+through ``jax.ffi``. Without a compiler, with ``SPEECHSEQ_NATIVE=0``, on other backends, with several devices or
+for other dtypes, the decode step keeps XLA's dots (``layers.core.out_major_dot``): the results agree to float32
+rounding. ``status()`` says which and why.
 
 Weights for it are packed once per model, ``pack``: [N, K] (a kernel stored [Dout, Din]) -> [ceil(N / 16), K, 16],
 zero-padded; ``panel_dot`` takes x [..., K] and returns [..., 16 * panels].
@@ -119,9 +119,11 @@ def status() -> str:
 
 
 def use_for(w_t: jax.Array) -> bool:
-    """Whether a decode-step weight [Dout, Din] should be packed for ``panel_dot``: float32 on the CPU backend,
-    with the kernel available."""
-    return w_t.dtype == jnp.float32 and w_t.ndim == 2 and jax.default_backend() == "cpu" and available()
+    """Whether a decode-step weight [Dout, Din] should be packed for ``panel_dot``: float32 on a CPU backend of one
+    device, with the kernel available. With several devices the program may be sharded, and XLA's partitioner
+    would gather a custom call's operands onto every device; XLA's own dots shard."""
+    return (w_t.dtype == jnp.float32 and w_t.ndim == 2 and jax.default_backend() == "cpu"
+            and jax.device_count() == 1 and available())
 
 
 def pack(w_t: jax.Array) -> jax.Array:
