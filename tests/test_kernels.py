@@ -45,6 +45,8 @@ def test_panel_dot_keeps_leading_axes_and_maps():
 
 
 def test_pack_layout():
+    """Panel p holds outputs 16p..16p+15 as [K, 16], zero-padded; the same in numpy (eager) and traced (in jit)."""
+    import jax
     import jax.numpy as jnp
 
     w_t = np.arange(20 * 3, dtype=np.float32).reshape(20, 3)
@@ -53,6 +55,7 @@ def test_pack_layout():
     for n in range(20):
         np.testing.assert_array_equal(wp[n // 16, :, n % 16], w_t[n])
     assert np.all(wp[1, :, 4:] == 0)
+    np.testing.assert_array_equal(np.asarray(jax.jit(kernels.pack)(jnp.asarray(w_t))), wp)
 
 
 def test_out_major_packs_only_what_dense_can_cut(monkeypatch):

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 PANEL = 16
 TARGET = "speechseq_few_row_dot"
@@ -127,9 +128,14 @@ def use_for(w_t: jax.Array) -> bool:
 
 
 def pack(w_t: jax.Array) -> jax.Array:
-    """A weight stored [N, K] ([Dout, Din]) -> panels [ceil(N / 16), K, 16], the last zero-padded."""
+    """A weight stored [N, K] ([Dout, Din]) -> panels [ceil(N / 16), K, 16], the last zero-padded. Outside ``jit``
+    (the output projection in ``prepare_decoder``) in numpy: XLA takes ~1 s to compile this transpose."""
     n, k = w_t.shape
     panels = -(-n // PANEL)
+    if not isinstance(w_t, jax.core.Tracer):
+        w = np.zeros((panels * PANEL, k), w_t.dtype)
+        w[:n] = np.asarray(w_t)
+        return jnp.asarray(np.ascontiguousarray(w.reshape(panels, PANEL, k).transpose(0, 2, 1)))
     w = jnp.pad(w_t, ((0, panels * PANEL - n), (0, 0)))
     return jnp.transpose(w.reshape(panels, PANEL, k), (0, 2, 1))
 
