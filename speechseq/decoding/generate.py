@@ -104,8 +104,8 @@ def prepare_decoder(cfg: SpeechSeq2SeqConfig, params: Any, dtype: Any = jnp.floa
     per-layer params (``transformer.prepare_layer``) and the rest (``transformer.prepare_head``).
 
     Called outside ``jit``, it runs one small compiled program per layer (compiled once for all layers) and the rest
-    op by op (a tied output projection already in ``dtype`` is the embedding table itself, not a copy); inside
-    ``generate`` it is part of that program.
+    op by op (a tied output projection already in ``dtype`` is the embedding table itself, not a copy, unless it is
+    packed for the CPU kernel of ``speechseq.kernels``); inside ``generate`` it is part of that program.
     """
     dtype, p = jnp.dtype(dtype), params["decoder"]
     layers = [_prepare_layer(p["layers"], jnp.int32(i), dtype) for i in range(cfg.decoder.num_layers)]
