@@ -39,7 +39,7 @@ SOURCE = Path(__file__).with_name("few_row_dot.cc")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 
 _lock = threading.Lock()
-_state: dict[str, object] = {}  # "ok": bool, "why": str, "path": str
+_state: dict[str, object] = {}  # "ok": whether the kernel runs here; "why": the reason, for status()
 
 
 def cache_dir() -> Path:
