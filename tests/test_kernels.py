@@ -28,6 +28,8 @@ def test_panel_dot_matches_numpy(rows, n, k):
     want = x.astype(np.float64) @ w_t.T.astype(np.float64)
     np.testing.assert_allclose(got[:, :n], want, rtol=0, atol=1e-5 * np.abs(want).max())
     assert np.all(got[:, n:] == 0), "the padding's outputs are zeros"
+    wp = kernels.pack(jnp.asarray(w_t))
+    np.testing.assert_array_equal(np.asarray(kernels.panel_dot(jnp.asarray(x), wp, n)), got[:, :n])
 
 
 def test_panel_dot_keeps_leading_axes_and_maps():

@@ -142,7 +142,7 @@ def lm_head(cfg: DecoderConfig, p: Params, h: jax.Array, dtype: jnp.dtype) -> ja
         h = activation(cfg.head_act)(dense(head["transform"], h, dtype))
         h = layer_norm(head["transform_norm"], h, cfg.layer_norm_eps)
     if "kernel_p" in head:  # decode-step layout for the CPU kernel (``prepare_head``): [ceil(V / 16), D, 16]
-        logits = kernels.panel_dot(h.astype(jnp.float32), head["kernel_p"])[..., :cfg.vocab_size]
+        logits = kernels.panel_dot(h.astype(jnp.float32), head["kernel_p"], cfg.vocab_size)
     elif "kernel_t" in head:  # decode-step layout (``prepare_head``): [V, D]
         logits = out_major_dot(h.astype(dtype), head["kernel_t"].astype(dtype)).astype(jnp.float32)
     elif cfg.tie_word_embeddings:

@@ -13,7 +13,7 @@ for other dtypes, the decode step keeps XLA's dots (``layers.core.out_major_dot`
 rounding. ``status()`` says which and why.
 
 Weights for it are packed once per model, ``pack``: [N, K] (a kernel stored [Dout, Din]) -> [ceil(N / 16), K, 16],
-zero-padded; ``panel_dot`` takes x [..., K] and returns [..., 16 * panels].
+zero-padded; ``panel_dot`` takes x [..., K] and returns [..., N] (or all 16 * panels outputs).
 """
 
 from __future__ import annotations
@@ -140,10 +140,10 @@ def pack(w_t: jax.Array) -> jax.Array:
     return jnp.transpose(w.reshape(panels, PANEL, k), (0, 2, 1))
 
 
-def panel_dot(x: jax.Array, wp: jax.Array) -> jax.Array:
-    """x [..., K] float32 times the packed weight wp [P, K, 16] -> [..., 16 * P] float32 (the padded outputs are
-    zeros)."""
+def panel_dot(x: jax.Array, wp: jax.Array, n: int | None = None) -> jax.Array:
+    """x [..., K] float32 times the packed weight wp [P, K, 16] -> [..., n] float32: the first ``n`` outputs (the
+    kernel writes no others), or all 16 * P (the padding's are zeros)."""
     rows = x.reshape(-1, x.shape[-1])
-    out = jax.ShapeDtypeStruct((rows.shape[0], wp.shape[0] * PANEL), jnp.float32)
+    out = jax.ShapeDtypeStruct((rows.shape[0], wp.shape[0] * PANEL if n is None else n), jnp.float32)
     y = jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")(rows, wp)
     return y.reshape(*x.shape[:-1], out.shape[1])

@@ -45,9 +45,8 @@ def check_activation(name: str, where: str) -> str:
 def dense(p: Params, x: jax.Array, dtype: jnp.dtype) -> jax.Array:
     """[..., Din] @ kernel [Din, Dout] (+ bias) in ``dtype``; or with ``kernel_t`` [Dout, Din] or ``kernel_p``
     (float32 panels for the CPU decode kernel), see ``out_major``."""
-    if "kernel_p" in p:  # [..., 16 * panels]: the padding's outputs are cut to the bias's width
-        y = kernels.panel_dot(x.astype(jnp.float32), p["kernel_p"])
-        y = y[..., :p["bias"].shape[0]] if "bias" in p else y
+    if "kernel_p" in p:  # as many outputs as the bias has (a kernel without one fills whole panels)
+        y = kernels.panel_dot(x.astype(jnp.float32), p["kernel_p"], p["bias"].shape[0] if "bias" in p else None)
     elif "kernel_t" in p:
         y = out_major_dot(x.astype(dtype), p["kernel_t"].astype(dtype))
     else:
@@ -72,7 +71,7 @@ def out_major_dot(x: jax.Array, w_t: jax.Array) -> jax.Array:
 def out_major(p: Params, dtype: jnp.dtype) -> dict:
     """A dense layer's params for decode steps: the kernel stored [Dout, Din] in ``dtype`` (``kernel_t``), or, where
     ``speechseq.kernels`` runs (float32 on CPU), packed for it (``kernel_p`` [ceil(Dout / 16), Din, 16]), if a bias
-    or a Dout that is a multiple of 16 tells ``dense`` the width to cut the padded outputs to."""
+    or a Dout that is a multiple of 16 tells ``dense`` how many outputs there are."""
     w_t = p["kernel"].T.astype(dtype)
     use = kernels.use_for(w_t) and ("bias" in p or w_t.shape[0] % kernels.PANEL == 0)
     q = {"kernel_p": kernels.pack(w_t)} if use else {"kernel_t": w_t}
