@@ -81,7 +81,7 @@ class SpeechSeq2Seq:
         self.params = params
         self.dtype = _dtype(dtype)
         self.loading_info = loading_info or table.LoadReport([], [], [])
-        self._decode_cache: tuple | None = None  # (dtype, decoder leaves, decode-layout decoder params)
+        self._decode_cache: tuple | None = None  # (dtype, decoder leaves, {packed for the kernel?: params})
 
     # -- construction ----------------------------------------------------------------------------------------------
 
@@ -217,34 +217,41 @@ class SpeechSeq2Seq:
         return G.make(defaults, dec.max_positions - dec.position_offset, **kwargs)
 
     def _decoder_params(self, generate_args: tuple | None = None) -> Any:
-        """The decoder weights in decode-step layout, made on first use and kept while ``params`` and ``dtype`` stay
-        the same (a second copy of the decoder weights; ``generate`` without it would redo the layout per call).
+        """The decoder weights in decode-step layout for ``generate_jit(*generate_args)`` (None: for few rows),
+        made on first use and kept while ``params`` and ``dtype`` stay the same (a second copy of the decoder
+        weights; ``generate`` without it would redo the layout per call). The layout depends on the steps' rows
+        (``prepare_decoder(rows=)``): a model used with both few and many rows keeps one of each.
 
-        With ``generate_args`` (``generate_jit``'s arguments but the last) on a first use, the layout is made in a
-        worker thread while this one compiles that ``generate`` program for the layout's shapes: tracing and most of
-        XLA's passes use one core, so the layout's own small compile and run (~1 s for a base-size decoder on 2
-        cores) come nearly free. Only for single-device arrays, whose abstract lowering is the one a call with the
-        made arrays finds in ``jit``'s cache; sharded params make the layout first.
+        On a first use with ``generate_args`` of single-device arrays the layout is made in a worker thread while
+        this one compiles the ``generate`` program for the layout's shapes: tracing and most of XLA's passes use one
+        core, so the layout's own small compile and run (~1 s for a base-size decoder on 2 cores) come nearly free
+        (the abstract lowering is the one the call with the made arrays finds in ``jit``'s cache). Sharded params
+        make the layout first.
         """
-        from speechseq.decoding.generate import generate_jit, prepare_decoder
+        from speechseq import kernels
+        from speechseq.decoding.generate import generate_jit, group_size, prepare_decoder
 
+        rows = None if generate_args is None else generate_args[2].shape[0] * group_size(generate_args[4])
+        packs = (rows is None or rows <= kernels.MAX_ROWS) and kernels.available()  # CPU kernel's layout or XLA's
         leaves = jax.tree.leaves(self.params["decoder"])
         cached = self._decode_cache
-        if cached is not None and cached[0] == self.dtype and len(cached[1]) == len(leaves) and all(
+        if cached is None or cached[0] != self.dtype or len(cached[1]) != len(leaves) or not all(
                 a is b for a, b in zip(cached[1], leaves)):
-            return cached[2]
+            cached = self._decode_cache = (self.dtype, leaves, {})
+        if packs in cached[2]:
+            return cached[2][packs]
         config, params, dtype = self.config, self.params, self.dtype
         single = generate_args is not None and all(
             len(a.sharding.device_set) == 1 for a in jax.tree.leaves(generate_args) if isinstance(a, jax.Array))
         if single:
             with concurrent.futures.ThreadPoolExecutor(1) as pool:
-                made = pool.submit(prepare_decoder, config, params, dtype)
-                shapes = jax.eval_shape(lambda p: prepare_decoder(config, p, dtype), params)
+                made = pool.submit(prepare_decoder, config, params, dtype, rows)
+                shapes = jax.eval_shape(lambda p: prepare_decoder(config, p, dtype, rows), params)
                 generate_jit.lower(*generate_args, shapes).compile()  # into jit's cache for the call that follows
                 decoder_params = made.result()
         else:
-            decoder_params = prepare_decoder(config, params, dtype)
-        self._decode_cache = (dtype, leaves, decoder_params)
+            decoder_params = prepare_decoder(config, params, dtype, rows)
+        cached[2][packs] = decoder_params
         return decoder_params
 
     def generate(self, input_values: Any, attention_mask: Any = None, *, seed: int = 0, key: Any = None,

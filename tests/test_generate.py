@@ -476,5 +476,30 @@ def test_bad_settings_raise_one_line_before_compiling(pair, kwargs, words):
 def test_generate_matches_transformers_with_either_weight_dots(pair, dec, mode, native):
     """The decode step's weight dots in the CPU kernel (``speechseq.kernels``, the default where it builds) and in
     XLA (without a compiler, or ``SPEECHSEQ_NATIVE=0``) give transformers' tokens and beam scores alike."""
-    seqs = assert_parity(pair("w2v-group", dec), **(BEAM if mode == "beam" else {}))
+    p = pair("w2v-group", dec)
+    seqs = assert_parity(p, **(BEAM if mode == "beam" else {}))
     assert np.all(seqs[:, 0] == START)
+    # the model's cached decode layout is the one for the dots asked for (a layout made while the kernel was on
+    # would send the "xla" run through the kernel)
+    head = p.ours._decode_cache[2][native == "kernel"]["head"]
+    assert ("kernel_p" if native == "kernel" else "kernel_t") in head
+
+
+def test_many_rows_keep_xlas_layout(pair, monkeypatch):
+    """Steps of more than ``kernels.MAX_ROWS`` rows (batch x beams) keep the weights in XLA's layout, where XLA's
+    GEMM beats the kernel; few rows get the kernel's. Both give transformers' tokens, and the model keeps both."""
+    from speechseq import kernels
+    from speechseq.decoding.generate import prepare_decoder
+
+    if not kernels.available():
+        pytest.skip(kernels.status())
+    p = pair("w2v-group", "bert")
+    rows = len(LENGTHS) * BEAM["num_beams"]
+    monkeypatch.setattr(kernels, "MAX_ROWS", rows - 1)
+    model = SpeechSeq2Seq(p.ours.config, p.ours.params)  # no decode layout yet
+    heads = {n: prepare_decoder(model.config, model.params, rows=n)["head"] for n in (None, rows - 1, rows)}
+    assert ["kernel_p" in h for h in heads.values()] == [True, True, False]
+    assert_parity(p._replace(ours=model), **BEAM)  # rows > MAX_ROWS
+    assert list(model._decode_cache[2]) == [False]
+    assert_parity(p._replace(ours=model))  # greedy: len(LENGTHS) rows
+    assert list(model._decode_cache[2]) == [False, True]

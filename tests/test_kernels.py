@@ -1,6 +1,6 @@
-"""The CPU kernel for the decode step's weight dots (``speechseq.kernels``): its products against numpy's, the
-panel layout, and what happens where it cannot be built. Its use inside ``generate`` is checked against transformers
-in test_generate.py (``native`` fixture: with the kernel and with XLA's dots)."""
+"""The CPU kernels of the decode step (``speechseq.kernels``): the weight dots' products and the attention against
+numpy's, the panel layout, and what happens where they cannot be built. Their use inside ``generate`` is checked
+against transformers in test_generate.py (``native`` fixture: with the kernels and with XLA's ops)."""
 
 from __future__ import annotations
 
@@ -78,6 +78,66 @@ def test_out_major_packs_only_what_dense_can_cut(monkeypatch):
     assert set(out_major(p, jnp.bfloat16)) == {"kernel_t", "bias"}
     for q in (out_major(p, jnp.float32), {"kernel_t": p["kernel"].T, "bias": p["bias"]}):
         np.testing.assert_allclose(np.asarray(dense(q, x, jnp.float32)), want, rtol=1e-5, atol=1e-5)
+
+
+def attention_f64(q, k, v, mask, scale):
+    """float64 reference: q [B, T, N, H], k [B, N, H, S], v [B, N, S, H], mask [.., 1, T or 1, S] -> [B, T, N, H]."""
+    scores = np.einsum("btnh,bnhs->bnts", q.astype(np.float64), k.astype(np.float64)) * scale
+    if mask is not None:
+        scores = np.where(mask, scores, np.finfo(np.float32).min)
+    scores -= scores.max(-1, keepdims=True)
+    probs = np.exp(scores)
+    probs /= probs.sum(-1, keepdims=True)
+    return np.einsum("bnts,bnsh->btnh", probs, v.astype(np.float64))
+
+
+@pytest.mark.parametrize("B, T, N, H, S", [(1, 1, 1, 8, 7), (2, 1, 3, 64, 249), (2, 4, 2, 64, 132), (3, 3, 2, 20, 17),
+                                           (1, 6, 2, 40, 16), (2, 17, 1, 130, 50), (1, 2, 2, 3, 1)])
+@pytest.mark.parametrize("masking", ["none", "per utterance", "per row", "batch-wide", "a row fully masked"])
+def test_attend_matches_numpy(B, T, N, H, S, masking):
+    """Any number of query rows (register blocks of 4 and remainders), head sizes with and without whole 16-lane
+    vectors, key counts with a partial last vector, each mask shape the decode step passes; a fully masked row is
+    uniform over the keys, as in ``layers.core.attention`` and transformers."""
+    import jax
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(B * 1000 + T * 100 + H + S)
+    q = rng.standard_normal((B, T, N, H), dtype=np.float32)
+    k = rng.standard_normal((B, N, H, S), dtype=np.float32)
+    v = rng.standard_normal((B, N, S, H), dtype=np.float32)
+    mask = {"none": None, "per utterance": rng.random((B, 1, 1, S)) > 0.3, "per row": rng.random((B, 1, T, S)) > 0.4,
+            "batch-wide": rng.random((1, 1, T, S)) > 0.4, "a row fully masked": rng.random((B, 1, T, S)) > 0.4}[masking]
+    if masking == "a row fully masked":
+        mask[-1, 0, -1] = False
+    scale = np.float32(0.7)
+    args = (jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), None if mask is None else jnp.asarray(mask))
+    assert kernels.attend_fits(*args)
+    got = np.asarray(jax.jit(kernels.attend)(*args, jnp.float32(scale)))  # scale traced, as a layer's scale is
+    want = attention_f64(q, k, v, mask, scale)
+    assert got.shape == (B, T, N, H)
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * np.abs(v).max())
+    if masking == "a row fully masked":
+        np.testing.assert_allclose(got[-1, -1], v[-1].mean(1), rtol=0, atol=2e-6 * np.abs(v).max())
+
+
+def test_attend_takes_only_what_it_computes_alike():
+    """float32 q, k, v of rank 4 and a mask shared by the heads; other dtypes and per-head masks stay with XLA, and
+    ``layers.core.attention`` gives the same numbers either way."""
+    import jax.numpy as jnp
+
+    from speechseq.layers.core import attention
+
+    rng = np.random.default_rng(5)
+    q = jnp.asarray(rng.standard_normal((2, 4, 3, 16), dtype=np.float32))
+    k = jnp.asarray(rng.standard_normal((2, 3, 16, 9), dtype=np.float32))
+    v = jnp.asarray(rng.standard_normal((2, 3, 9, 16), dtype=np.float32))
+    mask = jnp.asarray(rng.random((2, 1, 4, 9)) > 0.3)
+    assert kernels.attend_fits(q, k, v, mask) and kernels.attend_fits(q, k, v, mask[0, 0])
+    assert not kernels.attend_fits(q, k, v, jnp.broadcast_to(mask, (2, 3, 4, 9)))  # per head
+    assert not kernels.attend_fits(q.astype(jnp.bfloat16), k, v, mask)
+    got = attention(q, k, v, mask, 0.25, layout="bnhs")
+    xla = attention(q, k, v, mask, 0.25, layout="bnhs", kernel=False)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(xla), rtol=1e-5, atol=1e-6)
 
 
 def test_built_once_then_loaded_from_the_cache():

@@ -195,8 +195,8 @@ def cross_kv(cfg: DecoderConfig, p: Params, enc: jax.Array, dtype: jnp.dtype) ->
     return CrossKV(*jax.lax.map(one, p["layers"]["cross_attn"]))
 
 
-def prepare_layer(lp: Params, dtype: jnp.dtype) -> dict:
-    """One layer's params (unstacked) laid out for fast one-token decode steps.
+def prepare_layer(lp: Params, dtype: jnp.dtype, rows: int | None = None) -> dict:
+    """One layer's params (unstacked) laid out for fast one-token decode steps of ``rows`` rows (see ``out_major``).
 
     Kernels of the step's projections are stored [Dout, Din] in the compute dtype (see ``out_major_dot``) and
     self-attention q/k/v become one fused projection. Cross-attention k/v kernels, which run once per utterance over
@@ -210,21 +210,21 @@ def prepare_layer(lp: Params, dtype: jnp.dtype) -> dict:
     if "bias" in sa["q"]:
         qkv["bias"] = jnp.concatenate([sa[n]["bias"] for n in "qkv"])
     cast = {n: {**ca[n], "kernel": ca[n]["kernel"].astype(dtype)} for n in "kv"}
-    return {**lp, "self_attn": {"qkv": out_major(qkv, dtype), "o": out_major(sa["o"], dtype)},
-            "cross_attn": {"q": out_major(ca["q"], dtype), "o": out_major(ca["o"], dtype), **cast},
-            "mlp": {n: out_major(lp["mlp"][n], dtype) for n in ("wi", "wo")}}
+    return {**lp, "self_attn": {"qkv": out_major(qkv, dtype, rows), "o": out_major(sa["o"], dtype, rows)},
+            "cross_attn": {"q": out_major(ca["q"], dtype, rows), "o": out_major(ca["o"], dtype, rows), **cast},
+            "mlp": {n: out_major(lp["mlp"][n], dtype, rows) for n in ("wi", "wo")}}
 
 
-def prepare_head(p: Params, dtype: jnp.dtype) -> dict:
+def prepare_head(p: Params, dtype: jnp.dtype, rows: int | None = None) -> dict:
     """Everything but the layers in decode-step layout (the output projection as ``head/kernel_t`` [V, D], tied or
     not, in the compute dtype, or packed for the CPU kernel as ``head/kernel_p``); see ``prepare_layer``."""
     out = {k: v for k, v in p.items() if k != "layers"}
     head = dict(p.get("head", {}))
     tied = "kernel" not in head
     w_t = (p["embed"]["tokens"] if tied else head.pop("kernel").T).astype(dtype)
-    head.update({"kernel_p": kernels.pack(w_t)} if kernels.use_for(w_t) else {"kernel_t": w_t})
+    head.update({"kernel_p": kernels.pack(w_t)} if kernels.use_for(w_t, rows) else {"kernel_t": w_t})
     if "transform" in head:
-        head["transform"] = out_major(head["transform"], dtype)
+        head["transform"] = out_major(head["transform"], dtype, rows)
     out["head"] = head
     return out
 
@@ -355,8 +355,10 @@ def decode(cfg: DecoderConfig, p: Params, input_ids: jax.Array, cross: CrossKV, 
                 new_cache = (k, v)
             if groups > 1:  # the G rows of an utterance attend together over its grouped cache
                 q = q.reshape(-1, groups * T, *q.shape[2:])
+            # the CPU kernel (``kernels.attend``) only over a grouped cache: fed an ungrouped one (greedy, sampling),
+            # XLA copied each layer's cache five times a step (+7 ms per step in the decode benchmark's profile)
             out = attention(q, k, v, self_mask, scale, layout="bsnh" if kv_cache is None else "bnhs",
-                            transpose_q=groups > 1)
+                            transpose_q=groups > 1, kernel=groups > 1)
             out = out.reshape(-1, T, out.shape[2] * out.shape[3])
             return dense(sp["o"], out, dtype)
 

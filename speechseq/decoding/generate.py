@@ -15,6 +15,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from speechseq import kernels
 from speechseq import model as M
 from speechseq.config import SpeechSeq2SeqConfig
 from speechseq.decoders import transformer
@@ -51,17 +52,22 @@ def generate(cfg: SpeechSeq2SeqConfig, params: Any, input_values: jax.Array, att
     return run(params, input_values, attention_mask, key, decoder_params)
 
 
+def group_size(gen: GenerationConfig) -> int:
+    """Decode rows per utterance: beams, or returned samples / sequences."""
+    return gen.num_beams if gen.num_beams > 1 else gen.num_return_sequences
+
+
 def _generate(cfg: SpeechSeq2SeqConfig, params: Any, input_values: jax.Array, attention_mask: jax.Array | None,
               gen: GenerationConfig, key: jax.Array | None, dtype: Any, decoder_params: Any) -> search.SearchResult:
     dtype = jnp.dtype(dtype)
     enc_out = M.encode(cfg, params, input_values, attention_mask, dtype)
     enc = M.project(cfg, params, enc_out.last_hidden_state, dtype)
     batch = input_values.shape[0]
-    group = gen.num_beams if gen.num_beams > 1 else gen.num_return_sequences  # rows per utterance
+    group = group_size(gen)
     rows = batch * group
     dec_cfg = cfg.decoder
     if decoder_params is None:  # the barrier keeps XLA from folding the new layout back into the step's dots
-        dec_p = jax.lax.optimization_barrier(prepare_decoder(cfg, params, dtype))
+        dec_p = jax.lax.optimization_barrier(prepare_decoder(cfg, params, dtype, rows))
     else:
         dec_p = decoder_params
     cross = transformer.decode_cross_kv(dec_cfg, dec_p["layers"], enc, dtype)
@@ -94,22 +100,27 @@ def _generate(cfg: SpeechSeq2SeqConfig, params: Any, input_values: jax.Array, at
     return search.beam_search(gen, beam_step, reorder, (cache, holders), batch, key)
 
 
-@partial(jax.jit, static_argnames=("dtype",))
-def _prepare_layer(layers: Any, i: jax.Array, dtype: Any) -> dict:
-    return transformer.prepare_layer(jax.tree.map(lambda x: x[i], layers), dtype)
+@partial(jax.jit, static_argnames=("dtype", "rows"))
+def _prepare_layer(layers: Any, i: jax.Array, dtype: Any, rows: int | None) -> dict:
+    return transformer.prepare_layer(jax.tree.map(lambda x: x[i], layers), dtype, rows)
 
 
-def prepare_decoder(cfg: SpeechSeq2SeqConfig, params: Any, dtype: Any = jnp.float32) -> dict:
+def prepare_decoder(cfg: SpeechSeq2SeqConfig, params: Any, dtype: Any = jnp.float32, rows: int | None = None) -> dict:
     """The decoder's weights laid out for one-token decode steps, for ``generate(decoder_params=)``: a list of
     per-layer params (``transformer.prepare_layer``) and the rest (``transformer.prepare_head``).
+
+    ``rows``: the steps' rows (batch x beams, or x ``num_return_sequences``), where known. Float32 weights on CPU are
+    packed for ``speechseq.kernels``' dot up to ``kernels.MAX_ROWS`` rows (None: assumed few), and kept in XLA's
+    layout for more, where XLA's GEMM is faster; a program given the other layout still gives the same numbers.
 
     Called outside ``jit``, it runs one small compiled program per layer (compiled once for all layers) and the rest
     op by op (a tied output projection already in ``dtype`` is the embedding table itself, not a copy, unless it is
     packed for the CPU kernel of ``speechseq.kernels``); inside ``generate`` it is part of that program.
     """
     dtype, p = jnp.dtype(dtype), params["decoder"]
-    layers = [_prepare_layer(p["layers"], jnp.int32(i), dtype) for i in range(cfg.decoder.num_layers)]
-    return {**transformer.prepare_head(p, dtype), "layers": layers}
+    rows = None if rows is None or rows <= kernels.MAX_ROWS else kernels.MAX_ROWS + 1  # one layout per side
+    layers = [_prepare_layer(p["layers"], jnp.int32(i), dtype, rows) for i in range(cfg.decoder.num_layers)]
+    return {**transformer.prepare_head(p, dtype, rows), "layers": layers}
 
 
 # XLA CPU's LLVM at optimisation level 1 instead of its default 3, for ``generate``'s program only. Its kernels are

@@ -1,19 +1,24 @@
-"""A CPU kernel for the decode step's weight dots: a few rows of x times a weight packed in 16-wide panels.
+"""CPU kernels for the decode step: the weight dots (a few rows of x times a weight packed in 16-wide panels) and
+the attention of a few query rows over the step's K/V.
 
 XLA CPU's dots for the 1-16 rows of a decode step read their weights at about half of the memory bandwidth that
 the same machine gives a plain stream (``benchmarks/README.md``), and the step is those dots. ``few_row_dot.cc``
 does them as one contiguous read per panel of 16 outputs, prefetched, on XLA's own thread pool; on the decode
-benchmark's machine it runs the decoder's weight dots 1.4x (4 rows) to 1.6x (16 rows) faster than XLA.
+benchmark's machine it runs the decoder's weight dots 1.4x (4 rows) to 1.6x (16 rows) faster than XLA. Above
+``MAX_ROWS`` rows XLA's GEMM is faster, and ``prepare_decoder(rows=)`` leaves the weights in XLA's layout.
+``attend.cc`` reads each (batch, head)'s keys [H, S] and values [S, H] once, front to back, for all its query rows
+(``attend``; ``layers.core.attention`` calls it for the decode step's cross-attention and beam search's
+self-attention).
 
-It is built once per machine with the system C++ compiler (``$CXX`` or ``c++``, ``-march=native``) against the
+They are built once per machine with the system C++ compiler (``$CXX`` or ``c++``, ``-march=native``) against the
 XLA FFI headers of the installed jaxlib, kept in ``cache_dir()`` (``$SPEECHSEQ_KERNEL_DIR``, default
-``~/.cache/speechseq/kernels``; the file name is a hash of the source, jaxlib's version and the CPU), and called
+``~/.cache/speechseq/kernels``; the file name is a hash of the sources, jaxlib's version and the CPU), and called
 through ``jax.ffi``. Without a compiler, with ``SPEECHSEQ_NATIVE=0``, on other backends, with several devices or
-for other dtypes, the decode step keeps XLA's dots (``layers.core.out_major_dot``): the results agree to float32
-rounding. ``status()`` says which and why.
+for other dtypes, the decode step keeps XLA's ops (``layers.core.out_major_dot``, ``layers.core.attention``): the
+results agree to float32 rounding. ``status()`` says which and why.
 
-Weights for it are packed once per model, ``pack``: [N, K] (a kernel stored [Dout, Din]) -> [ceil(N / 16), K, 16],
-zero-padded; ``panel_dot`` takes x [..., K] and returns [..., N] (or all 16 * panels outputs).
+Weights for the dots are packed once per model, ``pack``: [N, K] (a kernel stored [Dout, Din]) -> [ceil(N / 16),
+K, 16], zero-padded; ``panel_dot`` takes x [..., K] and returns [..., N] (or all 16 * panels outputs).
 """
 
 from __future__ import annotations
@@ -34,8 +39,12 @@ import jax.numpy as jnp
 import numpy as np
 
 PANEL = 16
-TARGET = "speechseq_few_row_dot"
-SOURCE = Path(__file__).with_name("few_row_dot.cc")
+# Above this many rows (decode batch x beams) XLA's GEMM beats the kernel (chain of a bert-base step's 74 weight
+# dots, benchmarks/README.md: 32 rows 63-69 ms against XLA's 67-77, 64 rows 102-119 against 94-103, 128 rows 170-206
+# against 132-141), so ``prepare_decoder(rows=)`` keeps XLA's layout there.
+MAX_ROWS = 48
+TARGETS = {"speechseq_few_row_dot": "SpeechseqFewRowDot", "speechseq_attend": "SpeechseqAttend"}  # FFI name: symbol
+SOURCES = tuple(Path(__file__).with_name(n) for n in ("few_row_dot.cc", "attend.cc", "common.h"))
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 
 _lock = threading.Lock()
@@ -61,13 +70,13 @@ def _cpu_identity() -> str:
 def _library_path() -> Path:
     import jaxlib
 
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), jaxlib.__version__, " ".join(FLAGS), _cpu_identity()])
-                         .encode()).hexdigest()[:16]
-    return cache_dir() / f"few_row_dot-{key}.so"
+    key = hashlib.sha256("\0".join([*(f.read_text() for f in SOURCES), jaxlib.__version__, " ".join(FLAGS),
+                                     _cpu_identity()]).encode()).hexdigest()[:16]
+    return cache_dir() / f"decode-{key}.so"
 
 
 def _build(path: Path) -> None:
-    """Compiles ``SOURCE`` into ``path`` (through a temporary file and a rename: concurrent builds are safe)."""
+    """Compiles ``SOURCES`` into ``path`` (through a temporary file and a rename: concurrent builds are safe)."""
     compiler = shutil.which(os.environ.get("CXX") or "c++")
     if compiler is None:
         raise FileNotFoundError(f"no C++ compiler ({os.environ.get('CXX') or 'c++'} not on PATH)")
@@ -75,11 +84,12 @@ def _build(path: Path) -> None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
     os.close(fd)
     try:
-        cmd = [compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
+        cmd = [compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", *(str(f) for f in SOURCES if f.suffix == ".cc"),
+               "-o", tmp]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if done.returncode:
             last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
-            raise RuntimeError(f"{compiler} failed on {SOURCE.name}: {last}")
+            raise RuntimeError(f"{compiler} failed on {', '.join(f.name for f in SOURCES)}: {last}")
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -96,7 +106,8 @@ def _load() -> tuple[bool, str]:
         if not path.exists():
             _build(path)
         lib = ctypes.CDLL(str(path))
-        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.SpeechseqFewRowDot), platform="cpu")
+        for target, symbol in TARGETS.items():
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
     except FileNotFoundError as e:
         return False, str(e)
     except Exception as e:  # a failed build or load: XLA's dots still work, so say so once and go on
@@ -114,17 +125,21 @@ def available() -> bool:
 
 
 def status() -> str:
-    """One line: whether the decode step's weight dots use this kernel, and why not if they don't."""
+    """One line: whether the decode step uses these kernels, and why not if it doesn't."""
     ok = available()
-    return f"few-row dot kernel: {'on' if ok else 'off'} ({_state['why']})"
+    return f"CPU decode kernels: {'on' if ok else 'off'} ({_state['why']})"
 
 
-def use_for(w_t: jax.Array) -> bool:
-    """Whether a decode-step weight [Dout, Din] should be packed for ``panel_dot``: float32 on a CPU backend of one
-    device, with the kernel available. With several devices the program may be sharded, and XLA's partitioner
-    would gather a custom call's operands onto every device; XLA's own dots shard."""
-    return (w_t.dtype == jnp.float32 and w_t.ndim == 2 and jax.default_backend() == "cpu"
-            and jax.device_count() == 1 and available())
+def _runs_here() -> bool:
+    """A CPU backend of one device, with the kernels available. With several devices the program may be sharded,
+    and XLA's partitioner would gather a custom call's operands onto every device; XLA's own dots shard."""
+    return jax.default_backend() == "cpu" and jax.device_count() == 1 and available()
+
+
+def use_for(w_t: jax.Array, rows: int | None = None) -> bool:
+    """Whether a decode-step weight [Dout, Din] should be packed for ``panel_dot``: float32, for steps of at most
+    ``MAX_ROWS`` rows (``rows`` None: unknown, few), where the kernels run (``_runs_here``)."""
+    return (rows is None or rows <= MAX_ROWS) and w_t.dtype == jnp.float32 and w_t.ndim == 2 and _runs_here()
 
 
 def pack(w_t: jax.Array) -> jax.Array:
@@ -145,5 +160,27 @@ def panel_dot(x: jax.Array, wp: jax.Array, n: int | None = None) -> jax.Array:
     kernel writes no others), or all 16 * P (the padding's are zeros)."""
     rows = x.reshape(-1, x.shape[-1])
     out = jax.ShapeDtypeStruct((rows.shape[0], wp.shape[0] * PANEL if n is None else n), jnp.float32)
-    y = jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")(rows, wp)
+    y = jax.ffi.ffi_call("speechseq_few_row_dot", out, vmap_method="sequential")(rows, wp)
     return y.reshape(*x.shape[:-1], out.shape[1])
+
+
+def attend_fits(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> bool:
+    """Whether ``attend`` takes this attention: float32 q [B, T, N, H], k [B, N, H, S] and v [B, N, S, H], a mask
+    (if any) the same for every head, where the kernels run."""
+    return (all(a.dtype == jnp.float32 for a in (q, k, v)) and q.ndim == k.ndim == v.ndim == 4
+            and (mask is None or (mask.ndim <= 4 and (mask.ndim < 3 or mask.shape[-3] == 1))) and _runs_here())
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, scale: float | jax.Array) -> jax.Array:
+    """Attention for the decode step's few query rows (``attend.cc``; see ``attend_fits``), as
+    ``layers.core.attention`` computes it: q [B, T, N, H], keys k [B, N, H, S], values v [B, N, S, H], mask bool
+    broadcastable to [B, 1, T, S] (True = attend) -> [B, T, N, H] float32."""
+    B, T, N, H = q.shape
+    S = k.shape[-1]
+    m = jnp.ones((1, 1, S), jnp.uint8) if mask is None else mask.reshape((1,) * (4 - mask.ndim) + mask.shape)[:, 0]
+    m = jnp.broadcast_to(m, (*m.shape[:2], S)).astype(jnp.uint8)  # [1 or B, 1 or T, S]
+    out = jax.ffi.ffi_call("speechseq_attend", jax.ShapeDtypeStruct((B * N, T, H), jnp.float32),
+                           vmap_method="sequential")(
+        jnp.swapaxes(q, 1, 2).reshape(B * N, T, H), k.reshape(B * N, H, S), v.reshape(B * N, S, H), m,
+        jnp.asarray(scale, jnp.float32).reshape(()))
+    return jnp.swapaxes(out.reshape(B, N, T, H), 1, 2)

@@ -7,36 +7,22 @@
 // Built by speechseq/kernels/__init__.py with the system C++ compiler for the machine it runs on (-march=native)
 // and called through the XLA FFI (jax.ffi); GCC/Clang vector extensions, so any ISA the compiler targets works.
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <memory>
-#include <thread>
 
-#ifdef __AVX512F__
-#include <immintrin.h>
-#endif
-
+#include "common.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+using speechseq::broadcast;
+using speechseq::v16;
+using speechseq::v16u;
 
 namespace {
 
 constexpr int64_t kPanel = 16;
 constexpr int64_t kPrefetchBytes = 4096;  // ahead in the panel stream (measured: 2-8 KB alike, none 25% slower)
 constexpr int64_t kChunksPerThread = 4;   // panels shared out in this many pieces per thread, for late starters
-
-typedef float v16 __attribute__((vector_size(64), aligned(64)));
-typedef float v16u __attribute__((vector_size(64), aligned(4)));
-
-inline v16 broadcast(const float* p) {
-#ifdef __AVX512F__
-  return (v16)_mm512_set1_ps(*p);  // folds into the multiply-add as an embedded broadcast
-#else
-  float s = *p;
-  return v16{s, s, s, s, s, s, s, s, s, s, s, s, s, s, s, s};
-#endif
-}
 
 // Rows [m0, m0 + MB) of y for the P panels from panel p on. xt is x transposed, [K, M].
 template <int MB, int P>
@@ -98,25 +84,6 @@ void panel_range(const float* xt, const float* wp, float* y, int64_t M, int64_t 
   for (; p < p1; ++p) panels<1>(xt, wp, y, M, K, N, p);
 }
 
-// One call's panels, claimed chunk by chunk by the calling thread and the pool's. A pool task that starts after
-// every chunk is claimed does nothing, so the caller only ever waits for chunks already being computed; the
-// shared_ptr keeps this alive for such late tasks.
-struct Work {
-  std::unique_ptr<float[]> xt;
-  const float* wp;
-  float* y;
-  int64_t M, K, N, P, step, chunks;
-  std::atomic<int64_t> next{0}, done{0};
-
-  void run() {
-    for (int64_t c; (c = next.fetch_add(1)) < chunks;) {
-      int64_t p0 = c * step;
-      panel_range(xt.get(), wp, y, M, K, N, p0, std::min(P, p0 + step));
-      done.fetch_add(1, std::memory_order_release);
-    }
-  }
-};
-
 ffi::Error FewRowDot(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> wp,
                      ffi::ResultBuffer<ffi::F32> y) {
   auto wd = wp.dimensions();
@@ -128,20 +95,17 @@ ffi::Error FewRowDot(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
   const int64_t N = y->element_count() / M;
   if (N > P * kPanel) return ffi::Error::InvalidArgument("y: more outputs than wp's panels hold");
 
-  auto work = std::make_shared<Work>();
-  work->xt.reset(new float[K * M]);
+  std::unique_ptr<float[]> xt(new float[K * M]);
   const float* xs = x.typed_data();
   for (int64_t m = 0; m < M; ++m)
-    for (int64_t k = 0; k < K; ++k) work->xt[k * M + m] = xs[m * K + k];
-  work->wp = wp.typed_data();
-  work->y = y->typed_data();
-  work->M = M, work->K = K, work->N = N, work->P = P;
+    for (int64_t k = 0; k < K; ++k) xt[k * M + m] = xs[m * K + k];
+  const float* w = wp.typed_data();
+  float* out = y->typed_data();
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  work->step = std::max<int64_t>(4, (P + kChunksPerThread * threads - 1) / (kChunksPerThread * threads));
-  work->chunks = (P + work->step - 1) / work->step;
-  for (int64_t t = 1; t < threads && t < work->chunks; ++t) pool.Schedule([work] { work->run(); });
-  work->run();
-  while (work->done.load(std::memory_order_acquire) < work->chunks) std::this_thread::yield();
+  const int64_t step = std::max<int64_t>(4, (P + kChunksPerThread * threads - 1) / (kChunksPerThread * threads));
+  speechseq::parallel_chunks(pool, (P + step - 1) / step, [&](int64_t c) {
+    panel_range(xt.get(), w, out, M, K, N, c * step, std::min(P, (c + 1) * step));
+  });
   return ffi::Error::Success();
 }
 

@@ -68,12 +68,13 @@ def out_major_dot(x: jax.Array, w_t: jax.Array) -> jax.Array:
     return y.reshape(*x.shape[:-1], w_t.shape[0])
 
 
-def out_major(p: Params, dtype: jnp.dtype) -> dict:
-    """A dense layer's params for decode steps: the kernel stored [Dout, Din] in ``dtype`` (``kernel_t``), or, where
-    ``speechseq.kernels`` runs (float32 on CPU), packed for it (``kernel_p`` [ceil(Dout / 16), Din, 16]), if a bias
-    or a Dout that is a multiple of 16 tells ``dense`` how many outputs there are."""
+def out_major(p: Params, dtype: jnp.dtype, rows: int | None = None) -> dict:
+    """A dense layer's params for decode steps of ``rows`` rows (None: unknown, few): the kernel stored [Dout, Din]
+    in ``dtype`` (``kernel_t``), or, where ``speechseq.kernels`` runs (float32 on CPU, ``kernels.use_for``), packed
+    for it (``kernel_p`` [ceil(Dout / 16), Din, 16]), if a bias or a Dout that is a multiple of 16 tells ``dense``
+    how many outputs there are."""
     w_t = p["kernel"].T.astype(dtype)
-    use = kernels.use_for(w_t) and ("bias" in p or w_t.shape[0] % kernels.PANEL == 0)
+    use = kernels.use_for(w_t, rows) and ("bias" in p or w_t.shape[0] % kernels.PANEL == 0)
     q = {"kernel_p": kernels.pack(w_t)} if use else {"kernel_t": w_t}
     if "bias" in p:
         q["bias"] = p["bias"]
@@ -90,7 +91,7 @@ def layer_norm(p: Params, x: jax.Array, eps: float) -> jax.Array:
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, scale: float | jax.Array,
-              layout: str = "bsnh", transpose_q: bool = False) -> jax.Array:
+              layout: str = "bsnh", transpose_q: bool = False, kernel: bool = True) -> jax.Array:
     """Scaled dot-product attention.
 
     q [B, T, N, H]; k and v [B, S, N, H] (``layout="bsnh"``), head-major [B, N, S, H] (``"bnsh"``), or ``"bnhs"``:
@@ -101,7 +102,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, 
     mask bool broadcastable to [B, N, T, S] (True = attend). Returns [B, T, N, H]. Scores and softmax in float32; a
     fully masked row is uniform, as in transformers.
 
-    On CPU one query row per (batch, head) in the ``"bnhs"`` layout (greedy decode steps) is computed as
+    In the ``"bnhs"`` layout, float32 on one CPU device, ``speechseq.kernels.attend`` does it (``kernel``, unless
+    told not to: it reads each (batch, head)'s K and V once, at about the machine's streaming rate; per-op profile
+    of the decode benchmark, cross-attention 4-6 ms a step where XLA's dots and reductions took 8-10 ms). Otherwise
+    on CPU one query row per (batch, head) in the ``"bnhs"`` layout (greedy decode steps) is computed as
     multiply-and-reduce (``_attend_one_query``: same numbers up to float rounding, far less compile time);
     sequence-major keys are moved head-major first, and ``transpose_q`` moves q to [B, N, T, H], so that
     both dots are canonical batched matmuls over (B, N): 3x faster for the encoder's self-attention, and faster for
@@ -110,6 +114,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, 
     """
     if layout not in ("bsnh", "bnsh", "bnhs"):
         raise ValueError(f"attention: layout must be 'bsnh', 'bnsh' or 'bnhs', got {layout!r}")
+    if layout == "bnhs" and kernel and kernels.attend_fits(q, k, v, mask):
+        return kernels.attend(q, k, v, mask, scale)
     if layout == "bnhs" and q.shape[1] == 1 and jax.default_backend() == "cpu":
         return _attend_one_query(q, k, v, mask, scale)
     if layout == "bsnh" and jax.default_backend() == "cpu":
