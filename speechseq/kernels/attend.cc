@@ -92,11 +92,13 @@ void score_rows_qb(int64_t qb, const float* q, const float* k, float* sc, int64_
 // out[i0 + i, h0 + 16 j] for i < QB, j < NV: sum over s < S of p[i0 + i, s] v[s, h0 + 16 j ...].
 template <int QB, int NV>
 void weighted_values(const float* p, int64_t Sp, const float* v, int64_t S, int64_t H, float* out, int64_t i0,
-                     int64_t h0) {
+                     int64_t h0, const float* next_k) {
   v16 acc[QB][NV];
   for (int i = 0; i < QB; ++i)
     for (int j = 0; j < NV; ++j) acc[i][j] = v16{};
   for (int64_t s = 0; s < S; ++s) {
+    if (next_k)  // as many values as v: the next (batch, head)'s keys arrive while this one computes
+      for (int64_t l = 0; l < H; l += kLanes) __builtin_prefetch(next_k + s * H + l, 0, 2);
     v16 vv[NV];
     for (int j = 0; j < NV; ++j) vv[j] = *reinterpret_cast<const v16u*>(v + s * H + h0 + j * kLanes);
     for (int i = 0; i < QB; ++i) {
@@ -110,18 +112,20 @@ void weighted_values(const float* p, int64_t Sp, const float* v, int64_t S, int6
 
 template <int QB>
 void weighted_values_nv(int nv, const float* p, int64_t Sp, const float* v, int64_t S, int64_t H, float* out,
-                        int64_t i0, int64_t h0) {
+                        int64_t i0, int64_t h0, const float* next_k) {
   switch (nv) {
-    case 1: weighted_values<QB, 1>(p, Sp, v, S, H, out, i0, h0); break;
-    case 2: weighted_values<QB, 2>(p, Sp, v, S, H, out, i0, h0); break;
-    case 3: weighted_values<QB, 3>(p, Sp, v, S, H, out, i0, h0); break;
-    default: weighted_values<QB, 4>(p, Sp, v, S, H, out, i0, h0); break;
+    case 1: weighted_values<QB, 1>(p, Sp, v, S, H, out, i0, h0, next_k); break;
+    case 2: weighted_values<QB, 2>(p, Sp, v, S, H, out, i0, h0, next_k); break;
+    case 3: weighted_values<QB, 3>(p, Sp, v, S, H, out, i0, h0, next_k); break;
+    default: weighted_values<QB, 4>(p, Sp, v, S, H, out, i0, h0, next_k); break;
   }
 }
 
 // One (batch, head): q [Q, H], k [H, S], v [S, H], mask rows m (row i at m + i * mask_row, 0: shared) -> out [Q, H].
+// next_k: the keys of the (batch, head) this thread does next, if known, prefetched while the values are read
+// (measured alone, 4 query rows from memory: 12-14.5 us per (batch, head) against 17-18 without).
 void attend_one(const float* q, const float* k, const float* v, const uint8_t* m, int64_t mask_row, float scale,
-                float* out, int64_t Q, int64_t H, int64_t S, std::vector<v16>& buf) {
+                float* out, int64_t Q, int64_t H, int64_t S, std::vector<v16>& buf, const float* next_k) {
   const int64_t Sp = (S + kLanes - 1) / kLanes * kLanes;
   buf.assign(Q * Sp / kLanes, v16{});
   float* sc = reinterpret_cast<float*>(buf.data());
@@ -160,12 +164,13 @@ void attend_one(const float* q, const float* k, const float* v, const uint8_t* m
   for (int64_t i0 = 0; i0 < Q; i0 += 4) {
     const int64_t qb = std::min<int64_t>(4, Q - i0);
     for (int64_t h0 = 0; h0 < Hv; h0 += 4 * kLanes) {
+      const float* pf = i0 == 0 && h0 == 0 ? next_k : nullptr;
       const int nv = static_cast<int>(std::min<int64_t>(4, (Hv - h0) / kLanes));
       switch (qb) {
-        case 1: weighted_values_nv<1>(nv, sc, Sp, v, S, H, out, i0, h0); break;
-        case 2: weighted_values_nv<2>(nv, sc, Sp, v, S, H, out, i0, h0); break;
-        case 3: weighted_values_nv<3>(nv, sc, Sp, v, S, H, out, i0, h0); break;
-        default: weighted_values_nv<4>(nv, sc, Sp, v, S, H, out, i0, h0); break;
+        case 1: weighted_values_nv<1>(nv, sc, Sp, v, S, H, out, i0, h0, pf); break;
+        case 2: weighted_values_nv<2>(nv, sc, Sp, v, S, H, out, i0, h0, pf); break;
+        case 3: weighted_values_nv<3>(nv, sc, Sp, v, S, H, out, i0, h0, pf); break;
+        default: weighted_values_nv<4>(nv, sc, Sp, v, S, H, out, i0, h0, pf); break;
       }
     }
     for (int64_t hh = Hv; hh < H; ++hh)
@@ -196,10 +201,13 @@ ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi
   const uint8_t* ms = mask.typed_data();
   const float sc = scale.typed_data()[0];
   float* os = out->typed_data();
-  speechseq::parallel_chunks(pool, R, [&](int64_t r) {
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t step = std::max<int64_t>(1, R / (4 * threads));  // (batch, head)s per chunk, in order
+  speechseq::parallel_chunks(pool, (R + step - 1) / step, [&](int64_t c) {
     thread_local std::vector<v16> buf;
-    attend_one(qs + r * Q * H, ks + r * H * S, vs + r * S * H, ms + (r / per_mask) * md[1] * S, mask_row, sc,
-               os + r * Q * H, Q, H, S, buf);
+    for (int64_t r = c * step; r < std::min(R, (c + 1) * step); ++r)
+      attend_one(qs + r * Q * H, ks + r * H * S, vs + r * S * H, ms + (r / per_mask) * md[1] * S, mask_row, sc,
+                 os + r * Q * H, Q, H, S, buf, r + 1 < std::min(R, (c + 1) * step) ? ks + (r + 1) * H * S : nullptr);
   });
   return ffi::Error::Success();
 }
