@@ -201,13 +201,11 @@ ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi
   const uint8_t* ms = mask.typed_data();
   const float sc = scale.typed_data()[0];
   float* os = out->typed_data();
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  const int64_t step = std::max<int64_t>(1, R / (4 * threads));  // (batch, head)s per chunk, in order
-  speechseq::parallel_chunks(pool, (R + step - 1) / step, [&](int64_t c) {
+  speechseq::parallel_ranges(pool, R, 1, [&](int64_t r0, int64_t r1) {  // runs of (batch, head)s, in order
     thread_local std::vector<v16> buf;
-    for (int64_t r = c * step; r < std::min(R, (c + 1) * step); ++r)
+    for (int64_t r = r0; r < r1; ++r)
       attend_one(qs + r * Q * H, ks + r * H * S, vs + r * S * H, ms + (r / per_mask) * md[1] * S, mask_row, sc,
-                 os + r * Q * H, Q, H, S, buf, r + 1 < std::min(R, (c + 1) * step) ? ks + (r + 1) * H * S : nullptr);
+                 os + r * Q * H, Q, H, S, buf, r + 1 < r1 ? ks + (r + 1) * H * S : nullptr);
   });
   return ffi::Error::Success();
 }

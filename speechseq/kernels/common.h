@@ -2,6 +2,7 @@
 // over XLA's intra-op pool.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <memory>
@@ -51,6 +52,15 @@ void parallel_chunks(xla::ffi::ThreadPool& pool, int64_t chunks, const Fn& fn) {
   for (int64_t t = 1; t < threads && t < chunks; ++t) pool.Schedule([state] { state->run(); });
   state->run();
   while (state->done.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
+}
+
+// Runs fn(begin, end) over [0, n) in runs of consecutive items (at least min_run each), about four runs per pool
+// thread so that threads that start late still get a share, through parallel_chunks.
+template <class Fn>
+void parallel_ranges(xla::ffi::ThreadPool& pool, int64_t n, int64_t min_run, const Fn& fn) {
+  const int64_t parts = 4 * std::max<int64_t>(1, pool.num_threads());
+  const int64_t step = std::max<int64_t>(min_run, (n + parts - 1) / parts);
+  parallel_chunks(pool, (n + step - 1) / step, [&](int64_t c) { fn(c * step, std::min(n, (c + 1) * step)); });
 }
 
 }  // namespace speechseq
