@@ -10,6 +10,7 @@
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "common.h"
@@ -23,9 +24,21 @@ using speechseq::v16u;
 namespace {
 
 typedef int32_t v16i __attribute__((vector_size(64)));
+typedef uint8_t v16b __attribute__((vector_size(16)));
 constexpr int64_t kLanes = 16;
 
 inline v16 splat(float s) { return v16{} + s; }
+
+// 16 mask bytes (0 or not) as 16 int32 lanes.
+inline v16i widen(const uint8_t* m) {
+#ifdef __AVX512F__
+  return (v16i)_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(m)));
+#else
+  v16b b;
+  std::memcpy(&b, m, sizeof b);
+  return __builtin_convertvector(b, v16i);
+#endif
+}
 
 // e^x for 16 lanes: Cephes' expf (range reduction by ln 2, degree-5 polynomial; within 2 ulp), 0 below the
 // smallest normal result, as for the -inf and lowest-float32 scores of masked and padded keys.
@@ -141,8 +154,19 @@ void attend_one(const float* q, const float* k, const float* v, const uint8_t* m
   for (int64_t i = 0; i < Q; ++i) {
     float* r = sc + i * Sp;
     const uint8_t* mi = m + i * mask_row;
+    // masked keys to the lowest float32, the rest scaled, and the row's maximum: 16 keys at a time
+    const v16 lowest = splat(-FLT_MAX);
+    v16 vmx = lowest;
+    int64_t s = 0;
+    for (; s + kLanes <= S; s += kLanes) {
+      v16* x = reinterpret_cast<v16*>(r + s);
+      const v16 val = widen(mi + s) != 0 ? *x * scale : lowest;
+      *x = val;
+      vmx = vmx > val ? vmx : val;
+    }
     float mx = -FLT_MAX;
-    for (int64_t s = 0; s < S; ++s) {
+    for (int64_t l = 0; l < kLanes; ++l) mx = std::max(mx, vmx[l]);
+    for (; s < S; ++s) {
       r[s] = mi[s] ? r[s] * scale : -FLT_MAX;
       mx = std::max(mx, r[s]);
     }
