@@ -86,11 +86,20 @@ def _build(path: Path) -> None:
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".build-") as tmp:
         units = [f for f in SOURCES if f.suffix == ".cc"]
         objects = [os.path.join(tmp, f"{f.stem}.o") for f in units]
-        jobs = [subprocess.Popen([compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", "-c", str(f), "-o", o],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-                for f, o in zip(units, objects)]
-        errors = [(f, job.communicate(timeout=300)[1], job.returncode) for f, job in zip(units, jobs)]
-        failed = [(f, err) for f, err, rc in errors if rc]
+        logs = [os.path.join(tmp, f"{f.stem}.log") for f in units]  # files, not pipes: no compiler waits on us
+        jobs: list[subprocess.Popen] = []
+        try:
+            for f, o, log in zip(units, objects, logs):
+                with open(log, "w") as err:
+                    jobs.append(subprocess.Popen([compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", "-c", str(f),
+                                                  "-o", o], stdout=subprocess.DEVNULL, stderr=err))
+            codes = [job.wait(timeout=300) for job in jobs]
+        finally:  # a timeout or an interrupt: stop the other compiles before the folder goes
+            for job in jobs:
+                if job.poll() is None:
+                    job.kill()
+                    job.wait()
+        failed = [(f, Path(log).read_text()) for f, log, rc in zip(units, logs, codes) if rc]
         if not failed:
             library = os.path.join(tmp, path.name)
             done = subprocess.run([compiler, *FLAGS, "-shared", *objects, "-o", library], capture_output=True,
