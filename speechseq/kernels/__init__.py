@@ -99,17 +99,17 @@ def _build(path: Path) -> None:
                 if job.poll() is None:
                     job.kill()
                     job.wait()
-        failed = [(f, Path(log).read_text()) for f, log, rc in zip(units, logs, codes) if rc]
+        failed = [(f.name, Path(log).read_text()) for f, log, rc in zip(units, logs, codes) if rc]
         if not failed:
             library = os.path.join(tmp, path.name)
             done = subprocess.run([compiler, *FLAGS, "-shared", *objects, "-o", library], capture_output=True,
                                   text=True, timeout=300)
             if done.returncode:
-                failed = [(Path("the link"), done.stderr)]
+                failed = [("the link", done.stderr)]
         if failed:
-            f, err = failed[0]
+            name, err = failed[0]
             last = (err.strip().splitlines() or ["(no output)"])[-1]
-            raise RuntimeError(f"{compiler} failed on {f.name}: {last}")
+            raise RuntimeError(f"{compiler} failed on {name}: {last}")
         os.replace(library, path)
 
 
