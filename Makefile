@@ -13,8 +13,8 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e .
 	touch $@
 
-$(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
-	$(BIN)/pip install -q -e ".[test]"
+$(VENV)/.installed-test: pyproject.toml constraints-test.txt $(VENV)/.installed
+	$(BIN)/pip install -q -c constraints-test.txt -e ".[test]"
 	touch $@
 
 install: $(VENV)/.installed

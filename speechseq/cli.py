@@ -187,8 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", metavar="AUDIO", help="audio files, folders, or manifests (.txt/.tsv/.jsonl)")
     p.add_argument("--model", required=True, help="checkpoint directory (HF or speechseq) or hub id")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--num-beams", type=int, default=1, help="1 = greedy")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--num-beams", type=int, help="1 = greedy (default: the checkpoint's generation settings)")
+    p.add_argument("--max-new-tokens", type=int,
+                   help="default: the checkpoint's max_length (generation_config.json, else config.json, else 20 new "
+                        "tokens as in transformers)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
     p.add_argument("--output", help="write JSON lines (file, text, seconds) here instead of text to stdout")
     p.set_defaults(func=cmd_transcribe)

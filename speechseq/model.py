@@ -55,6 +55,24 @@ def encode(cfg: SpeechSeq2SeqConfig, params: Params, input_values: jax.Array, at
     return EncoderOutput(hidden, mask)
 
 
+def with_frame_mask(cfg: SpeechSeq2SeqConfig, encoder_outputs: EncoderOutput | tuple,
+                    attention_mask: jax.Array | None) -> EncoderOutput:
+    """Precomputed encoder output as an EncoderOutput whose frame mask [B, S] comes from the sample mask [B, N]
+    when it carries none (transformers derives it so whenever ``attention_mask`` is given)."""
+    if not isinstance(encoder_outputs, EncoderOutput):
+        if not isinstance(encoder_outputs, (tuple, list)):
+            got = "an array" if hasattr(encoder_outputs, "shape") else type(encoder_outputs).__name__  # maybe traced
+            raise InputError("encoder_outputs: expected an EncoderOutput or a tuple whose first element is the "
+                             f"frames [B, S, E], got {got}")
+        # transformers' tuple is (last_hidden_state, hidden_states?, attentions?): only the frames are read
+        encoder_outputs = EncoderOutput(encoder_outputs[0], None)
+    if encoder_outputs.attention_mask is not None or attention_mask is None:
+        return encoder_outputs
+    hidden = encoder_outputs.last_hidden_state
+    mask = family(cfg.encoder.model_type, "encoder").frame_mask(cfg.encoder, attention_mask, hidden.shape[1])
+    return EncoderOutput(hidden, mask)
+
+
 def project(cfg: SpeechSeq2SeqConfig, params: Params, hidden: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
     """Encoder frames [B, S, E] -> the width the decoder's cross-attention reads [B, S, D]."""
     return dense(params["enc_to_dec_proj"], hidden, jnp.dtype(dtype)) if cfg.has_enc_to_dec_proj else hidden
@@ -101,12 +119,17 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 def forward(cfg: SpeechSeq2SeqConfig, params: Params, input_values: jax.Array | None = None,
             attention_mask: jax.Array | None = None, decoder_input_ids: jax.Array | None = None,
             decoder_attention_mask: jax.Array | None = None, labels: jax.Array | None = None,
-            encoder_outputs: EncoderOutput | None = None, dtype: Any = jnp.float32) -> Seq2SeqOutput:
-    """Full model: audio [B, N] (or ``encoder_outputs``) and decoder ids [B, T] or labels [B, T] -> Seq2SeqOutput."""
+            encoder_outputs: EncoderOutput | tuple | None = None, dtype: Any = jnp.float32) -> Seq2SeqOutput:
+    """Full model: audio [B, N] (or ``encoder_outputs``) and decoder ids [B, T] or labels [B, T] -> Seq2SeqOutput.
+
+    ``encoder_outputs`` is an EncoderOutput or, as in transformers, a tuple whose first element is the frames
+    [B, S, E] (the rest unused). Without a frame mask of their own they get one from ``attention_mask`` [B, N].
+    """
     if encoder_outputs is None:
         if input_values is None:
             raise InputError("input_values: required unless encoder_outputs are given")
         encoder_outputs = encode(cfg, params, input_values, attention_mask, dtype)
+    encoder_outputs = with_frame_mask(cfg, encoder_outputs, attention_mask)
     if decoder_input_ids is None:
         if labels is None:
             raise InputError("decoder_input_ids: required unless labels are given (they are shifted right)")

@@ -26,13 +26,18 @@ class Family:
     weight_rules: Callable[[Any], list[Rule]]
     prefixes: tuple[str, ...]
     apply: Callable[..., Any]  # encoders: encode(cfg, p, audio, mask, dtype); decoders: decode(cfg, p, ids, ...)
+    # encoders: frame_mask(cfg, sample mask [B, N], S) -> mask [B, S] of the frames `apply` returns, for
+    # precomputed frames given with a sample mask; decoders: None
+    frame_mask: Callable[..., Any] | None = None
 
 
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
-        Family("wav2vec2", "encoder", wav2vec2.parse_config, wav2vec2.weight_rules, ("", "wav2vec2."), wav2vec2.encode),
-        Family("hubert", "encoder", wav2vec2.parse_config, wav2vec2.weight_rules, ("", "hubert."), wav2vec2.encode),
+        Family("wav2vec2", "encoder", wav2vec2.parse_config, wav2vec2.weight_rules, ("", "wav2vec2."), wav2vec2.encode,
+               wav2vec2.frame_mask),
+        Family("hubert", "encoder", wav2vec2.parse_config, wav2vec2.weight_rules, ("", "hubert."), wav2vec2.encode,
+               wav2vec2.frame_mask),
         Family("bert", "decoder", bert.parse_config, partial(decoder_rules, n=bert.BERT_NAMES), ("bert.", ""), decode),
         Family("roberta", "decoder", bert.parse_config, partial(decoder_rules, n=bert.ROBERTA_NAMES),
                ("roberta.", ""), decode),

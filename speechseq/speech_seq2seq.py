@@ -77,7 +77,7 @@ class SpeechSeq2Seq:
     def __init__(self, config: SpeechSeq2SeqConfig, params: Mapping, dtype: Any = jnp.float32,
                  loading_info: table.LoadReport | None = None, generation_json: Mapping | None = None):
         self.config = config
-        self.generation_json = dict(generation_json or {})
+        self.generation_json = None if generation_json is None else dict(generation_json)
         self.params = params
         self.dtype = _dtype(dtype)
         self.loading_info = loading_info or table.LoadReport([], [], [])
@@ -169,7 +169,7 @@ class SpeechSeq2Seq:
 
     def __call__(self, input_values: Any = None, attention_mask: Any = None, decoder_input_ids: Any = None,
                  decoder_attention_mask: Any = None, labels: Any = None,
-                 encoder_outputs: M.EncoderOutput | None = None, input_features: Any = None) -> M.Seq2SeqOutput:
+                 encoder_outputs: M.EncoderOutput | tuple | None = None, input_features: Any = None) -> M.Seq2SeqOutput:
         """Logits [B, T, V] (and the loss when ``labels`` [B, T] are given, -100 ignored)."""
         if input_features is not None:
             raise InputError(f"input_features: the {self.config.encoder.model_type} encoder reads raw audio; "
@@ -194,7 +194,7 @@ class SpeechSeq2Seq:
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write config.json + model.safetensors that ``transformers.SpeechEncoderDecoderModel`` loads."""
-        extra = {"generation_config.json": self.generation_json} if self.generation_json else None
+        extra = None if self.generation_json is None else {"generation_config.json": self.generation_json}
         save_hf(directory, self.config.to_dict(), self.state_dict(), extra)
 
     def astype(self, dtype: Any) -> "SpeechSeq2Seq":
@@ -210,10 +210,7 @@ class SpeechSeq2Seq:
         from speechseq.decoding import config as G
 
         dec = self.config.decoder
-        defaults = G.defaults_from(self.config.hf, dec.hf, self.generation_json)
-        defaults.setdefault("decoder_start_token_id", self.config.decoder_start_token_id)
-        defaults.setdefault("pad_token_id", self.config.pad_token_id)
-        defaults.setdefault("eos_token_id", self.config.eos_token_id)
+        defaults = G.defaults_from(self.config.to_dict(), self.generation_json)
         return G.make(defaults, dec.max_positions - dec.position_offset, **kwargs)
 
     def _decoder_params(self, generate_args: tuple | None = None) -> Any:

@@ -11,7 +11,10 @@
 
 Layouts 2 and 3 are rebuilt with `tokenizers` the way transformers converts them, so ids and decoded strings match
 transformers' tokenizers. ``tokenizer_config.json``, ``special_tokens_map.json`` and ``added_tokens.json`` supply the
-special tokens, added tokens and ``clean_up_tokenization_spaces``.
+special tokens, added tokens, ``clean_up_tokenization_spaces`` and ``padding_side``. As in transformers, the
+``padding`` and ``truncation`` blocks of a tokenizer.json (sentence-transformers writes fixed 128-token padding and
+truncation at 128) do not apply when encoding; the padding block gives the pad side (and, in a tokenizer.json without
+tokenizer_config.json, the pad token).
 """
 
 from __future__ import annotations
@@ -83,11 +86,13 @@ class Tokenizer:
     """
 
     def __init__(self, backend: tokenizers.Tokenizer | None, special_tokens: dict[str, str],
-                 additional_special_tokens: Sequence[str] = (), clean_up_tokenization_spaces: bool = False):
+                 additional_special_tokens: Sequence[str] = (), clean_up_tokenization_spaces: bool = False,
+                 padding_side: str = "right"):
         self._backend = backend
         self._special = {k: v for k, v in special_tokens.items() if v is not None}
         self._additional = list(additional_special_tokens)
         self.clean_up_tokenization_spaces = clean_up_tokenization_spaces
+        self.padding_side = padding_side  # where `__call__` pads a batch: "right" or "left"
 
     # ----------------------------------------------------------------------------------------------- loading
     @classmethod
@@ -100,14 +105,21 @@ class Tokenizer:
         config = {**_read_json(path / "tokenizer_config.json"), **config}
         config["added_tokens_json"] = _read_json(path / "added_tokens.json")
         if (path / "tokenizer.json").is_file():
-            return _from_tokenizer_json(path / "tokenizer.json", config)
-        if (path / "vocab.txt").is_file():
-            return _from_wordpiece(path / "vocab.txt", config)
-        if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
-            return _from_byte_level_bpe(path / "vocab.json", path / "merges.txt", config)
-        if (path / "sentencepiece.bpe.model").is_file():
-            return MBartSentencePiece.from_file(path / "sentencepiece.bpe.model", config)
-        raise CheckpointError(f"{path}: no tokenizer found; looked for {', '.join(LAYOUTS)}")
+            tok = _from_tokenizer_json(path / "tokenizer.json", config)
+        elif (path / "vocab.txt").is_file():
+            tok = _from_wordpiece(path / "vocab.txt", config)
+        elif (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
+            tok = _from_byte_level_bpe(path / "vocab.json", path / "merges.txt", config)
+        elif (path / "sentencepiece.bpe.model").is_file():
+            tok = MBartSentencePiece.from_file(path / "sentencepiece.bpe.model", config)
+        else:
+            raise CheckpointError(f"{path}: no tokenizer found; looked for {', '.join(LAYOUTS)}")
+        side = config.get("padding_side") or tok.padding_side  # tokenizer_config.json over tokenizer.json
+        if side not in ("left", "right"):
+            raise CheckpointError(f"{path / 'tokenizer_config.json'}: padding_side must be 'left' or 'right', "
+                                  f"got {side!r}")
+        tok.padding_side = side
+        return tok
 
     # ----------------------------------------------------------------------------------------------- vocabulary
     @property
@@ -176,19 +188,22 @@ class Tokenizer:
         return self._backend.encode(text).ids
 
     def __call__(self, texts: str | Sequence[str], padding: bool = True) -> dict[str, np.ndarray]:
-        """Encode a batch: ``input_ids`` [B, T] int32, right-padded with the pad token (eos, then 0, when there
-        is none), and ``attention_mask`` [B, T] int32 (1 = token). ``padding=False`` needs equal lengths."""
+        """Encode a batch: ``input_ids`` [B, T] int32, padded with the pad token (eos, then 0, when there is none)
+        on `padding_side`, and ``attention_mask`` [B, T] int32 (1 = token). ``padding=False`` needs equal
+        lengths."""
         ids = [self.encode(t) for t in ([texts] if isinstance(texts, str) else texts)]
         if not padding and len({len(x) for x in ids}) > 1:
             raise InputError("texts encode to different lengths; pass padding=True")
         pad = next((i for i in (self.pad_token_id, self.eos_token_id) if i is not None), 0)
-        input_ids = _pad(ids, pad, None)
-        mask = _pad([[1] * len(x) for x in ids], 0, None)
+        left = self.padding_side == "left"
+        input_ids = _pad(ids, pad, None, left)
+        mask = _pad([[1] * len(x) for x in ids], 0, None, left)
         return {"input_ids": input_ids, "attention_mask": mask}
 
     def encode_labels(self, texts: Sequence[str], pad_to: int | None = None,
                       strip_start_id: int | None = None) -> np.ndarray:
-        """Training labels [B, T] int32: `encode` of each text, -100 at padding (ignored by the loss).
+        """Training labels [B, T] int32: `encode` of each text, right-padded with -100 (ignored by the loss);
+        a pad token written in the text stays a label, as transformers' collators keep every attended token.
 
         ``pad_to`` fixes T (a shape bucket; a longer text raises `InputError`). ``strip_start_id`` drops that id
         where it starts a sequence, as transformers' speech seq2seq collators do for the decoder start token
@@ -225,15 +240,19 @@ def clean_up_tokenization(text: str) -> str:
     return text
 
 
-def _pad(rows: list[list[int]], value: int, length: int | None) -> np.ndarray:
-    """Right-pad ``rows`` with ``value`` to ``length`` (default: the longest row) as an int32 [B, T] array."""
+def _pad(rows: list[list[int]], value: int, length: int | None, left: bool = False) -> np.ndarray:
+    """Pad ``rows`` with ``value`` to ``length`` (default: the longest row) as an int32 [B, T] array, on the right
+    (``left=True``: on the left)."""
     longest = max((len(r) for r in rows), default=0)
     length = longest if length is None else length
     if longest > length:
         raise InputError(f"pad_to={length} is shorter than the longest encoded text ({longest} tokens)")
     out = np.full((len(rows), length), value, dtype=np.int32)
     for b, row in enumerate(rows):
-        out[b, :len(row)] = row
+        if left:
+            out[b, length - len(row):] = row
+        else:
+            out[b, :len(row)] = row
     return out
 
 
@@ -294,9 +313,19 @@ def _guess_specials(backend: tokenizers.Tokenizer) -> dict[str, str]:
 
 def _from_tokenizer_json(path: Path, config: dict) -> Tokenizer:
     backend = _load_backend(lambda: tokenizers.Tokenizer.from_file(str(path)), path)
-    defaults = {} if any(n in config for n in SPECIAL_NAMES) else _guess_specials(backend)
+    # transformers encodes without the file's padding and truncation (it pads or truncates only when a call asks);
+    # the padding block still gives the pad side, and the pad token when no config names special tokens
+    padding = backend.padding or {}
+    backend.no_padding()
+    backend.no_truncation()
+    defaults: dict[str, str] = {}
+    if not any(n in config for n in SPECIAL_NAMES):
+        defaults = _guess_specials(backend)
+        if padding.get("pad_token"):
+            defaults = {**defaults, "pad_token": padding["pad_token"]}
     specials, additional = _finish(backend, config, defaults)
-    return Tokenizer(backend, specials, additional, bool(config.get("clean_up_tokenization_spaces", False)))
+    return Tokenizer(backend, specials, additional, bool(config.get("clean_up_tokenization_spaces", False)),
+                     padding.get("direction", "right"))
 
 
 def _read_wordpiece_vocab(path: Path) -> dict[str, int]:

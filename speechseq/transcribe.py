@@ -20,7 +20,8 @@ def transcribe(model: str | os.PathLike | SpeechSeq2Seq, files: Sequence[str | o
 
     Audio is resampled to the checkpoint's rate, grouped by length into batches of ``batch_size`` rows (short
     batches are filled with copies so the batch shape never changes), padded to a length bucket and decoded
-    with ``generate`` (greedy by default; ``num_beams`` etc. pass through).
+    with ``generate``: the checkpoint's generation settings (max length, beams, ...) unless ``generate_kwargs``
+    (``num_beams``, ``max_new_tokens``, ...; ``None`` values are ignored) override them.
     """
     if not isinstance(model, SpeechSeq2Seq):
         processor = processor or Processor.from_pretrained(model)

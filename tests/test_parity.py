@@ -148,6 +148,40 @@ def test_precomputed_encoder_outputs(zoo, enc, dec):
     assert_parity(reused, want, with_loss=True)
 
 
+@pytest.mark.parametrize("enc,dec", [("w2v-adapter-20", "bart"), ("w2v-group", "roberta")])
+def test_encoder_outputs_without_frame_mask(zoo, enc, dec):
+    """Precomputed frames without a frame mask, plus the sample mask: the frame mask comes from the sample mask
+    (with the adapter's downsampling), as transformers' ``SpeechEncoderDecoderModel`` derives it for
+    ``encoder_outputs=(hidden,)``; a frame mask the EncoderOutput carries is used as it is."""
+    from speechseq.errors import InputError
+    from speechseq.model import EncoderOutput
+
+    hf, ours = zoo(enc, dec)
+    ids, _ = right_padded_ids()
+    x, mask = F.audio_batch((1600, 1100))
+    hidden = F.hf_forward(hf.encoder, input_values=x, attention_mask=mask).last_hidden_state
+    want = F.hf_forward(hf, encoder_outputs=(hidden,), attention_mask=mask, decoder_input_ids=ids)
+    frames = F.to_numpy(hidden)
+    got = ours(encoder_outputs=EncoderOutput(frames, None), attention_mask=mask, decoder_input_ids=ids)
+    assert F.max_abs_diff(got.logits, want.logits) <= 1e-5
+    derived = ours.encode(x, mask).attention_mask
+    assert not np.asarray(derived).all()  # the short clip's padding frames are masked: the check can fail
+    np.testing.assert_array_equal(np.asarray(got.encoder_attention_mask), np.asarray(derived))
+    if enc == "w2v-adapter-20":  # transformers' tuple form, read as transformers reads it: frames first
+        as_tuple = ours(encoder_outputs=(frames,), attention_mask=mask, decoder_input_ids=ids)
+        np.testing.assert_array_equal(np.asarray(as_tuple.logits), np.asarray(got.logits))
+        with pytest.raises(InputError) as err:
+            ours(encoder_outputs=frames, attention_mask=mask, decoder_input_ids=ids)
+        assert str(err.value) == ("encoder_outputs: expected an EncoderOutput or a tuple whose first element is "
+                                  "the frames [B, S, E], got an array")
+    # a carried frame mask wins over the sample mask: all frames attended, as transformers without a mask
+    unmasked = F.hf_forward(hf, encoder_outputs=(hidden,), decoder_input_ids=ids)
+    assert F.max_abs_diff(unmasked.logits, want.logits) > 1e-5
+    carried = ours(encoder_outputs=EncoderOutput(frames, np.ones(frames.shape[:2], bool)), attention_mask=mask,
+                   decoder_input_ids=ids)
+    assert F.max_abs_diff(carried.logits, unmasked.logits) <= 1e-5
+
+
 @pytest.mark.parametrize("enc,dec", [("w2v-layer-stable", "mbart"), ("w2v-group", "gpt2"), ("hubert", "bert")])
 def test_bfloat16_close_to_float32(zoo, enc, dec):
     _, ours = zoo(enc, dec)

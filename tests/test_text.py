@@ -333,9 +333,9 @@ def test_v4_style_config_with_added_tokens(family, tmp_path):
 
 
 def test_mbart_runs_sentencepiece_with_its_normalisation(tmp_path):
-    """Ours runs sentencepiece itself, so its NFKC normalisation applies (as in fairseq and transformers 4);
-    transformers 5 drops it when converting a bare sentencepiece.bpe.model (its MBartTokenizer sets no normalizer),
-    so this is the one place the ids differ on purpose."""
+    """Ours runs sentencepiece itself, so its NFKC normalisation applies (as in fairseq): a ligature and full-width
+    letters encode as their plain forms. transformers 5.25 converts a bare sentencepiece.bpe.model with the model's
+    precompiled normaliser, so its ids agree with ours on normalised, unnormalised and mixed text."""
     (tmp_path / "raw").mkdir()
     build_mbart(tmp_path / "raw", tmp_path / "out", tmp_path)
     (tmp_path / "out" / "tokenizer.json").unlink()
@@ -344,5 +344,87 @@ def test_mbart_runs_sentencepiece_with_its_normalisation(tmp_path):
     assert isinstance(ours, MBartSentencePiece) and ours.src_lang == "en_XX"
     text = "\ufb01ne \uff46\uff55\uff4c\uff4c width"  # "fi" ligature, full-width letters
     expected = [k + 1 for k in ours._sp.encode(text)] + [2, ours.convert_tokens_to_ids("en_XX")]
-    assert ours.encode(text) == expected == ours.encode("fine full width") == theirs("fine full width")["input_ids"]
-    assert ours.encode(text) != theirs(text)["input_ids"]
+    assert ours.encode(text) == expected == ours.encode("fine full width")
+    for sample in (text, "fine full width", "\u2460\u2461  a\u3000b \uff76\uff80\uff76\uff85 \u2122 caf\u00e9"):
+        ids = ours.encode(sample)
+        assert ids == theirs(sample)["input_ids"], sample
+        assert ours.decode(ids, skip_special_tokens=True) == theirs.decode(ids, skip_special_tokens=True)
+
+
+# ------------------------------------------------------------------------------------------------- padding blocks
+LONG_TEXT = " ".join(" ".join(CORPUS * 2).split()[:300])  # 300 words: several hundred tokens
+
+
+def with_padding_blocks(out, direction="right", pad_token=None):
+    """Give ``out``'s tokenizer.json fixed padding to 128 and truncation at 128, as sentence-transformers'
+    all-MiniLM-L6-v2 ships them."""
+    tok = tokenizers.Tokenizer.from_file(str(out / "tokenizer.json"))
+    pad = pad_token or json.loads((out / "tokenizer_config.json").read_text())["pad_token"]
+    tok.enable_padding(length=128, direction=direction, pad_id=tok.token_to_id(pad), pad_token=pad)
+    tok.enable_truncation(128)
+    tok.save(str(out / "tokenizer.json"))
+    saved = json.loads((out / "tokenizer.json").read_text())
+    assert saved["padding"]["strategy"] == {"Fixed": 128} and saved["truncation"]["max_length"] == 128
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta"])
+def test_tokenizer_json_padding_and_truncation_blocks_do_not_apply(family, tmp_path):
+    """transformers encodes as if the blocks were absent: no padding to 128, no cut at 128; batches pad to the
+    longest text; labels from `Processor` are -100 at padding only (a pad token written in the text stays)."""
+    from speechseq import Processor
+
+    (tmp_path / "raw").mkdir()
+    FAMILIES[family](tmp_path / "raw", tmp_path / "out", tmp_path)
+    with_padding_blocks(tmp_path / "out")
+    ours, theirs = Tokenizer.from_pretrained(tmp_path / "out"), transformers.AutoTokenizer.from_pretrained(
+        tmp_path / "out")
+    for text in TEXTS + [LONG_TEXT]:
+        assert ours.encode(text) == theirs(text)["input_ids"], text
+    assert len(ours.encode(CORPUS[0])) < 128 < len(ours.encode(LONG_TEXT))
+    ids = ours.encode(LONG_TEXT)
+    for skip in (False, True):
+        assert ours.decode(ids, skip_special_tokens=skip) == theirs.decode(ids, skip_special_tokens=skip)
+    texts = [CORPUS[0], f"{CORPUS[1]} {ours.special_tokens['pad_token']}", LONG_TEXT]
+    batch, ref = ours(texts), theirs(texts, padding=True, return_tensors="np")
+    np.testing.assert_array_equal(batch["input_ids"], ref["input_ids"])
+    np.testing.assert_array_equal(batch["attention_mask"], ref["attention_mask"])
+    labels = Processor.from_pretrained(tmp_path / "out")(text=texts)["labels"]
+    np.testing.assert_array_equal(labels, np.where(ref["attention_mask"] == 1, ref["input_ids"], -100))
+    assert (labels[1] == ours.pad_token_id).sum() == 1  # the written pad token is a label, not padding
+    assert (labels[0] == -100).any() and not (labels[2] == -100).any()
+
+
+def test_tokenizer_json_padding_side(tmp_path):
+    """The padding block's direction is the pad side of a batch (tokenizer_config.json's padding_side over it), and
+    a tokenizer.json alone takes its pad token from the block, as in transformers."""
+    (tmp_path / "raw").mkdir()
+    out = tmp_path / "out"
+    FAMILIES["bert"](tmp_path / "raw", out, tmp_path)
+    with_padding_blocks(out, direction="left")
+    texts = [CORPUS[0], "hello"]
+    for config_side in (None, "right"):
+        if config_side:
+            cfg = json.loads((out / "tokenizer_config.json").read_text())
+            (out / "tokenizer_config.json").write_text(json.dumps({**cfg, "padding_side": config_side}))
+        ours, theirs = Tokenizer.from_pretrained(out), transformers.AutoTokenizer.from_pretrained(out)
+        assert ours.padding_side == theirs.padding_side == (config_side or "left")
+        batch, ref = ours(texts), theirs(texts, padding=True, return_tensors="np")
+        np.testing.assert_array_equal(batch["input_ids"], ref["input_ids"])
+        np.testing.assert_array_equal(batch["attention_mask"], ref["attention_mask"])
+    (out / "tokenizer_config.json").write_text(json.dumps({**cfg, "padding_side": "middle"}))
+    with pytest.raises(CheckpointError) as err:
+        Tokenizer.from_pretrained(out)
+    assert str(err.value) == f"{out / 'tokenizer_config.json'}: padding_side must be 'left' or 'right', got 'middle'"
+
+    bare = tmp_path / "bare"  # GPT-2 has no pad token; the block names one
+    (tmp_path / "raw2").mkdir()
+    FAMILIES["gpt2"](tmp_path / "raw2", tmp_path / "gpt2", tmp_path)
+    with_padding_blocks(tmp_path / "gpt2", direction="left", pad_token="<|endoftext|>")
+    bare.mkdir()
+    shutil.copy(tmp_path / "gpt2" / "tokenizer.json", bare / "tokenizer.json")
+    ours, theirs = Tokenizer.from_pretrained(bare), transformers.AutoTokenizer.from_pretrained(bare)
+    assert ours.pad_token_id == theirs.pad_token_id == ours.eos_token_id
+    assert ours.padding_side == theirs.padding_side == "left"
+    batch, ref = ours(texts), theirs(texts, padding=True, return_tensors="np")
+    np.testing.assert_array_equal(batch["input_ids"], ref["input_ids"])
+    assert ours.encode(LONG_TEXT) == theirs(LONG_TEXT)["input_ids"]

@@ -105,3 +105,38 @@ def test_second_run_uses_persistent_compilation_cache(checkpoint, tmp_path):
     second = subprocess.run(cmd, capture_output=True, text=True)
     assert second.returncode == 0 and second.stdout == first.stdout
     assert sorted(p.name for p in cache.iterdir()) == entries  # nothing new compiled
+
+
+def test_transcribe_uses_the_checkpoints_generation_settings(checkpoint, tmp_path, capsys):
+    """No generation flags: max length, beams and tokens come from the checkpoint's generation_config.json, as in
+    transformers' processor + generate() + batch_decode(skip_special_tokens=True); flags override them. (The
+    decoder has 40 positions, so a fixed default of 64 new tokens could not run at all.)"""
+    import transformers as T
+
+    src, _ = checkpoint
+    path = tmp_path / "model"
+    path.mkdir()
+    for f in src.iterdir():
+        (path / f.name).write_bytes(f.read_bytes())
+    T.GenerationConfig(max_length=24, num_beams=2, decoder_start_token_id=0, eos_token_id=2,
+                       pad_token_id=1).save_pretrained(path)
+    model = T.SpeechEncoderDecoderModel.from_pretrained(path).eval()
+    fe, tok = T.AutoFeatureExtractor.from_pretrained(path), T.AutoTokenizer.from_pretrained(path)
+    feats = fe([load_audio(f) for f in FIXTURES], sampling_rate=16000, padding=True, return_tensors="pt")
+
+    def theirs(**gen):
+        with torch.no_grad():
+            seqs = model.generate(input_values=feats["input_values"], attention_mask=feats["attention_mask"], **gen)
+        return seqs, [t.strip() for t in tok.batch_decode(seqs, skip_special_tokens=True)]
+
+    for flags, gen in [([], {}), (["--max-new-tokens", "5", "--num-beams", "1"], {"max_new_tokens": 5,
+                                                                                 "num_beams": 1})]:
+        code = main(["-q", "--cache-dir", str(tmp_path / "cache"), "transcribe", "--model", str(path),
+                     "--batch-size", "3", *flags, *map(str, FIXTURES)])
+        out = capsys.readouterr()
+        assert code == 0, out.err
+        seqs, want = theirs(**gen)
+        assert [line.split("\t")[1] for line in out.out.strip().splitlines()] == want
+        assert any(want) and len(set(want)) > 1
+        if not flags:  # the file's max_length 24 reached: longer than the flags' 6 and than 20 new tokens
+            assert seqs.shape[1] == 24, seqs.shape

@@ -1,7 +1,7 @@
 """Generation settings: transformers' keyword names and defaults, frozen and hashable (a static jit argument).
 
-Values come, in order of precedence, from the call's keywords, the checkpoint's ``generation_config.json``, the
-model config (top level, then the decoder's), then transformers' defaults.
+Values come, in order of precedence, from the call's keywords, then the checkpoint's defaults as transformers 5.25
+resolves them (``defaults_from``), then transformers' global defaults (the dataclass defaults below).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from speechseq.errors import InputError
 
 @dataclass(frozen=True)
 class GenerationConfig:
-    max_length: int = 20  # total length including the start token
+    max_length: int = 20  # total length including the start token; unset: 20 new tokens (see make)
     min_length: int = 0
     min_new_tokens: int = 0
     do_sample: bool = False
@@ -28,7 +28,8 @@ class GenerationConfig:
     early_stopping: bool | str = False
     eos_token_id: tuple[int, ...] = ()
     pad_token_id: int | None = None
-    decoder_start_token_id: int | None = None
+    decoder_start_token_id: int | None = None  # None: bos_token_id (transformers' fallback for encoder-decoders)
+    bos_token_id: int | None = None
     forced_bos_token_id: int | None = None
     forced_eos_token_id: tuple[int, ...] = ()
     repetition_penalty: float = 1.0
@@ -44,14 +45,13 @@ class GenerationConfig:
         return self.eos_token_id[0] if self.eos_token_id else 0
 
 
+DEFAULT_NEW_TOKENS = 20  # transformers: "by default let's always generate 20 new tokens" when max_length is unset
 FIELDS = {f.name for f in dataclasses.fields(GenerationConfig)}
 # accepted for compatibility, no effect on the result
 IGNORED = {"use_cache", "return_dict_in_generate", "output_scores", "output_attentions", "output_hidden_states",
            "output_logits", "renormalize_logits", "remove_invalid_values", "transformers_version",
-           "_from_model_config", "is_assistant", "bos_token_id", "decoder_start_token_ids", "max_time",
+           "_from_model_config", "is_assistant", "decoder_start_token_ids", "max_time",
            "num_beam_groups", "diversity_penalty"}
-TOKEN_KEYS = ("eos_token_id", "pad_token_id", "decoder_start_token_id", "forced_bos_token_id", "forced_eos_token_id",
-              "suppress_tokens", "begin_suppress_tokens")
 
 
 def _ids(value: Any) -> tuple[int, ...]:
@@ -62,18 +62,21 @@ def _ids(value: Any) -> tuple[int, ...]:
     return (int(value),)
 
 
-def defaults_from(model_hf: Mapping, decoder_hf: Mapping, generation_json: Mapping | None) -> dict:
-    """Generation defaults of a checkpoint (generation_config.json, else its config)."""
-    out: dict = {}
-    for source in (decoder_hf, model_hf, generation_json or {}):  # later sources win
-        for key, value in source.items():
-            if key in FIELDS and value is not None and (source is generation_json or key in TOKEN_KEYS
-                                                        or key in ("max_length", "num_beams", "no_repeat_ngram_size",
-                                                                   "length_penalty", "early_stopping",
-                                                                   "min_length")):
-                out[key] = value
-    if "max_length" in out and not generation_json:
-        out.pop("max_length")  # config.json's max_length is a legacy default, not a request
+def defaults_from(config_json: Mapping, generation_json: Mapping | None) -> dict:
+    """A checkpoint's generation defaults, resolved as transformers 5.25 resolves them.
+
+    With a ``generation_config.json``, that file alone: transformers reads nothing from config.json then, so a field
+    only the decoder's config carries (a BART decoder's ``forced_eos_token_id``) does not apply. Without one,
+    ``GenerationConfig.from_model_config`` of the config.json dict: its top-level generation fields, then the
+    decoder sub-config's for those still unset. ``None`` means unset (transformers' global default).
+    """
+    if generation_json is not None:
+        return {k: v for k, v in generation_json.items() if k in FIELDS | {"max_new_tokens"} and v is not None}
+    out = {k: v for k, v in config_json.items() if k in FIELDS and v is not None}
+    decoder = config_json.get("decoder")
+    for key, value in (decoder.items() if isinstance(decoder, Mapping) else ()):
+        if key in FIELDS and value is not None:
+            out.setdefault(key, value)
     return out
 
 
@@ -83,8 +86,13 @@ def make(defaults: Mapping, max_positions: int, prompt_length: int = 1, **kwargs
     if unknown:
         raise InputError(f"generate: unknown keyword argument(s) {unknown}; accepted: {sorted(FIELDS | {'max_new_tokens'})}")
     values = {**defaults, **{k: v for k, v in kwargs.items() if v is not None and k in FIELDS}}
-    if kwargs.get("max_new_tokens") is not None:
-        values["max_length"] = int(kwargs["max_new_tokens"]) + prompt_length
+    new_tokens = kwargs.get("max_new_tokens")
+    if new_tokens is None:
+        new_tokens = defaults.get("max_new_tokens")  # as in transformers, it wins over any max_length
+    if new_tokens is not None:
+        values["max_length"] = int(new_tokens) + prompt_length
+    elif values.get("max_length") is None:
+        values["max_length"] = DEFAULT_NEW_TOKENS + prompt_length
     for key in ("eos_token_id", "forced_eos_token_id", "suppress_tokens", "begin_suppress_tokens"):
         values[key] = _ids(values.get(key))
     if values.get("early_stopping") not in (True, False, "never", None):
@@ -93,7 +101,10 @@ def make(defaults: Mapping, max_positions: int, prompt_length: int = 1, **kwargs
     gen = dataclasses.replace(gen, top_k=int(gen.top_k or 0), num_beams=int(gen.num_beams),
                               max_length=int(gen.max_length))
     if gen.decoder_start_token_id is None:
-        raise InputError("decoder_start_token_id: not set in the config or generation_config.json; pass it to generate")
+        gen = dataclasses.replace(gen, decoder_start_token_id=gen.bos_token_id)
+    if gen.decoder_start_token_id is None:
+        raise InputError("decoder_start_token_id: not set (nor bos_token_id) in the config or generation_config.json; "
+                         "pass it to generate")
     if gen.max_length <= prompt_length:
         raise InputError(f"max_new_tokens: must be at least 1 (max_length {gen.max_length})")
     if gen.max_length > max_positions:

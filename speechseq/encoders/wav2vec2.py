@@ -144,8 +144,14 @@ def output_lengths(cfg: EncoderConfig, lengths: jax.Array, with_adapter: bool) -
     return lengths
 
 
-def frame_mask(cfg: EncoderConfig, attention_mask: jax.Array, num_frames: int, with_adapter: bool) -> jax.Array:
-    """Sample mask [B, N] -> frame mask [B, S] bool (transformers' ``_get_feature_vector_attention_mask``)."""
+def frame_mask(cfg: EncoderConfig, attention_mask: jax.Array, num_frames: int,
+               with_adapter: bool | None = None) -> jax.Array:
+    """Sample mask [B, N] -> frame mask [B, S] bool (transformers' ``_get_feature_vector_attention_mask``).
+
+    ``with_adapter=None`` counts the adapter when the encoder has one: the mask of the encoder's output frames.
+    """
+    if with_adapter is None:
+        with_adapter = cfg.add_adapter
     lengths = output_lengths(cfg, attention_mask.astype(jnp.int32).sum(-1), with_adapter)
     last = jnp.mod(lengths - 1, num_frames)  # a length of 0 marks the last frame, as transformers' indexing does
     return jnp.arange(num_frames)[None, :] <= last[:, None]
