@@ -30,6 +30,8 @@ def names(head: str) -> DecoderNames:
         head_transform_norm=f"{head}.transform.LayerNorm" if bert else f"{head}.layer_norm",
         head_kernel=f"{head}.decoder.weight",
         head_bias=(f"{head}.decoder.bias", f"{head}.bias"),
+        # tied, transformers ties decoder.bias to the head's own bias (_tied_weights_keys) and writes only that one
+        tied_head_bias=(f"{head}.bias", f"{head}.decoder.bias"),
         spare_head_bias=f"{head}.bias",
     )
 

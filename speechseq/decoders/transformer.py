@@ -47,6 +47,7 @@ class DecoderNames:
     head_transform_norm: str | None = None
     head_kernel: str = "lm_head.weight"
     head_bias: tuple[str, ...] = ()  # names of the output bias, first is written
+    tied_head_bias: tuple[str, ...] = ()  # its names when the word embeddings are tied, if they differ
     spare_head_bias: str | None = None  # BERT's second bias tensor, unused when untied; kept for round trips
     torch_linear: bool = True  # False: GPT-2 Conv1D, weight already [in, out]
     extra_token_names: tuple[str, ...] = ()  # other names the token table is stored under (shared embeddings)
@@ -98,7 +99,8 @@ def weight_rules(cfg: DecoderConfig, n: DecoderNames) -> list[Rule]:
     else:
         out.append(rule(n.head_kernel, "head/kernel", (D, V), ("embed", "vocab"), layout="linear"))
     if cfg.head_bias:
-        out.append(rule(n.head_bias, "head/bias", (V,), ("vocab",), init="zeros"))
+        bias_names = (cfg.tie_word_embeddings and n.tied_head_bias) or n.head_bias
+        out.append(rule(bias_names, "head/bias", (V,), ("vocab",), init="zeros"))
         if n.spare_head_bias and not cfg.tie_word_embeddings:
             out.append(rule(n.spare_head_bias, "head/spare_bias", (V,), ("vocab",), init="zeros"))
     return out
