@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from speechseq.config import check_number, number
 from speechseq.errors import ConfigError, InputError
 
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
@@ -107,12 +108,16 @@ class FeatureExtractor:
             raise ConfigError(f"{PREPROCESSOR_CONFIG}: feature_size must be 1 (raw audio), got {self.feature_size}")
         if self.padding_side != "right":
             raise ConfigError(f"{PREPROCESSOR_CONFIG}: padding_side must be 'right', got {self.padding_side!r}")
+        check_number(self.sampling_rate, f"{PREPROCESSOR_CONFIG}: field 'sampling_rate'")
+        check_number(self.padding_value, f"{PREPROCESSOR_CONFIG}: field 'padding_value'", integer=False, low=None)
 
     # ---- config file ---------------------------------------------------------------------------------------------
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "FeatureExtractor":
-        """From a ``preprocessor_config.json`` dict (HF keys); unknown keys go to ``extra``."""
+    def from_dict(cls, d: dict[str, Any], where: str = PREPROCESSOR_CONFIG) -> "FeatureExtractor":
+        """From a ``preprocessor_config.json`` dict (HF keys); unknown keys go to ``extra``. ``where`` (the file)
+        starts the one-line error for a bad sampling rate (0 or "16k" would fail later as a division by zero or
+        a resampling error)."""
         kind = d.get("feature_extractor_type", "Wav2Vec2FeatureExtractor")
         if kind != "Wav2Vec2FeatureExtractor":
             raise ConfigError(f"{PREPROCESSOR_CONFIG}: feature_extractor_type {kind!r} is not supported "
@@ -120,6 +125,7 @@ class FeatureExtractor:
         names = ("feature_size", "sampling_rate", "padding_value", "do_normalize", "return_attention_mask",
                  "padding_side")
         known = {k: d[k] for k in names if k in d}
+        known["sampling_rate"] = number(d, "sampling_rate", where, cls.sampling_rate)
         extra = {k: v for k, v in d.items() if k not in names and k != "feature_extractor_type"}
         return cls(**known, extra=extra)
 
@@ -140,7 +146,7 @@ class FeatureExtractor:
             raise ConfigError(f"{path}: cannot read as JSON ({_first_line(e)})") from None
         if not isinstance(d, dict):
             raise ConfigError(f"{path}: expected a JSON object")
-        return cls.from_dict(d)
+        return cls.from_dict(d, str(path))
 
     def to_dict(self) -> dict[str, Any]:
         """The ``preprocessor_config.json`` dict, with transformers' keys."""

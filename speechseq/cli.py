@@ -131,20 +131,34 @@ def _audio_inputs(items: Sequence[str]) -> list[Path]:
     return files
 
 
+MANIFEST_KEYS = ("audio", "path", "file", "audio_filepath")
+
+
 def _manifest(path: Path) -> list[Path]:
     """A list of audio paths: one per line (txt), first column (tsv/csv), or "audio"/"path"/"file" key (jsonl)."""
     from speechseq.errors import InputError
 
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 text (byte {e.start}); save the list as UTF-8") from None
+    except OSError as e:
+        raise InputError(f"{path}: cannot read ({e.strerror})") from None
     out = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip() or line.startswith("#"):
             continue
         if path.suffix == ".jsonl":
             try:
                 row = json.loads(line)
-                entry = next(row[k] for k in ("audio", "path", "file", "audio_filepath") if k in row)
-            except (json.JSONDecodeError, StopIteration, TypeError):
-                raise InputError(f"{path}:{n}: expected a JSON object with an 'audio' or 'path' key") from None
+            except json.JSONDecodeError:
+                row = None
+            key = next((k for k in MANIFEST_KEYS if k in row), None) if isinstance(row, dict) else None
+            if key is None:
+                raise InputError(f"{path}:{n}: expected a JSON object with an 'audio' or 'path' key")
+            entry = row[key]
+            if not isinstance(entry, str) or not entry:
+                raise InputError(f"{path}:{n}: '{key}' should be a file path (a non-empty string), got {entry!r}")
         else:
             entry = line.split("\t" if path.suffix == ".tsv" else ("," if path.suffix == ".csv" else "\n"))[0]
         f = Path(entry) if Path(entry).is_absolute() else path.parent / entry
@@ -154,22 +168,105 @@ def _manifest(path: Path) -> list[Path]:
     return out
 
 
+def _output_target(output: str, inputs: Sequence[str], files: Sequence[Path]) -> Path:
+    """The file ``--output`` will replace, checked before any work: not an input (audio, folder or list), not a
+    folder, in a folder that exists. A symlink is followed, so the file it points to is replaced, not the link."""
+    from speechseq.errors import InputError
+
+    target = Path(output).resolve()
+    own = target.stat() if target.exists() else None  # every input exists; compared by inode: links count too
+    if own and any(os.path.samestat(own, Path(p).stat()) for p in (*inputs, *files)):
+        raise InputError(f"--output {output}: is one of the inputs; writing there would destroy it, choose another "
+                         "file")
+    if target.is_dir():
+        raise InputError(f"--output {output}: is a folder; give a file path")
+    if not target.parent.is_dir():
+        raise InputError(f"--output {output}: folder {target.parent} does not exist")
+    if target.is_file() and not os.access(target, os.W_OK):  # a rename would replace it regardless
+        raise InputError(f"--output {output}: cannot write (the file is read-only)")
+    return target
+
+
+class _ReplaceAtEnd:
+    """Write to a temporary file beside ``target`` and rename it over ``target`` on ``commit()``, so a run that fails
+    (bad audio, an interrupt, a full disk) leaves an earlier ``target`` as it was and no temporary file behind.
+    Something that is not a regular file (a pipe, ``/dev/full``) or a path in ``/dev`` (``/dev/stdout``, even when
+    that leads to a file) is written directly: it is a stream, and renaming over it would not write to it."""
+
+    def __init__(self, target: Path, shown: str):
+        import tempfile
+
+        self.target, self.shown, self.tmp = target, shown, None
+        try:
+            if target.exists() and (not target.is_file() or Path(shown).absolute().parts[1:2] == ("dev",)):
+                self.file = open(target, "w", encoding="utf-8")
+                return
+            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+            self.tmp = Path(tmp)
+            self.file = open(fd, "w", encoding="utf-8")
+            # mkstemp makes the file private; give the result the mode a plain `open` (or the old file) would have
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(fd, target.stat().st_mode & 0o7777 if target.exists() else 0o666 & ~umask)
+        except OSError as e:
+            self.abort()
+            raise self._error(e) from None
+
+    def _error(self, e: OSError):
+        from speechseq.errors import InputError
+
+        return InputError(f"--output {self.shown}: cannot write ({e.strerror or e})")
+
+    def write(self, text: str) -> None:
+        try:
+            self.file.write(text)
+        except OSError as e:
+            self.abort()
+            raise self._error(e) from None
+
+    def commit(self) -> None:
+        try:
+            self.file.flush()
+            if self.tmp is not None:
+                os.fsync(self.file.fileno())  # the data is on disk before the rename makes it the file
+            self.file.close()
+            if self.tmp is not None:
+                os.replace(self.tmp, self.target)
+                self.tmp = None
+        except OSError as e:
+            self.abort()
+            raise self._error(e) from None
+
+    def abort(self) -> None:
+        if getattr(self, "file", None) is not None:
+            try:
+                self.file.close()
+            except OSError:
+                pass  # closing flushes, which fails again on a full disk; the file is removed anyway
+        if self.tmp is not None:
+            self.tmp.unlink(missing_ok=True)
+            self.tmp = None
+
+
 def cmd_transcribe(args: argparse.Namespace) -> int:
     from speechseq.transcribe import transcribe
 
     files = _audio_inputs(args.inputs)
     gen = dict(num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
-    out = open(args.output, "w", encoding="utf-8") if args.output else None
+    out = _ReplaceAtEnd(_output_target(args.output, args.inputs, files), args.output) if args.output else None
     try:
         for row in transcribe(args.model, files, batch_size=args.batch_size, dtype=args.dtype,
-                              progress=not args.quiet, **gen):
+                              progress=not args.quiet, chunk_length_s=args.chunk_length_s,
+                              stride_length_s=args.stride_length_s, **gen):
             if out:
                 out.write(json.dumps(row, ensure_ascii=False) + "\n")
             else:
                 print(f"{row['file']}\t{row['text']}", flush=True)
+        if out:
+            out.commit()
     finally:
         if out:
-            out.close()
+            out.abort()  # after commit() a no-op
     return 0
 
 
@@ -191,6 +288,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int,
                    help="default: the checkpoint's max_length (generation_config.json, else config.json, else 20 new "
                         "tokens as in transformers)")
+    p.add_argument("--chunk-length-s", type=float, default=30.0,
+                   help="decode longer files in overlapping windows of this many seconds, stitched into one text "
+                        "(memory stays flat however long the file; 0: decode each file whole; default %(default)s)")
+    p.add_argument("--stride-length-s", type=float,
+                   help="overlap on each side of a window, in seconds (default: a sixth of --chunk-length-s)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
     p.add_argument("--output", help="write JSON lines (file, text, seconds) here instead of text to stdout")
     p.set_defaults(func=cmd_transcribe)
@@ -226,9 +328,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SpeechSeqError as e:
         print(f"speechseq: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("speechseq: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # SIGINT, or SIGTERM while writing a checkpoint (storage.Interrupted)
+        signum = getattr(e, "signum", 2)
+        print("speechseq: interrupted" if signum == 2 else "speechseq: terminated", file=sys.stderr)
+        return 128 + signum
 
 
 if __name__ == "__main__":

@@ -8,11 +8,12 @@ with any overrides applied.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from speechseq.errors import ConfigError
+from speechseq.errors import ConfigError, SpeechSeqError
 
 
 def _frozen_dict_field() -> Any:
@@ -161,18 +162,108 @@ def require(hf: Mapping, key: str, kind: type | tuple[type, ...], where: str) ->
     return value
 
 
+# The one numeric check every family's parse_config (and the feature extractor) uses: a bad count, epsilon or
+# probability fails here, naming the field, instead of as a ZeroDivisionError or a negative shape much later.
+_REQUIRED: Any = object()
+PROBABILITY = dict(integer=False, low=0, high=1)  # e.g. mask_time_prob
+POSITIVE = dict(integer=False, low=0, above=True)  # e.g. layer_norm_eps
+TOKEN_ID = dict(low=0, optional=True)  # pad / bos / eos / decoder_start ids: absent or null means unset
+
+
+def check_number(value: Any, what: str, *, integer: bool = True, low: float | None = 1, high: float | None = None,
+                 above: bool = False, optional: bool = False) -> Any:
+    """``value`` as an int (``integer``: an int or a whole float) or a finite float, in [low, high] ((low, high]
+    with ``above``); ``None`` passes when ``optional``. ``what`` starts the one-line error ("config.json: field
+    'x'")."""
+    if value is None and optional:
+        return None
+    given = value
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok and isinstance(value, float):
+        ok = math.isfinite(value) and (value.is_integer() or not integer)
+    if ok and not integer and abs(value) > 1e300:  # an int too large for float()
+        ok = False
+    if ok:
+        value = int(value) if integer else float(value)
+        ok = (low is None or (value > low if above else value >= low)) and (high is None or value <= high)
+    if not ok:
+        kind = "an integer" if integer else "a finite number"
+        if low is not None and high is not None:
+            kind += f" in {'(' if above else '['}{low:g}, {high:g}]"
+        elif low is not None:
+            kind += f" {'>' if above else '>='} {low:g}"
+        raise ConfigError(f"{what} should be {kind}{' or null' if optional else ''}, got {given!r:.80}")
+    return value
+
+
+def number(hf: Mapping, key: str, where: str, default: Any = _REQUIRED, **limits: Any) -> Any:
+    """A numeric field of ``hf`` checked by ``check_number(**limits)`` (default: an integer >= 1). Absent, or null
+    (unless ``optional``), it takes ``default``; without a default it is mandatory."""
+    value = hf.get(key, default)
+    if value is None and not limits.get("optional") and default is not _REQUIRED:
+        value = default
+    if value is _REQUIRED:
+        raise ConfigError(f"{where}: missing field '{key}'")
+    return check_number(value, f"{where}: field '{key}'", **limits)
+
+
+def numbers(hf: Mapping, key: str, where: str) -> tuple[int, ...]:
+    """A mandatory non-empty list of integers >= 1 (conv_dim, conv_kernel, conv_stride)."""
+    value = require(hf, key, (list, tuple), where)
+    try:
+        items = tuple(check_number(v, key) for v in value)
+    except ConfigError:
+        items = ()
+    if not items:
+        raise ConfigError(f"{where}: field '{key}' should be a non-empty list of integers >= 1, got {value!r}")
+    return items
+
+
 def require_heads(hf: Mapping, hidden_key: str, heads_key: str, where: str) -> tuple[int, int]:
-    """(width, heads) with the width divisible by the number of heads."""
-    hidden, heads = require(hf, hidden_key, int, where), require(hf, heads_key, int, where)
+    """(width, heads), both >= 1, with the width divisible by the number of heads."""
+    hidden, heads = number(hf, hidden_key, where), number(hf, heads_key, where)
     if hidden % heads:
         raise ConfigError(f"{where}: {hidden_key} {hidden} is not divisible by {heads_key} {heads}")
     return hidden, heads
 
 
-def eos_ids(value: Any) -> int | tuple[int, ...] | None:
+# Work whose size follows from a config or an argument (fresh weights, beam search) is sized before anything is
+# allocated, and refused with one line when it cannot fit, rather than dying later in a MemoryError or an XLA
+# RESOURCE_EXHAUSTED at compile time.
+MEMORY_LIMIT_ENV = "SPEECHSEQ_MEMORY_LIMIT_GB"
+
+
+def memory_limit(device: Any = None) -> tuple[int, str]:
+    """(bytes, description) of the memory a planned allocation may take: ``$SPEECHSEQ_MEMORY_LIMIT_GB`` when set,
+    else the accelerator's own memory for a non-CPU jax ``device`` (when it reports it), else the machine's
+    physical memory, which no allocation can exceed however much swap there is."""
+    env = os.environ.get(MEMORY_LIMIT_ENV)
+    if env:
+        try:
+            return int(float(env) * 2**30), f"{MEMORY_LIMIT_ENV}={env}"
+        except ValueError:
+            raise ConfigError(f"{MEMORY_LIMIT_ENV}: expected a number of GiB, got {env!r}") from None
+    if device is not None and device.platform != "cpu":
+        limit = (device.memory_stats() or {}).get("bytes_limit")
+        if limit:
+            return int(limit), f"the {device.platform} device's {limit / 2**30:.3g} GiB"
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return total, f"this machine's {total / 2**30:.3g} GiB of memory"
+
+
+def check_memory(need: int, what: str, device: Any = None, error: type[SpeechSeqError] = ConfigError) -> None:
+    """Refuse ``need`` bytes beyond ``memory_limit(device)``; ``what`` starts the message and names the cause."""
+    limit, where = memory_limit(device)
+    if need > limit:
+        raise error(f"{what} need about {need / 2**30:.3g} GiB, more than {where} (set {MEMORY_LIMIT_ENV} "
+                          "to change the limit)")
+
+
+def eos_ids(value: Any, what: str = "eos_token_id") -> int | tuple[int, ...] | None:
+    """An EOS id or a list of them (each >= 0), or None."""
     if isinstance(value, (list, tuple)):
-        return tuple(int(v) for v in value)
-    return value
+        return tuple(check_number(v, what, low=0) for v in value)
+    return check_number(value, what, **TOKEN_ID)
 
 
 def encoder_config_from_hf(hf: Mapping, where: str = "encoder config") -> EncoderConfig:
@@ -201,16 +292,18 @@ def seq2seq_config_from_hf(hf: Mapping, where: str = "config.json") -> SpeechSeq
             raise ConfigError(f"{where}: missing field '{part}' (the {part} sub-config)")
     enc = encoder_config_from_hf(hf["encoder"], f"{where} [encoder]")
     dec = decoder_config_from_hf(hf["decoder"], f"{where} [decoder]")
-    return make_seq2seq_config(enc, dec, hf)
+    return make_seq2seq_config(enc, dec, hf, where)
 
 
-def make_seq2seq_config(enc: EncoderConfig, dec: DecoderConfig, hf: Mapping | None = None) -> SpeechSeq2SeqConfig:
+def make_seq2seq_config(enc: EncoderConfig, dec: DecoderConfig, hf: Mapping | None = None,
+                        where: str = "config") -> SpeechSeq2SeqConfig:
     hf = dict(hf or {})
     start = hf.get("decoder_start_token_id", dec.hf.get("decoder_start_token_id"))
     if start is None:
         start = dec.bos_token_id
-    pad = hf.get("pad_token_id", dec.pad_token_id)
-    eos = eos_ids(hf.get("eos_token_id", dec.eos_token_id))
+    start = check_number(start, f"{where}: field 'decoder_start_token_id'", **TOKEN_ID)
+    pad = check_number(hf.get("pad_token_id", dec.pad_token_id), f"{where}: field 'pad_token_id'", **TOKEN_ID)
+    eos = eos_ids(hf.get("eos_token_id", dec.eos_token_id), f"{where}: field 'eos_token_id'")
     return SpeechSeq2SeqConfig(enc, dec, start, pad, eos, hf)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import copy
+import math
 import os
 from typing import Any, Mapping
 
@@ -15,6 +16,7 @@ from speechseq import model as M
 from speechseq import storage
 from speechseq.config import (
     SpeechSeq2SeqConfig,
+    check_memory,
     config_from_dict,
     decoder_config_from_hf,
     encoder_config_from_hf,
@@ -40,17 +42,38 @@ from speechseq.weights.readers import open_checkpoint
 TOP_LEVEL_KEYS = ("decoder_start_token_id", "pad_token_id", "eos_token_id")
 
 
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
+
 def _dtype(dtype: Any) -> jnp.dtype:
     try:
-        return jnp.dtype(dtype)
+        out = jnp.dtype(dtype)
     except TypeError:
-        raise InputError(f"dtype: expected float32 or bfloat16 (or float16), got {dtype!r}") from None
+        out = None
+    if out is None or out.name not in COMPUTE_DTYPES:  # an integer compute dtype would silently truncate weights
+        raise InputError(f"dtype: expected float32 or bfloat16 (or float16), got {dtype!r}")
+    return out
+
+
+def _check_init_memory(rules: list[table.Rule], paths: Any = None) -> None:
+    """Refuse, before allocating, fresh weights (all, or those at ``paths``) that cannot fit in memory: they are
+    made in numpy float32 and copied into jax arrays, so they need twice their float32 size for a while."""
+    wanted = None if paths is None else set(paths)
+    sizes = [(math.prod(r.shape), p, r.shape) for r in rules for p in r.paths if wanted is None or p in wanted]
+    if sizes:
+        count, path, shape = max(sizes)
+        check_memory(8 * sum(n for n, _, _ in sizes),
+                     f"weights: {len(sizes)} freshly initialised weight(s) (largest {path} {list(shape)}, {count:,} "
+                     "values)")
 
 
 def _token_ids(x: Any, name: str, vocab: int) -> jax.Array | None:
-    """Integer ids with every value in [0, vocab) (labels may also be -100); checked on the host before jit."""
+    """Integer ids [batch, tokens] with every value in [0, vocab) (labels may also be -100); checked on the host
+    before jit."""
     arr = _array(x, name, integer=True)
     if arr is not None:
+        if arr.ndim != 2:
+            raise InputError(f"{name}: expected rank 2 [batch, tokens], got shape {tuple(arr.shape)}")
         ids = np.asarray(arr)
         bad = (ids >= vocab) | ((ids < 0) & ~((ids == -100) & (name == "labels")))
         if bad.any():
@@ -58,17 +81,45 @@ def _token_ids(x: Any, name: str, vocab: int) -> jax.Array | None:
     return arr
 
 
-def _array(x: Any, name: str, integer: bool = False) -> jax.Array | None:
+@jax.jit
+def _all_finite(x: jax.Array) -> jax.Array:
+    return jnp.isfinite(x).all()
+
+
+def _array(x: Any, name: str, integer: bool = False, finite: bool = False) -> jax.Array | None:
+    """``x`` as a jax array, with one-line errors for what jit would reject obscurely (or not at all): text, ragged
+    lists, non-numeric or (``integer``) non-integer values, no values, and (``finite``) NaN or infinite values,
+    which would otherwise decode to a row of garbage."""
     if x is None:
         return None
-    arr = x if isinstance(x, jax.Array) else np.asarray(x)  # a jax array stays put: a sharded batch stays sharded
-    if arr.dtype == object:
-        raise InputError(f"{name}: expected a numeric array, got ragged or non-numeric data")
+    if isinstance(x, (str, bytes, os.PathLike)):
+        hint = " (read audio files with speechseq.audio.load_audio)" if name == "input_values" else ""
+        raise InputError(f"{name}: expected an array, got {type(x).__name__} {str(x)[:60]!r}{hint}")
+    try:
+        arr = x if isinstance(x, jax.Array) else np.asarray(x)  # a jax array stays put: a sharded batch stays sharded
+    except ValueError:  # numpy refuses nested lists of different lengths
+        raise InputError(f"{name}: ragged nested lists (rows of different lengths); pad them to one length "
+                         "(with an attention mask)") from None
+    if not (jnp.issubdtype(arr.dtype, jnp.number) or arr.dtype == bool):
+        raise InputError(f"{name}: expected a numeric array, got ragged or non-numeric data (dtype {arr.dtype})")
     if integer and not (jnp.issubdtype(arr.dtype, jnp.integer) or arr.dtype == bool):
         raise InputError(f"{name}: expected integer values, got dtype {arr.dtype}")
     if arr.size == 0:
         raise InputError(f"{name}: is empty (shape {arr.shape})")
+    if finite and jnp.issubdtype(arr.dtype, jnp.floating) and not isinstance(arr, jax.core.Tracer):
+        if isinstance(arr, np.ndarray):
+            bad = ~np.isfinite(arr)
+            if bad.any():
+                where = f" (row {int(np.argwhere(bad)[0][0])})" if arr.ndim == 2 else ""
+                raise InputError(f"{name}: contains NaN or infinite values{where}")
+        elif not bool(_all_finite(arr)):
+            raise InputError(f"{name}: contains NaN or infinite values")
     return jnp.asarray(arr)
+
+
+def _check_batch(name: str, arr: jax.Array | None, batch: int | None) -> None:
+    if arr is not None and batch is not None and arr.ndim >= 1 and arr.shape[0] != batch:
+        raise InputError(f"{name}: batch {arr.shape[0]} does not match the audio batch {batch}")
 
 
 class SpeechSeq2Seq:
@@ -90,7 +141,9 @@ class SpeechSeq2Seq:
                     ) -> "SpeechSeq2Seq":
         """Random init from a HF ``speech-encoder-decoder`` dict or a ``SpeechSeq2SeqConfig``."""
         cfg = config_from_dict(config)
-        flat = table.init_params(M.weight_rules(cfg), seed, init_std(cfg))
+        rules = M.weight_rules(cfg)
+        _check_init_memory(rules)
+        flat = table.init_params(rules, seed, init_std(cfg))
         return cls(cfg, to_tree(flat), dtype)
 
     @classmethod
@@ -110,6 +163,7 @@ class SpeechSeq2Seq:
             with open_checkpoint(path) as ckpt:
                 flat, report = table.load(rules, ckpt, where=str(path))
         log_report(report, str(path))
+        _check_init_memory(rules, report.missing_paths)
         flat = fill_missing(rules, flat, report, seed, init_std(cfg))
         gen_path = path / "generation_config.json"
         gen_json = read_json(gen_path) if gen_path.exists() else None
@@ -153,6 +207,7 @@ class SpeechSeq2Seq:
             unexpected += [f"{role}.{n}" for n in report.unexpected]
         rules = M.weight_rules(cfg)
         fresh = [p for r in rules for p in r.paths if p not in flat]
+        _check_init_memory(rules, fresh)
         flat.update(table.init_params(rules, seed, init_std(cfg), only=fresh))
         fresh_set = set(fresh)  # named as the joined model names them (not as the standalone sources did)
         missing = [r.names(i)[0] for r in rules if fresh_set.intersection(r.paths) for i in range(r.num_layers)]
@@ -164,7 +219,7 @@ class SpeechSeq2Seq:
 
     def encode(self, input_values: Any, attention_mask: Any = None) -> M.EncoderOutput:
         """Audio [B, N] -> EncoderOutput (frames [B, S, E], frame mask [B, S])."""
-        return M.encode_jit(self.config, self.params, _array(input_values, "input_values"),
+        return M.encode_jit(self.config, self.params, _array(input_values, "input_values", finite=True),
                             _array(attention_mask, "attention_mask", integer=True), self.dtype)
 
     def __call__(self, input_values: Any = None, attention_mask: Any = None, decoder_input_ids: Any = None,
@@ -176,15 +231,25 @@ class SpeechSeq2Seq:
                              "pass input_values [batch, samples]")
         if input_values is None and encoder_outputs is None:
             raise InputError("input_values: required unless encoder_outputs are given")
-        return M.forward_jit(
-            self.config, self.params,
-            _array(input_values, "input_values"),
-            _array(attention_mask, "attention_mask", integer=True),
-            _token_ids(decoder_input_ids, "decoder_input_ids", self.config.decoder.vocab_size),
-            _array(decoder_attention_mask, "decoder_attention_mask", integer=True),
-            _token_ids(labels, "labels", self.config.decoder.vocab_size),
-            encoder_outputs, self.dtype,
-        )
+        vocab = self.config.decoder.vocab_size
+        x = _array(input_values, "input_values", finite=True)
+        ids = _token_ids(decoder_input_ids, "decoder_input_ids", vocab)
+        labels = _token_ids(labels, "labels", vocab)
+        ids_mask = _array(decoder_attention_mask, "decoder_attention_mask", integer=True)
+        # shapes that jit would only report as a broadcasting error, or under another argument's name
+        frames = encoder_outputs[0] if isinstance(encoder_outputs, (tuple, list)) else None
+        batch = x.shape[0] if x is not None and x.ndim == 2 else (getattr(frames, "shape", None) or (None,))[0]
+        _check_batch("decoder_input_ids", ids, batch)
+        _check_batch("labels", labels, batch)
+        if ids is not None and labels is not None and ids.shape != labels.shape:
+            raise InputError(f"labels: shape {tuple(labels.shape)} does not match decoder_input_ids "
+                             f"{tuple(ids.shape)}")
+        tokens = ids if ids is not None else labels
+        if ids_mask is not None and tokens is not None and ids_mask.shape != tokens.shape:
+            raise InputError(f"decoder_attention_mask: expected shape {tuple(tokens.shape)} like "
+                             f"{'decoder_input_ids' if ids is not None else 'labels'}, got {tuple(ids_mask.shape)}")
+        return M.forward_jit(self.config, self.params, x, _array(attention_mask, "attention_mask", integer=True), ids,
+                             ids_mask, labels, encoder_outputs, self.dtype)
 
     # -- export ----------------------------------------------------------------------------------------------------
 
@@ -205,13 +270,30 @@ class SpeechSeq2Seq:
 
     # -- decoding --------------------------------------------------------------------------------------------------
 
-    def generation_config(self, **kwargs: Any):
-        """The static ``GenerationConfig`` for these keywords over the checkpoint's defaults (validated)."""
+    def generation_config(self, *, batch: int | None = None, device: Any = None, **kwargs: Any):
+        """The static ``GenerationConfig`` for these keywords over the checkpoint's defaults (validated: settings,
+        token ids within the vocabulary and, given the ``batch`` of utterances, the memory decoding needs against
+        ``config.memory_limit(device)``; one line each, before anything compiles)."""
         from speechseq.decoding import config as G
+        from speechseq.decoding.generate import group_size, memory_estimate
 
         dec = self.config.decoder
         defaults = G.defaults_from(self.config.to_dict(), self.generation_json)
-        return G.make(defaults, dec.max_positions - dec.position_offset, **kwargs)
+        gen = G.make(defaults, dec.max_positions - dec.position_offset, **kwargs)
+        for name in ("decoder_start_token_id", "pad_token_id", "forced_bos_token_id", "eos_token_id",
+                     "forced_eos_token_id"):
+            ids = getattr(gen, name)
+            for value in ids if isinstance(ids, tuple) else (ids,):  # EOS ids are a tuple
+                if value is not None and not 0 <= value < dec.vocab_size:
+                    raise InputError(f"{name}: token id {value} is outside the vocabulary [0, {dec.vocab_size})")
+        if batch is not None:
+            device = device or jax.devices()[0]
+            name = "num_beams" if gen.num_beams > 1 else "num_return_sequences" if group_size(gen) > 1 else "batch"
+            check_memory(memory_estimate(self.config, gen, batch, self.dtype),
+                         f"{name}: decoding {batch} utterance(s) x {group_size(gen)} "
+                         f"{'beams' if gen.num_beams > 1 else 'sequences'} each for up to "
+                         f"{gen.max_length} tokens would", device, InputError)
+        return gen
 
     def _decoder_params(self, generate_args: tuple | None = None) -> Any:
         """The decoder weights in decode-step layout for ``generate_jit(*generate_args)`` (None: for few rows),
@@ -260,13 +342,11 @@ class SpeechSeq2Seq:
         """
         from speechseq.decoding.generate import generate_jit
 
-        gen = self.generation_config(**kwargs)
-        vocab = self.config.decoder.vocab_size
-        for name in ("decoder_start_token_id", "pad_token_id", "forced_bos_token_id"):
-            value = getattr(gen, name)
-            if value is not None and not 0 <= value < vocab:
-                raise InputError(f"{name}: token id {value} is outside the vocabulary [0, {vocab})")
-        x = _array(input_values, "input_values")
+        x = _array(input_values, "input_values", finite=True)
+        if x is None or x.ndim != 2:  # the batch is needed below; the encoder's own check would come after compiling
+            raise InputError("input_values: expected rank 2 [batch, samples], got "
+                             + ("None" if x is None else f"shape {tuple(x.shape)}"))
+        gen = self.generation_config(batch=x.shape[0], device=next(iter(x.devices())), **kwargs)
         mask = _array(attention_mask, "attention_mask", integer=True)
         if gen.do_sample and key is None:
             key = jax.random.key(seed)

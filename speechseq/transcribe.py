@@ -1,5 +1,6 @@
-"""Batch transcription: files in, text out, with length-bucketed batches of a fixed size so the number of
-compiled programs stays bounded (one per audio-length bucket)."""
+"""Batch transcription: files in, text out. Long files are decoded in overlapping windows whose tokens are
+stitched back together (``speechseq.chunking``), so memory does not grow with a file's length; windows and short
+files share length-bucketed batches, padded to a few shapes so the number of compiled programs stays bounded."""
 
 from __future__ import annotations
 
@@ -8,49 +9,83 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+import numpy as np
+
+from speechseq import chunking
 from speechseq.audio import batches_by_length, load_audio
+from speechseq.errors import InputError
 from speechseq.processor import Processor
 from speechseq.speech_seq2seq import SpeechSeq2Seq
 
 
 def transcribe(model: str | os.PathLike | SpeechSeq2Seq, files: Sequence[str | os.PathLike], *, batch_size: int = 8,
                dtype: str = "float32", progress: bool = True, processor: Processor | None = None,
+               chunk_length_s: float | None = 30.0, stride_length_s: float | None = None,
                **generate_kwargs: Any) -> Iterator[dict]:
     """Yield ``{"file", "text", "seconds", "audio_seconds"}`` per file, in input order.
 
-    Audio is resampled to the checkpoint's rate, grouped by length into batches of ``batch_size`` rows (short
-    batches are filled with copies so the batch shape never changes), padded to a length bucket and decoded
-    with ``generate``: the checkpoint's generation settings (max length, beams, ...) unless ``generate_kwargs``
-    (``num_beams``, ``max_new_tokens``, ...; ``None`` values are ignored) override them.
+    Audio is resampled to the checkpoint's rate. A file longer than ``chunk_length_s`` seconds (``None`` or 0: never)
+    is cut into windows of that length overlapping their neighbours by ``stride_length_s`` on each side (default a
+    sixth of the window, as transformers' ASR pipeline), and the windows' tokens are stitched into one text. Files and
+    windows are grouped by length into batches of at most ``batch_size`` rows, padded to a power of two rows (a lone
+    file is one row) and to a length bucket, and decoded with ``generate``: the checkpoint's generation settings
+    (max length, beams, ...) unless ``generate_kwargs`` (``num_beams``, ``max_new_tokens``, ...; ``None`` values
+    are ignored) override them.
     """
     if not isinstance(model, SpeechSeq2Seq):
         processor = processor or Processor.from_pretrained(model)
         model = SpeechSeq2Seq.from_pretrained(model, dtype=dtype)
     elif processor is None:
-        raise ValueError("processor: required when a model object is passed")
+        raise InputError("processor: required when a model object is passed")
+    # the settings (and the memory a batch of them needs) are checked before any audio is read
+    model.generation_config(batch=batch_size, **generate_kwargs)
     fe = processor.feature_extractor
+    chunk, stride = _window_samples(chunk_length_s, stride_length_s, fe.sampling_rate)
     audios = [load_audio(f, fe.sampling_rate) for f in files]
-    results: list[dict | None] = [None] * len(files)
-    batches = batches_by_length([len(a) for a in audios], batch_size)
+    pieces = [(i, start, end) for i, audio in enumerate(audios)  # (file, first sample, end) of every window
+              for start, end in (chunking.windows(len(audio), chunk, stride, stride) if chunk else [(0, len(audio))])]
+    tokens: list[np.ndarray | None] = [None] * len(pieces)
+    seconds = [0.0] * len(files)
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(files), desc="transcribe", unit="file", leave=False)
-    for batch in batches:
-        t0 = time.perf_counter()
-        rows = [audios[i] for i in batch]
-        rows += [rows[0]] * (batch_size - len(rows))  # fixed batch shape: no recompilation for a short last batch
-        feats = fe(rows, padding="buckets")
-        seqs = model.generate(feats["input_values"], feats.get("attention_mask"), **generate_kwargs)
-        per_input = seqs.shape[0] // batch_size
-        texts = processor.batch_decode(seqs[: len(batch) * per_input : per_input], skip_special_tokens=True)
-        seconds = (time.perf_counter() - t0) / len(batch)
-        for i, text in zip(batch, texts):
-            results[i] = {"file": str(Path(files[i])), "text": text.strip(), "seconds": round(seconds, 4),
-                          "audio_seconds": round(len(audios[i]) / fe.sampling_rate, 3)}
-        if bar:
-            bar.update(len(batch))
-    if bar:
-        bar.close()
-    yield from (r for r in results if r is not None)
+        bar = tqdm(total=len(pieces), desc="transcribe", unit="window" if len(pieces) > len(files) else "file",
+                   leave=False)
+    try:
+        for batch in batches_by_length([end - start for _, start, end in pieces], batch_size):
+            t0 = time.perf_counter()
+            rows = [audios[i][start:end] for i, start, end in (pieces[k] for k in batch)]
+            # a few batch shapes (powers of two up to batch_size), so few programs compile and nothing is padded
+            # beyond twice its rows
+            rows += [rows[0]] * (min(batch_size, 1 << (len(rows) - 1).bit_length()) - len(rows))
+            feats = fe(rows, padding="buckets")
+            seqs = model.generate(feats["input_values"], feats.get("attention_mask"), **generate_kwargs)
+            per_input = seqs.shape[0] // len(rows)
+            took = (time.perf_counter() - t0) / len(batch)
+            for j, k in enumerate(batch):
+                tokens[k] = seqs[j * per_input]
+                seconds[pieces[k][0]] += took
+            if bar:
+                bar.update(len(batch))
+    finally:
+        if bar:  # now, not when the failed frame is collected: clearing its line then would erase the error
+            bar.close()
+    special = set(processor.tokenizer.all_special_ids)
+    for i, f in enumerate(files):
+        mine = [t for (owner, _, _), t in zip(pieces, tokens) if owner == i]
+        ids = mine[0] if len(mine) == 1 else chunking.stitch([[t for t in m if t not in special] for m in mine])
+        yield {"file": str(Path(f)), "text": processor.decode(ids, skip_special_tokens=True).strip(),
+               "seconds": round(seconds[i], 4), "audio_seconds": round(len(audios[i]) / fe.sampling_rate, 3)}
+
+
+def _window_samples(chunk_length_s: float | None, stride_length_s: float | None, rate: int) -> tuple[int, int]:
+    """(window, stride) in samples; (0, 0) when files are decoded whole."""
+    if not chunk_length_s:
+        return 0, 0
+    stride = chunk_length_s / 6 if stride_length_s is None else stride_length_s
+    if not chunk_length_s > 0 or not 0 <= 2 * stride < chunk_length_s:
+        raise InputError(f"stride_length_s: {stride:g} s on each side of a {chunk_length_s:g} s window leaves no "
+                         "step; need 0 <= 2 x stride_length_s < chunk_length_s (chunk_length_s > 0, or 0 to decode "
+                         "files whole)")
+    return int(round(chunk_length_s * rate)), int(round(stride * rate))

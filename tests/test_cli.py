@@ -175,3 +175,34 @@ def test_command_starts_without_jax():
 
     assert {"SpeechSeq2Seq", "Processor", "SpeechSeq2SeqConfig"} <= set(dir(speechseq))
     assert speechseq.SpeechSeq2Seq.__name__ == "SpeechSeq2Seq"
+
+
+@pytest.mark.parametrize("name, content, words", [
+    ("list.jsonl", b'{"audio": 5}\n', ["list.jsonl:1", "'audio'", "file path", "got 5"]),
+    ("list.jsonl", b'{"audio": null}\n', ["list.jsonl:1", "'audio'", "got None"]),
+    ("list.jsonl", b'{"path": ["a.wav"]}\n', ["list.jsonl:1", "'path'", "got ['a.wav']"]),
+    ("list.jsonl", b'{"audio": ""}\n', ["list.jsonl:1", "'audio'", "got ''"]),
+    ("list.jsonl", b'\n["a.wav"]\n', ["list.jsonl:2", "JSON object"]),
+    ("list.jsonl", b'"a.wav"\n', ["list.jsonl:1", "JSON object"]),
+    ("list.txt", b"caf\xe9.wav\n", ["list.txt", "not UTF-8", "byte 3"]),
+    ("list.tsv", b"\xff\xfea\x00", ["list.tsv", "not UTF-8"]),
+])
+def test_bad_manifest_one_line_exit_2(hf_dir, tmp_path, capsys, name, content, words):
+    (tmp_path / name).write_bytes(content)
+    code, _, err = run(capsys, "transcribe", "--model", hf_dir, tmp_path / name)
+    assert code == 2 and err.startswith("speechseq: error: ") and err.count("\n") == 1, err
+    assert all(w in err for w in words), err
+
+
+@pytest.mark.parametrize("field, value", [("decoder_layers", -1), ("decoder_layers", 0), ("d_model", "wide")])
+def test_inspect_bad_config_value_one_line_exit_2(hf_dir, tmp_path, capsys, field, value):
+    """``inspect`` once printed "-1 layers" for such a config."""
+    dst = tmp_path / "ckpt"
+    dst.mkdir()
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    cfg["decoder"][field] = value
+    (dst / "config.json").write_text(json.dumps(cfg))
+    (dst / "model.safetensors").symlink_to(hf_dir / "model.safetensors")
+    code, out, err = run(capsys, "inspect", dst)
+    assert code == 2 and out == "" and err.count("\n") == 1, err
+    assert f"[decoder]: field '{field}'" in err and repr(value) in err, err

@@ -140,3 +140,240 @@ def test_transcribe_uses_the_checkpoints_generation_settings(checkpoint, tmp_pat
         assert any(want) and len(set(want)) > 1
         if not flags:  # the file's max_length 24 reached: longer than the flags' 6 and than 20 new tokens
             assert seqs.shape[1] == 24, seqs.shape
+
+
+# -- --output: nothing a user has is lost, every refusal is one line ---------------------------------------------------
+
+def transcribe_cli(tmp_path, *argv, quiet: bool = True) -> int:
+    return main([*(["-q"] if quiet else []), "--cache-dir", str(tmp_path / "cache"), "transcribe",
+                 "--max-new-tokens", "4", *map(str, argv)])
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp"))
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("speechseq: error: ") and err.count("\n") == 1, err
+    return err
+
+
+def test_failed_run_keeps_the_earlier_output(checkpoint, tmp_path, capsys):
+    """The results go to a temporary file beside --output, renamed over it at the end: a run that fails on its
+    second file leaves the earlier results as they were (it once emptied them first) and no temporary file."""
+    out = tmp_path / "out.jsonl"
+    out.write_text("earlier results\n")
+    out.chmod(0o640)
+    bad = tmp_path / "bad.wav"
+    bad.write_bytes(b"not audio at all")
+    assert transcribe_cli(tmp_path, "--model", checkpoint[0], "--output", out, FIXTURES[0], bad) == 2
+    assert "bad.wav" in one_line_error(capsys)
+    assert out.read_text() == "earlier results\n" and leftovers(tmp_path) == []
+    assert transcribe_cli(tmp_path, "--model", checkpoint[0], "--output", out, FIXTURES[0]) == 0
+    assert json.loads(out.read_text())["file"] == str(FIXTURES[0]) and leftovers(tmp_path) == []
+    assert out.stat().st_mode & 0o777 == 0o640  # the replaced file keeps its mode
+
+
+@pytest.mark.parametrize("output, inputs", [
+    ("clips/a.wav", ["clips/a.wav"]),
+    ("clips/../clips/a.wav", ["clips/a.wav"]),  # the same file spelt another way
+    ("clips/a.wav", ["clips"]),  # found in a folder
+    ("clips/a.wav", ["list.txt"]),  # listed in a manifest
+    ("list.txt", ["list.txt"]),  # the manifest itself
+    ("link.wav", ["clips/a.wav"]),  # a hard link to it
+])
+def test_output_that_is_an_input_is_refused(checkpoint, tmp_path, capsys, monkeypatch, output, inputs):
+    """`--output clip.wav clip.wav` once left clip.wav empty."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "clips").mkdir()
+    audio = FIXTURES[0].read_bytes()
+    (tmp_path / "clips" / "a.wav").write_bytes(audio)
+    (tmp_path / "list.txt").write_text("clips/a.wav\n")
+    (tmp_path / "link.wav").hardlink_to(tmp_path / "clips" / "a.wav")
+    assert transcribe_cli(tmp_path, "--model", checkpoint[0], "--output", output, *inputs) == 2
+    err = one_line_error(capsys)
+    assert f"--output {output}: is one of the inputs" in err
+    assert (tmp_path / "clips" / "a.wav").read_bytes() == audio
+    assert (tmp_path / "list.txt").read_text() == "clips/a.wav\n"
+
+
+@pytest.mark.parametrize("output, words", [("missing/out.jsonl", ["missing/out.jsonl", "does not exist"]),
+                                           (".", ["--output .: is a folder"])])
+def test_output_into_a_missing_folder_or_onto_a_folder(checkpoint, tmp_path, capsys, monkeypatch, output, words):
+    monkeypatch.chdir(tmp_path)
+    assert transcribe_cli(tmp_path, "--model", checkpoint[0], "--output", output, FIXTURES[0]) == 2
+    err = one_line_error(capsys)
+    assert all(w in err for w in words), err
+    assert not (tmp_path / "missing").exists()
+
+
+def test_output_into_a_read_only_folder(checkpoint, tmp_path, capsys, monkeypatch):
+    import errno
+    import os
+    import tempfile
+
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    if os.geteuid() == 0:  # root writes anyway: refuse as the kernel would for anyone else
+        def refuse(*args, **kwargs):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+        monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    try:
+        assert transcribe_cli(tmp_path, "--model", checkpoint[0], "--output", folder / "out.jsonl", FIXTURES[0]) == 2
+        err = one_line_error(capsys)
+        assert f"--output {folder / 'out.jsonl'}: cannot write (Permission denied)" in err, err
+    finally:
+        folder.chmod(0o755)
+    assert list(folder.iterdir()) == []
+
+
+def test_output_on_a_full_disk(checkpoint, tmp_path, capsys, monkeypatch):
+    """A write that fails for want of space (simulated: the file's write raises ENOSPC) leaves the earlier file and
+    no temporary one; a device that is always full (/dev/full) is written directly and fails the same way."""
+    import errno
+    import os
+
+    from speechseq import cli
+
+    out = tmp_path / "out.jsonl"
+    out.write_text("earlier results\n")
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, text):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr(cli, "open", lambda *a, **k: Full(open(*a, **k)), raising=False)
+    assert transcribe_cli(tmp_path, "--model", checkpoint[0], "--output", out, FIXTURES[0]) == 2
+    assert f"--output {out}: cannot write (No space left on device)" in one_line_error(capsys)
+    assert out.read_text() == "earlier results\n" and leftovers(tmp_path) == []
+    monkeypatch.undo()
+    if Path("/dev/full").exists():
+        assert transcribe_cli(tmp_path, "--model", checkpoint[0], "--output", "/dev/full", FIXTURES[0]) == 2
+        assert "--output /dev/full: cannot write (No space left on device)" in one_line_error(capsys)
+        assert Path("/dev/full").is_char_device()
+
+
+def test_bad_sampling_rate_one_line(checkpoint, tmp_path, capsys):
+    path = tmp_path / "model"
+    path.mkdir()
+    for f in checkpoint[0].iterdir():
+        (path / f.name).write_bytes(f.read_bytes())
+    pre = json.loads((path / "preprocessor_config.json").read_text())
+    for value in ("16k", 0):
+        (path / "preprocessor_config.json").write_text(json.dumps({**pre, "sampling_rate": value}))
+        assert transcribe_cli(tmp_path, "--model", path, FIXTURES[0]) == 2
+        err = one_line_error(capsys)
+        assert "preprocessor_config.json: field 'sampling_rate'" in err and repr(value) in err, err
+
+
+def test_too_many_beams_one_line(checkpoint, tmp_path, capsys):
+    """The decode's memory (rows = batch x beams) is estimated before anything is compiled or any audio read."""
+    assert transcribe_cli(tmp_path, "--model", checkpoint[0], "--num-beams", "100000", FIXTURES[0]) == 2
+    err = one_line_error(capsys)
+    assert "num_beams: decoding 8 utterance(s) x 100000 beams" in err and "GiB" in err, err
+
+
+def test_error_is_whole_after_the_progress_bar(checkpoint, tmp_path, capsys, monkeypatch):
+    """The bar (leave=False) clears its line when it closes; it closes before the error is printed, so nothing
+    comes after the one-line error on the terminal (once the bar closed later and erased the line)."""
+    from speechseq import SpeechSeq2Seq
+    from speechseq.errors import InputError
+
+    def fail(*args, **kwargs):
+        raise InputError("input_values: refused for this test")
+
+    monkeypatch.setattr(SpeechSeq2Seq, "generate", fail)
+    assert transcribe_cli(tmp_path, "--model", checkpoint[0], *FIXTURES, quiet=False) == 2
+    err = capsys.readouterr().err
+    assert "transcribe" in err  # the bar was drawn
+    *_, last, after = err.split("\n")
+    assert after == "" and last.split("\r")[-1] == "speechseq: error: input_values: refused for this test", repr(err)
+
+
+def long_clip(path, seconds_of_silence=0.4):
+    """The fixture clips one after another with short pauses: a recording several windows long."""
+    import soundfile as sf
+
+    gap = np.zeros(int(seconds_of_silence * 16000), np.float32)
+    parts = [p for f in FIXTURES for p in (load_audio(f), gap)]
+    audio = np.concatenate(parts * 2)
+    sf.write(path, audio, 16000, subtype="FLOAT")
+    return audio
+
+
+def test_long_file_in_windows_matches_transformers_window_by_window(checkpoint, tmp_path):
+    """A file longer than the window: each window decoded as transformers decodes that piece of audio, and the
+    windows' tokens (special tokens removed) stitched by chunking.stitch."""
+    import transformers as T
+
+    from speechseq.chunking import stitch, windows
+    from speechseq.transcribe import transcribe
+
+    path, model = checkpoint
+    clip = tmp_path / "long.wav"
+    audio = long_clip(clip)
+    chunk, stride = 32000, 4000  # 2 s windows, 0.25 s on each side
+    spans = windows(len(audio), chunk, stride, stride)
+    assert len(spans) >= 5
+    fe, tok = T.AutoFeatureExtractor.from_pretrained(path), T.AutoTokenizer.from_pretrained(path)
+    feats = fe([audio[s:e] for s, e in spans], sampling_rate=16000, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        seqs = model.generate(input_values=feats["input_values"], attention_mask=feats["attention_mask"],
+                              max_new_tokens=6)
+    special = set(tok.all_special_ids)
+    want = tok.decode(stitch([[t for t in s.tolist() if t not in special] for s in seqs]), skip_special_tokens=True)
+    [row] = transcribe(path, [clip], batch_size=4, progress=False, chunk_length_s=2, stride_length_s=0.25,
+                       max_new_tokens=6)
+    assert row["text"] == want.strip() and len(row["text"].split()) > 6
+    assert row["audio_seconds"] == round(len(audio) / 16000, 3)
+
+
+def test_long_file_shapes_stay_bounded(checkpoint, tmp_path, monkeypatch):
+    """Memory follows the window, not the file: every generate call sees at most batch_size rows of one window's
+    length bucket, whatever the file's length; a lone short file is one row (no copies of itself)."""
+    from speechseq.speech_seq2seq import SpeechSeq2Seq
+    from speechseq.transcribe import transcribe
+
+    shapes = []
+    original = SpeechSeq2Seq.generate
+
+    def spy(self, x, *args, **kwargs):
+        shapes.append(np.shape(x))
+        return original(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(SpeechSeq2Seq, "generate", spy)
+    path, _ = checkpoint
+    clip = tmp_path / "long.wav"
+    audio = long_clip(clip)
+    list(transcribe(path, [clip], batch_size=4, progress=False, chunk_length_s=1, stride_length_s=0.125,
+                    max_new_tokens=2))
+    assert len(audio) > 10 * 16000 and len(shapes) > 3
+    assert all(rows <= 4 and n <= 16000 for rows, n in shapes), shapes  # 1 s windows: the 1 s bucket
+    shapes.clear()
+    list(transcribe(path, [FIXTURES[0]], batch_size=8, progress=False, max_new_tokens=2))
+    assert [rows for rows, _ in shapes] == [1]
+    shapes.clear()
+    list(transcribe(path, FIXTURES, batch_size=8, progress=False, max_new_tokens=2))
+    assert [rows for rows, _ in shapes] == [4]  # three files: the next power of two
+
+
+@pytest.mark.parametrize("flags, words", [(["--chunk-length-s", "2", "--stride-length-s", "1"], "leaves no step"),
+                                          (["--chunk-length-s", "-1"], "chunk_length_s > 0")])
+def test_bad_window_settings_one_line(checkpoint, tmp_path, capsys, flags, words):
+    code = main(["-q", "transcribe", "--model", str(checkpoint[0]), *flags, str(FIXTURES[0])])
+    err = capsys.readouterr().err
+    assert code == 2 and words in err and err.count("\n") == 1 and "stride_length_s" in err

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from speechseq.config import DecoderConfig, eos_ids, require, require_heads
+from speechseq.config import TOKEN_ID, DecoderConfig, eos_ids, number, require_heads
 from speechseq.decoders.transformer import DecoderNames
 from speechseq.layers.core import check_activation
 
@@ -36,13 +36,13 @@ def parse_config(hf: dict, where: str) -> DecoderConfig:
     mbart = mt == "mbart"
     return DecoderConfig(
         model_type=mt,
-        vocab_size=require(hf, "vocab_size", int, where),
+        vocab_size=number(hf, "vocab_size", where),
         hidden_size=hidden,
-        num_layers=require(hf, "decoder_layers", int, where),
+        num_layers=number(hf, "decoder_layers", where),
         num_heads=heads,
-        intermediate_size=require(hf, "decoder_ffn_dim", int, where),
+        intermediate_size=number(hf, "decoder_ffn_dim", where),
         hidden_act=check_activation(hf.get("activation_function", "gelu"), where),
-        max_positions=int(hf.get("max_position_embeddings", 1024)) + POSITION_OFFSET,
+        max_positions=number(hf, "max_position_embeddings", where, 1024) + POSITION_OFFSET,
         position_offset=POSITION_OFFSET,
         padding_aware_positions=False,
         type_vocab_size=0,
@@ -57,8 +57,8 @@ def parse_config(hf: dict, where: str) -> DecoderConfig:
         head_act="gelu",
         head_bias=False,
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
-        pad_token_id=hf.get("pad_token_id", 1),
-        bos_token_id=hf.get("bos_token_id", 0),
-        eos_token_id=eos_ids(hf.get("eos_token_id", 2)),
+        pad_token_id=number(hf, "pad_token_id", where, 1, **TOKEN_ID),
+        bos_token_id=number(hf, "bos_token_id", where, 0, **TOKEN_ID),
+        eos_token_id=eos_ids(hf.get("eos_token_id", 2), f"{where}: field 'eos_token_id'"),
         hf=hf,
     )

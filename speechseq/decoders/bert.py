@@ -4,7 +4,7 @@ table, a dense + norm transform before the tied output projection. RoBERTa count
 from __future__ import annotations
 
 
-from speechseq.config import DecoderConfig, eos_ids, require, require_heads
+from speechseq.config import POSITIVE, TOKEN_ID, DecoderConfig, eos_ids, number, require_heads
 from speechseq.decoders.transformer import DecoderNames
 from speechseq.errors import ConfigError
 from speechseq.layers.core import check_activation
@@ -48,27 +48,27 @@ def parse_config(hf: dict, where: str) -> DecoderConfig:
                           "supported: 'absolute'")
     hidden, heads = require_heads(hf, "hidden_size", "num_attention_heads", where)
     roberta = mt != "bert"
-    pad = hf.get("pad_token_id", 1 if roberta else 0)
+    pad = number(hf, "pad_token_id", where, 1 if roberta else 0, **TOKEN_ID)
     if roberta and pad is None:
         raise ConfigError(f"{where}: {mt} needs pad_token_id (its positions count past padding)")
     act = check_activation(hf.get("hidden_act", "gelu"), where)
     return DecoderConfig(
         model_type=mt,
-        vocab_size=require(hf, "vocab_size", int, where),
+        vocab_size=number(hf, "vocab_size", where),
         hidden_size=hidden,
-        num_layers=require(hf, "num_hidden_layers", int, where),
+        num_layers=number(hf, "num_hidden_layers", where),
         num_heads=heads,
-        intermediate_size=require(hf, "intermediate_size", int, where),
+        intermediate_size=number(hf, "intermediate_size", where),
         hidden_act=act,
-        max_positions=int(hf.get("max_position_embeddings", 512)),
+        max_positions=number(hf, "max_position_embeddings", where, 512),
         position_offset=pad + 1 if roberta else 0,
         padding_aware_positions=roberta,
-        type_vocab_size=int(hf.get("type_vocab_size", 2)),
+        type_vocab_size=number(hf, "type_vocab_size", where, 2, low=0),
         embed_scale=1.0,
         embed_norm=True,
         pre_norm=False,
         final_norm=False,
-        layer_norm_eps=float(hf.get("layer_norm_eps", 1e-12)),
+        layer_norm_eps=number(hf, "layer_norm_eps", where, 1e-12, **POSITIVE),
         attn_scale=True,
         attn_scale_by_layer=False,
         head_transform=True,
@@ -76,8 +76,8 @@ def parse_config(hf: dict, where: str) -> DecoderConfig:
         head_bias=True,
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
         pad_token_id=pad,
-        bos_token_id=hf.get("bos_token_id"),
-        eos_token_id=eos_ids(hf.get("eos_token_id")),
+        bos_token_id=number(hf, "bos_token_id", where, None, **TOKEN_ID),
+        eos_token_id=eos_ids(hf.get("eos_token_id"), f"{where}: field 'eos_token_id'"),
         hf=hf,
     )
 

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from speechseq.config import DecoderConfig, eos_ids, require, require_heads
+from speechseq.config import POSITIVE, TOKEN_ID, DecoderConfig, eos_ids, number, require_heads
 from speechseq.decoders.transformer import DecoderNames
 from speechseq.layers.core import check_activation
 
@@ -27,13 +27,13 @@ def parse_config(hf: dict, where: str) -> DecoderConfig:
     hidden, heads = require_heads(hf, "n_embd", "n_head", where)
     return DecoderConfig(
         model_type="gpt2",
-        vocab_size=require(hf, "vocab_size", int, where),
+        vocab_size=number(hf, "vocab_size", where),
         hidden_size=hidden,
-        num_layers=require(hf, "n_layer", int, where),
+        num_layers=number(hf, "n_layer", where),
         num_heads=heads,
-        intermediate_size=hf.get("n_inner") or 4 * hidden,
+        intermediate_size=number(hf, "n_inner", where, 4 * hidden),
         hidden_act=check_activation(hf.get("activation_function", "gelu_new"), where),
-        max_positions=int(hf.get("n_positions", 1024)),
+        max_positions=number(hf, "n_positions", where, 1024),
         position_offset=0,
         padding_aware_positions=False,
         type_vocab_size=0,
@@ -41,7 +41,7 @@ def parse_config(hf: dict, where: str) -> DecoderConfig:
         embed_norm=False,
         pre_norm=True,
         final_norm=True,
-        layer_norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
+        layer_norm_eps=number(hf, "layer_norm_epsilon", where, 1e-5, **POSITIVE),
         attn_scale=bool(hf.get("scale_attn_weights", True)),
         attn_scale_by_layer=bool(hf.get("scale_attn_by_inverse_layer_idx", False)),
         # reorder_and_upcast_attn only upcasts scores to float32, which speechseq always does
@@ -49,8 +49,8 @@ def parse_config(hf: dict, where: str) -> DecoderConfig:
         head_act="gelu",
         head_bias=False,
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
-        pad_token_id=hf.get("pad_token_id"),
-        bos_token_id=hf.get("bos_token_id"),
-        eos_token_id=eos_ids(hf.get("eos_token_id")),
+        pad_token_id=number(hf, "pad_token_id", where, None, **TOKEN_ID),
+        bos_token_id=number(hf, "bos_token_id", where, None, **TOKEN_ID),
+        eos_token_id=eos_ids(hf.get("eos_token_id"), f"{where}: field 'eos_token_id'"),
         hf=hf,
     )

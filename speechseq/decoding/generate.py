@@ -57,6 +57,21 @@ def group_size(gen: GenerationConfig) -> int:
     return gen.num_beams if gen.num_beams > 1 else gen.num_return_sequences
 
 
+def memory_estimate(cfg: SpeechSeq2SeqConfig, gen: GenerationConfig, batch: int, dtype: Any = jnp.float32) -> int:
+    """A lower bound on the bytes a ``generate`` call for ``batch`` utterances holds at once, from what grows with
+    its rows (batch x beams, or x returned samples): the self-attention cache, the step's float32 logits and
+    log-probs, the token tables (running and finished) and, in beam search, the step's self-attention mask over the
+    grouped cache (rows x max_length x beams booleans: quadratic in beams). The encoder and the cross-attention,
+    shared by an utterance's beams, are left out."""
+    dec, group = cfg.decoder, group_size(gen)
+    rows, length = batch * group, gen.max_length
+    cache = 2 * dec.num_layers * rows * length * dec.hidden_size * jnp.dtype(dtype).itemsize
+    logits = 2 * rows * dec.vocab_size * 4
+    tokens = 2 * rows * length * 4
+    mask = rows * length * group if gen.num_beams > 1 else 0
+    return cache + logits + tokens + mask
+
+
 def _generate(cfg: SpeechSeq2SeqConfig, params: Any, input_values: jax.Array, attention_mask: jax.Array | None,
               gen: GenerationConfig, key: jax.Array | None, dtype: Any, decoder_params: Any) -> search.SearchResult:
     dtype = jnp.dtype(dtype)

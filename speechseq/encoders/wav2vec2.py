@@ -11,7 +11,7 @@ from typing import Mapping
 import jax
 import jax.numpy as jnp
 
-from speechseq.config import EncoderConfig, require, require_heads
+from speechseq.config import POSITIVE, PROBABILITY, EncoderConfig, number, numbers, require_heads
 from speechseq.errors import ConfigError, InputError
 from speechseq.layers.core import activation, block, check_activation, dense, layer_norm, mlp, multi_head_attention
 from speechseq.weights.table import Rule, dense as dense_rules, norm as norm_rules, rule
@@ -29,9 +29,7 @@ def parse_config(hf: dict, where: str) -> EncoderConfig:
     for key, bad in (("adapter_attn_dim", None), ("conv_pos_batch_norm", False)):
         if hf.get(key, bad) != bad:
             raise ConfigError(f"{where}: option {key}={hf[key]!r} is not supported for {mt} (supported: {bad!r})")
-    conv_dim = tuple(require(hf, "conv_dim", (list, tuple), where))
-    conv_kernel = tuple(require(hf, "conv_kernel", (list, tuple), where))
-    conv_stride = tuple(require(hf, "conv_stride", (list, tuple), where))
+    conv_dim, conv_kernel, conv_stride = (numbers(hf, k, where) for k in ("conv_dim", "conv_kernel", "conv_stride"))
     if not len(conv_dim) == len(conv_kernel) == len(conv_stride):
         raise ConfigError(f"{where}: conv_dim, conv_kernel and conv_stride must have the same length, got "
                           f"{len(conv_dim)}, {len(conv_kernel)}, {len(conv_stride)}")
@@ -39,13 +37,16 @@ def parse_config(hf: dict, where: str) -> EncoderConfig:
     if norm not in ("group", "layer"):
         raise ConfigError(f"{where}: feat_extract_norm {norm!r} is not supported; supported: 'group', 'layer'")
     hidden, heads = require_heads(hf, "hidden_size", "num_attention_heads", where)
+    groups = number(hf, "num_conv_pos_embedding_groups", where, 16)
+    if hidden % groups:  # the positional conv is grouped over the width
+        raise ConfigError(f"{where}: hidden_size {hidden} is not divisible by num_conv_pos_embedding_groups {groups}")
     add_adapter = bool(hf.get("add_adapter", False))
     return EncoderConfig(
         model_type=mt,
         hidden_size=hidden,
-        num_layers=require(hf, "num_hidden_layers", int, where),
+        num_layers=number(hf, "num_hidden_layers", where),
         num_heads=heads,
-        intermediate_size=require(hf, "intermediate_size", int, where),
+        intermediate_size=number(hf, "intermediate_size", where),
         hidden_act=check_activation(hf.get("hidden_act", "gelu"), where),
         conv_dim=conv_dim,
         conv_kernel=conv_kernel,
@@ -55,15 +56,16 @@ def parse_config(hf: dict, where: str) -> EncoderConfig:
         feat_extract_activation=check_activation(hf.get("feat_extract_activation", "gelu"), where),
         feat_proj_layer_norm=bool(hf.get("feat_proj_layer_norm", True)),
         stable_layer_norm=bool(hf.get("do_stable_layer_norm", False)),
-        num_conv_pos_embeddings=int(hf.get("num_conv_pos_embeddings", 128)),
-        num_conv_pos_embedding_groups=int(hf.get("num_conv_pos_embedding_groups", 16)),
-        layer_norm_eps=float(hf.get("layer_norm_eps", 1e-5)),
+        num_conv_pos_embeddings=number(hf, "num_conv_pos_embeddings", where, 128),
+        num_conv_pos_embedding_groups=groups,
+        layer_norm_eps=number(hf, "layer_norm_eps", where, 1e-5, **POSITIVE),
         add_adapter=add_adapter,
-        output_hidden_size=int(hf.get("output_hidden_size") or hidden),
-        num_adapter_layers=int(hf.get("num_adapter_layers", 3)),
-        adapter_stride=int(hf.get("adapter_stride", 2)),
-        adapter_kernel_size=int(hf.get("adapter_kernel_size", 3)),
-        masked_spec_embed=hf.get("mask_time_prob", 0.05) > 0 or hf.get("mask_feature_prob", 0.0) > 0,
+        output_hidden_size=number(hf, "output_hidden_size", where, hidden),
+        num_adapter_layers=number(hf, "num_adapter_layers", where, 3, low=0),
+        adapter_stride=number(hf, "adapter_stride", where, 2),
+        adapter_kernel_size=number(hf, "adapter_kernel_size", where, 3),
+        masked_spec_embed=max(number(hf, "mask_time_prob", where, 0.05, **PROBABILITY),
+                              number(hf, "mask_feature_prob", where, 0.0, **PROBABILITY)) > 0,
         hf=hf,
     )
 

@@ -1,0 +1,147 @@
+"""Peak memory and time of `speechseq transcribe` on long recordings: chunked windows against the whole file.
+
+    python benchmarks/long_audio.py [--minutes 1 4 10 30] [--whole-up-to 4] [--model CKPT] [--workdir DIR]
+
+Synthesizes multi-sentence English speech with espeak-ng (sentences from Python's own documentation,
+`pydoc_data.topics`, spoken one after another), then runs `speechseq transcribe` on each clip in a fresh process,
+chunked (`--chunk-length-s 30 --stride-length-s 5`, the defaults) and, up to `--whole-up-to` minutes, as one
+window (`--chunk-length-s 0`: the encoder's self-attention over the whole clip, quadratic in its length), and prints
+peak resident memory (ru_maxrss) and wall time beside the RSS of a process that only loads the model.
+
+`--model` takes a checkpoint that really transcribes (with its tokenizer and preprocessor); with one, the word
+error rate of each run against the spoken text is printed too (needs `jiwer`). Without it, a model of the demo's
+size (configs/demo-wav2vec2-bert.json) with random weights and a 1000-token word-level tokenizer stands in: its
+memory and time are representative, its text is not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def sentences() -> list[str]:
+    """Plain English sentences (letters and light punctuation only) from Python's bundled documentation."""
+    from pydoc_data.topics import topics
+
+    text = " ".join(topics.values())
+    out = [s for s in re.split(r"(?<=[.!?])\s+", text)
+           if re.fullmatch(r"[A-Z][A-Za-z ,;'\-]+[.]", s) and 5 <= len(s.split()) <= 30]
+    return out
+
+
+def synthesize(path: Path, minutes: float, work: Path) -> str:
+    """Write about ``minutes`` of 16 kHz speech to ``path``; returns the text spoken."""
+    import soundfile as sf
+
+    from speechseq.audio import load_audio
+
+    if shutil.which("espeak-ng") is None:
+        raise SystemExit("espeak-ng not found: apt-get install espeak-ng (Debian/Ubuntu)")
+    pool = sentences()
+    words_needed = int(minutes * 160)  # espeak-ng -s 160: 160 words a minute
+    spoken, n = [], 0
+    while n < words_needed:
+        s = pool[len(spoken) % len(pool)]
+        spoken.append(s)
+        n += len(s.split())
+    text = " ".join(spoken)
+    (work / "text.txt").write_text(text)
+    raw = work / "raw.wav"
+    subprocess.run(["espeak-ng", "-v", "en-us", "-s", "160", "-w", str(raw), "-f", str(work / "text.txt")],
+                   check=True)
+    audio = load_audio(raw, 16000)
+    sf.write(path, audio, 16000, subtype="PCM_16")
+    return text
+
+
+def random_model(path: Path) -> None:
+    """The demo's model size, random weights, a word-level tokenizer and a preprocessor: a checkpoint
+    `speechseq transcribe` runs."""
+    import tokenizers
+
+    from speechseq import SpeechSeq2Seq
+    from speechseq.audio import FeatureExtractor
+
+    config = json.loads((ROOT / "configs" / "demo-wav2vec2-bert.json").read_text())
+    SpeechSeq2Seq.from_config(config, seed=0).save_pretrained(path)
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]"] + [f"w{i}" for i in range(998)])}
+    vocab.update({"[CLS]": 101, "[SEP]": 102})
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps(
+        {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]"}))
+    FeatureExtractor(return_attention_mask=True).save_pretrained(path)
+
+
+def measure(cmd: list[str]) -> tuple[float, float, int, str]:
+    """Wall seconds, peak RSS (bytes), exit status and stdout of ``cmd`` run in a fresh child process."""
+    code = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
+            "r = subprocess.run(sys.argv[1:], capture_output=True, text=True); dt = time.perf_counter() - t; "
+            "print(dt, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024, r.returncode); "
+            "print(r.stdout, end='')")
+    out = subprocess.run([sys.executable, "-c", code, *cmd], capture_output=True, text=True, check=True).stdout
+    head, _, rest = out.partition("\n")
+    dt, rss, rc = head.split()
+    return float(dt), float(rss), int(rc), rest
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--minutes", type=float, nargs="+", default=[1, 4, 10, 30])
+    ap.add_argument("--whole-up-to", type=float, default=4, help="also decode clips up to this long as one window")
+    ap.add_argument("--model", help="a checkpoint that transcribes (default: random weights, demo size)")
+    ap.add_argument("--max-new-tokens", type=int, default=16, help="per window (random model: it never stops)")
+    ap.add_argument("--workdir", default="/tmp/speechseq-long-audio")
+    args = ap.parse_args()
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    model = args.model
+    if model is None:
+        model = str(work / "model")
+        if not (work / "model" / "tokenizer.json").exists():
+            random_model(work / "model")
+    base = [sys.executable, "-m", "speechseq.cli", "-q", "--cache-dir", str(work / "jax-cache"), "transcribe",
+            "--model", model]
+    if args.model is None:
+        base += ["--max-new-tokens", str(args.max_new_tokens)]
+    load_only = [sys.executable, "-c", f"from speechseq import SpeechSeq2Seq; SpeechSeq2Seq.from_pretrained({model!r})"]
+    _, rss0, _, _ = measure(load_only)
+    print(f"model {model}; a process that only loads it: {rss0 / 2**30:.2f} GiB")
+    print(f"{'minutes':>7} {'mode':>8} {'peak RSS':>9} {'seconds':>8} {'x real':>7} {'WER':>6}")
+    for minutes in args.minutes:
+        clip = work / f"speech-{minutes:g}min.wav"
+        text_file = work / f"speech-{minutes:g}min.txt"
+        if not clip.exists():
+            t = time.perf_counter()
+            text_file.write_text(synthesize(clip, minutes, work))
+            print(f"  (synthesized {clip.name} in {time.perf_counter() - t:.0f} s)", file=sys.stderr)
+        import soundfile as sf
+
+        seconds = sf.info(str(clip)).duration
+        modes = [("chunked", [])] + ([("whole", ["--chunk-length-s", "0"])] if minutes <= args.whole_up_to else [])
+        for mode, flags in modes:
+            dt, rss, rc, out = measure(base + flags + [str(clip)])
+            wer = "-"
+            if rc == 0 and args.model:
+                import jiwer
+
+                hyp = out.split("\t", 1)[1] if "\t" in out else ""
+                wer = f"{jiwer.wer(text_file.read_text().lower(), hyp.lower()) * 100:.1f}%"
+            status = f"{rss / 2**30:8.2f}G" if rc == 0 else f"{'exit ' + str(rc):>9}"
+            print(f"{minutes:7g} {mode:>8} {status} {dt:8.1f} {seconds / dt:7.1f} {wer:>6}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

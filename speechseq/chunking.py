@@ -1,0 +1,62 @@
+"""Long audio as overlapping windows, and the windows' tokens stitched back into one sequence.
+
+A clip longer than ``chunk`` samples is cut into windows of ``chunk`` samples whose neighbours overlap by
+``stride_left + stride_right`` samples (transformers' ASR pipeline: ``chunk_length_s``, ``stride_length_s``), and
+each window is decoded on its own, so memory and compiled shapes depend on the window length, not on the clip's
+(the encoder's self-attention is quadratic in the frames). The last window is aligned to the clip's end, so it is a
+full window with full context rather than a short tail.
+
+The tokens of consecutive windows are merged where they agree: of every way to lay the start of the right window's
+tokens over the end of the left's, the one with the highest fraction of equal tokens wins (longer overlaps win ties),
+and the merged sequence takes the left's tokens up to the middle of that overlap and the right's after it, where
+each window saw the most context (transformers' ``_find_longest_common_sequence``).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+
+def windows(n: int, chunk: int, stride_left: int, stride_right: int) -> list[tuple[int, int]]:
+    """Sample ranges ``[start, end)`` covering ``[0, n)``: one window when ``n <= chunk``, else windows of ``chunk``
+    samples starting every ``chunk - stride_left - stride_right`` samples, the last one ending at ``n``."""
+    if chunk <= 0 or stride_left < 0 or stride_right < 0:
+        raise ValueError(f"windows: need chunk > 0 and strides >= 0, got {chunk}, {stride_left}, {stride_right}")
+    step = chunk - stride_left - stride_right
+    if step <= 0:
+        raise ValueError(f"windows: the strides ({stride_left} + {stride_right} samples) leave no step in a "
+                         f"{chunk}-sample chunk")
+    if n <= chunk:
+        return [(0, n)]
+    out = []
+    start = 0
+    while start + chunk < n:
+        out.append((start, start + chunk))
+        start += step
+    out.append((n - chunk, n))  # the tail as a whole window: more context than a short remainder
+    return out
+
+
+def merge(left: Sequence[int], right: Sequence[int], min_matches: int = 2) -> list[int]:
+    """``left`` and ``right`` (token ids of overlapping windows, specials removed) as one sequence.
+
+    Without an overlap of at least ``min_matches`` equal tokens the two are simply joined (speech in the overlap
+    that only one window transcribed is kept).
+    """
+    left, right = list(left), list(right)
+    best, overlap = 0.0, 0
+    for i in range(1, min(len(left), len(right)) + 1):
+        matches = sum(a == b for a, b in zip(left[len(left) - i:], right[:i]))
+        score = matches / i + i / 10000.0  # the fraction that agrees; a longer overlap wins a tie
+        if matches >= min_matches and score > best:
+            best, overlap = score, i
+    middle = overlap // 2
+    return left[:len(left) - overlap + middle] + right[middle:]
+
+
+def stitch(pieces: Sequence[Sequence[int]]) -> list[int]:
+    """The token ids of consecutive windows of one clip merged left to right."""
+    out: list[int] = []
+    for piece in pieces:
+        out = merge(out, piece)
+    return out
