@@ -44,7 +44,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: Any = None
     cfg = config_from_dict(read_json(path / "config.json"), str(path / "config.json"))
     rules = weight_rules(cfg)
     cast = None if dtype is None else np.dtype(dtype)
-    with storage.atomic_dir(dst, force) as tmp:
+    with storage.atomic_dir(dst, force, sources=[path]) as tmp:
         with open_checkpoint(path) as ckpt:
             found, report = table.plan(rules, {k: ckpt.shape(k) for k in ckpt}, where=str(path))
             if report.missing:
@@ -89,7 +89,7 @@ def export(src: str | os.PathLike, dst: str | os.PathLike, *, force: bool = Fals
     if missing:
         raise CheckpointError(f"{path}: params/ lacks {len(missing)} parameters the config needs (first: {missing[0]})")
     out = {"format": "pt"}
-    with storage.atomic_dir(dst, force) as tmp:
+    with storage.atomic_dir(dst, force, sources=[path]) as tmp:
         if len({dtype.itemsize for _, dtype in meta.values()}) > 1:
             flat = table.flatten(storage.restore_params(path))
             write_safetensors(tmp / "model.safetensors", table.save(rules, flat, consume=True), out)

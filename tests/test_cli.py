@@ -124,8 +124,13 @@ def test_existing_destination_is_not_overwritten(hf_dir, tmp_path, capsys):
     code, _, err = run(capsys, "convert", hf_dir, dst)
     assert code == 2 and "already exists" in err and "--force" in err
     assert (dst / "keep.txt").read_text() == "mine"
+    # --force replaces only an earlier checkpoint, never a folder holding other files (tests/test_data_safety.py)
     code, _, err = run(capsys, "convert", hf_dir, dst, "--force")
-    assert code == 0 and not (dst / "keep.txt").exists()
+    assert code == 2 and "keep.txt" in err and (dst / "keep.txt").read_text() == "mine"
+    (dst / "keep.txt").unlink()
+    (dst / "config.json").write_text("{}")
+    code, _, err = run(capsys, "convert", hf_dir, dst, "--force")
+    assert code == 0 and (dst / "speechseq.json").is_file()
 
 
 @pytest.mark.parametrize("argv, needle", [

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -16,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from speechseq import storage
 from speechseq.config import SpeechSeq2SeqConfig
 from speechseq.errors import CheckpointError
 from speechseq.registry import Family
@@ -76,8 +75,9 @@ def save_hf(directory: str | os.PathLike, config: dict, tensors: Mapping[str, np
             extra_json: Mapping[str, dict] | None = None) -> Path:
     """Write config.json + model.safetensors (+ other JSON files) into ``directory`` atomically per file.
 
-    Files are written to a temporary folder beside the destination, then moved in, so an interrupted save never
-    leaves a half-written file; other files already in ``directory`` are kept.
+    Files are written into a partial folder inside ``directory`` (``storage.partial_dir``: removed on failure, on
+    SIGINT / SIGTERM, and by a later save after kill -9), then moved in one by one, so an interrupted save never leaves
+    a half-written file; other files already in ``directory`` are kept, as in transformers' ``save_pretrained``.
     """
     import json
 
@@ -85,14 +85,12 @@ def save_hf(directory: str | os.PathLike, config: dict, tensors: Mapping[str, np
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"{out}: exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".speechseq-save-", dir=out))
-    try:
+    with storage.partial_dir(out, "speechseq-save") as tmp:
         write_safetensors(tmp / "model.safetensors", dict(tensors), {"format": "pt"})
         files = {"config.json": config, **(extra_json or {})}
         for name, data in files.items():
             (tmp / name).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        for f in tmp.iterdir():
-            os.replace(f, out / f.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with storage.held():  # a signal waits until all files are in
+            for f in tmp.iterdir():
+                os.replace(f, out / f.name)
     return out
