@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import pickle
@@ -10,6 +11,7 @@ import struct
 import subprocess
 import sys
 import zipfile
+from collections import OrderedDict
 from pathlib import Path
 
 import ml_dtypes
@@ -425,3 +427,270 @@ def test_written_safetensors_load_in_transformers(tmp_path, tiny_bert):
     ids = torch.tensor([[1, 2, 3, 4]])
     with torch.no_grad():
         assert torch.equal(loaded(ids).last_hidden_state, tiny_bert(ids).last_hidden_state)
+
+
+# --------------------------------------------------------------------------- hostile files cost bounded work
+
+
+def zip_archive(members: list[tuple[str, bytes, int, int, int]]) -> bytes:
+    """A zip archive written field by field, so that it can lie: (name, data as stored, method, crc, declared
+    uncompressed size) per member."""
+    out, central = bytearray(), bytearray()
+    for name, data, method, crc, size in members:
+        raw, offset = name.encode(), len(out)
+        out += struct.pack("<4s5H3I2H", b"PK\x03\x04", 20, 0, method, 0, 0, crc, len(data), size, len(raw), 0)
+        out += raw + data
+        central += struct.pack("<4s6H3I5H2I", b"PK\x01\x02", 20, 20, 0, method, 0, 0, crc, len(data), size,
+                               len(raw), 0, 0, 0, 0, 0, offset) + raw
+    end = struct.pack("<4s4H2IH", b"PK\x05\x06", 0, 0, len(members), len(members), len(central), len(out), 0)
+    return bytes(out + central + end)
+
+
+def deflated_zeros(size: int) -> bytes:
+    """A raw deflate stream of ``size`` zero bytes (a multiple of 1 MiB) in ~size / 1000 bytes, without compressing
+    them all: after a full flush the compressor emits the same block for every further MiB of zeros."""
+    import zlib
+
+    c = zlib.compressobj(9, zlib.DEFLATED, -15)
+    block = c.compress(bytes(1 << 20)) + c.flush(zlib.Z_FULL_FLUSH)
+    assert c.compress(bytes(1 << 20)) + c.flush(zlib.Z_FULL_FLUSH) == block
+    return block * (size >> 20) + c.flush()
+
+
+PEAK_RSS = """
+import json, resource, sys
+from speechseq.errors import CheckpointError
+from speechseq.weights.readers import open_checkpoint
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    open_checkpoint(sys.argv[1])
+    msg = None
+except CheckpointError as e:
+    msg = str(e)
+print(json.dumps([msg, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024]))
+"""
+
+
+def open_in_child(path: Path) -> tuple[str | None, float]:
+    """open_checkpoint(path) in a fresh interpreter: (its CheckpointError message or None, peak RSS growth in MB)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, "-c", PEAK_RSS, str(path)], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    msg, grown_mb = json.loads(out.stdout)
+    return msg, grown_mb
+
+
+def test_zip_bomb_data_pkl_is_refused_in_bounded_memory(tmp_path):
+    """A ~1 MB pytorch_model.bin whose deflated data.pkl expands to 1 GiB: refused from the central directory's
+    sizes before anything is decompressed (before: decompressed whole, ~2 GB RSS for 1 GiB, 4.4 GB for 2 GiB). One
+    that understates its size is read only up to the size it declares, and fails its CRC."""
+    zeros = deflated_zeros(1 << 30)
+    byteorder = ("archive/byteorder", b"little", 0, 0x6D7ADF0C, 6)
+    path = tmp_path / "pytorch_model.bin"
+    path.write_bytes(zip_archive([("archive/data.pkl", zeros, 8, 0, 1 << 30), byteorder]))
+    assert path.stat().st_size < 1_100_000
+    msg, grown_mb = open_in_child(path)
+    assert msg is not None and "\n" not in msg
+    assert msg.startswith("pytorch_model.bin: zip members expand to 1073741830 bytes, over 8x the ")
+    assert msg.endswith("refusing a decompression bomb")
+    assert grown_mb < 64, grown_mb
+
+    path.write_bytes(zip_archive([("archive/data.pkl", zeros, 8, 0, 1 << 19), byteorder]))  # understated
+    msg, grown_mb = open_in_child(path)
+    assert msg is not None and msg.startswith("pytorch_model.bin: corrupt zip archive (Bad CRC-32")
+    assert grown_mb < 64, grown_mb
+
+
+def test_zip_sizes_checked_against_the_file(tmp_path):
+    """Central directory sizes that the file cannot hold, a data.pkl over 16 MiB, or members zipfile cannot read
+    without a password or that use a method torch never writes fail in one line (before: a 16 MiB data.pkl was
+    unpickled, bzip2 decompressed, a size past the end of the file reported by zipfile)."""
+    import zlib
+
+    path = tmp_path / "w.bin"
+    big = b"\x80\x02" + b"N" * (16 << 20) + b"."  # over the data.pkl limit: torch writes ~100 bytes per tensor
+    path.write_bytes(zip_archive([("a/data.pkl", big, 0, zlib.crc32(big), len(big))]))
+    assert error_of(open_checkpoint, path) == f"w.bin: a/data.pkl is {len(big)} bytes, over the limit of {16 << 20}"
+    pkl = pickle.dumps({}, protocol=2)
+    data = zip_archive([("a/data.pkl", pkl, 0, zlib.crc32(pkl), len(pkl))])
+    path.write_bytes(data.replace(struct.pack("<I", len(pkl)) * 2, struct.pack("<I", len(pkl) + 10**6) * 2))
+    msg = error_of(open_checkpoint, path)
+    assert msg.startswith(f"w.bin: corrupt or truncated zip archive (member 'a/data.pkl' claims {len(pkl) + 10**6} "
+                          f"bytes at offset 0 of a {len(data)}-byte file)"), msg
+    path.write_bytes(zip_archive([("a/data.pkl", pkl, 12, zlib.crc32(pkl), len(pkl))]))  # bzip2
+    assert error_of(open_checkpoint, path) == ("w.bin: zip member 'a/data.pkl' is encrypted or compressed with "
+                                               "method 12; torch.save stores members uncompressed")
+
+
+def with_data_pkl(tmp_path: Path, data: bytes) -> Path:
+    """A torch.save checkpoint whose data.pkl is replaced by ``data``."""
+    torch.save({"w": torch.zeros(2)}, tmp_path / "good.bin")
+    path = tmp_path / "pytorch_model.bin"
+    with zipfile.ZipFile(tmp_path / "good.bin") as zin, zipfile.ZipFile(path, "w") as zout:
+        for info in zin.infolist():
+            zout.writestr(info.filename, data if info.filename.endswith("/data.pkl") else zin.read(info))
+    return path
+
+
+def traced_peak_mb(fn, *args) -> float:
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        fn(*args)
+    finally:
+        peak = tracemalloc.get_traced_memory()[1] / 2**20
+        tracemalloc.stop()
+    return peak
+
+
+@pytest.mark.parametrize("payload, message", [
+    # LONG_BINPUT 2**25: the C unpickler grows its memo table to the index (before: 512 MB for 10 bytes)
+    (b"\x80\x02Nr" + struct.pack("<I", 1 << 25) + b".", "pickle memo index 33554432 is out of order"),
+    # a tuple of 10**6 empty sets, 232 bytes of memory per byte of pickle (before: 232 MB)
+    (b"\x80\x04(" + b"\x8f" * 10**6 + b"t.", "refusing pickle opcode EMPTY_SET (only tensor data is allowed)"),
+], ids=["memo-index", "sets"])
+def test_pickle_bombs_are_refused_in_bounded_memory(tmp_path, payload, message):
+    path = with_data_pkl(tmp_path, payload)
+    messages: list[str] = []
+    peak = traced_peak_mb(lambda: messages.append(error_of(open_checkpoint, path)))
+    assert messages[0].startswith(f"pytorch_model.bin: {message}"), messages
+    assert peak < 16, peak
+
+
+def test_deeply_nested_tuple_key_is_refused(tmp_path):
+    """A dict key of tuples nested 10**6 deep (1 MB): hashing it recursed in C and killed the process (SIGSEGV)."""
+    path = with_data_pkl(tmp_path, b"\x80\x02}" + b")" + b"\x85" * 10**6 + b"K\x01s.")
+    msg, _ = open_in_child(path)
+    assert msg == "pytorch_model.bin: pickle nests tuples over 100 deep (corrupt or hostile)"
+
+
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+def test_malicious_pickle_refused_at_every_protocol(tmp_path, protocol):
+    marker = tmp_path / "pwned"
+    evil = {"w": _Evil(marker)}
+    for data in (pickle.dumps(evil, protocol=protocol), pickle.dumps((1, [evil], {2}), protocol=protocol)):
+        msg = error_of(open_checkpoint, with_data_pkl(tmp_path, data))
+        assert msg.startswith("pytorch_model.bin: refusing "), msg
+        (tmp_path / "plain.bin").write_bytes(data)
+        if protocol >= 2:  # a pickle's first byte is PROTO (0x80) from protocol 2 on
+            assert "refusing" in error_of(open_checkpoint, tmp_path / "plain.bin")
+    assert not marker.exists()
+
+
+class _View:
+    """Pickles as torch.save pickles a tensor, with any shape, stride and offset."""
+
+    def __init__(self, *args) -> None:
+        self.args = args
+
+    def __reduce__(self):
+        return torch._utils._rebuild_tensor_v2, self.args
+
+
+def raw_tensor_pickle(shape, stride, offset=0, numel=2) -> bytes:
+    """data.pkl for {"w": a float32 view (shape, stride, offset) of storage "0" of ``numel`` elements}."""
+    storage = object()
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, obj):
+            return ("storage", torch.FloatStorage, "0", "cpu", numel) if obj is storage else None
+
+    buf = io.BytesIO()
+    Pickler(buf, protocol=2).dump({"w": _View(storage, offset, shape, stride, False, OrderedDict())})
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("shape, stride, numel, message", [
+    ((-3, 5), (5, 1), 2, "has shape (-3, 5), stride (5, 1) and offset 0; expected non-negative ints"),
+    ((2.0,), (1,), 2, "has shape (2.0,), stride (1,) and offset 0"),
+    ((1 << 40,), (0,), 1, "(shape [1099511627776], stride [0], offset 0) lies outside its storage of 1 elements"),
+    ((4,), (1,), 2, "(shape [4], stride [1], offset 0) lies outside its storage of 2 elements"),
+], ids=["negative", "float", "broadcast-2**40", "past-the-end"])
+def test_bin_tensor_views_checked(tmp_path, shape, stride, numel, message):
+    """Shapes, strides and offsets are non-negative ints and a view reads no more than its storage holds (before:
+    a negative shape opened, counting -15 parameters; a stride-0 view of 2**40 elements over one element opened)."""
+    assert open_checkpoint(with_data_pkl(tmp_path, raw_tensor_pickle((2,), (1,))))["w"].shape == (2,)
+    msg = error_of(open_checkpoint, with_data_pkl(tmp_path, raw_tensor_pickle(shape, stride, numel=numel)))
+    assert msg.startswith("pytorch_model.bin: tensor 'w' ") and message in msg, msg
+
+
+def safetensors_file(header: dict | bytes, data: bytes = b"") -> bytes:
+    blob = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return struct.pack("<Q", len(blob)) + blob + data
+
+
+def f32(shape, begin: int, end: int) -> dict:
+    return {"dtype": "F32", "shape": shape, "data_offsets": [begin, end]}
+
+
+@pytest.mark.parametrize("header, data, message", [
+    (b'{"a":' * 10**5 + b"1" + b"}" * 10**5, b"", "safetensors header is nested too deeply to be a header"),
+    ({"a": f32([2], 0, 8), "b": f32([2], 0, 8)}, bytes(8),
+     "tensor 'b' data_offsets [0, 8] overlap the data before them, which ends at byte 8"),
+    ({"a": f32([1], 4, 8)}, bytes(8), "tensor 'a' data_offsets [4, 8] leave a gap after the data before them, "
+                                      "which ends at byte 0"),
+    ({"a": f32([1], 0, 4)}, bytes(8), "4 bytes after the last tensor's data (header covers 4 of 8)"),
+    ({"unused": f32([1 << 62, 4, 4], 0, 0), "w": f32([1], 0, 4)}, bytes(4),
+     "tensor 'unused' has shape [4611686018427387904, 4, 4]; expected a list of at most 64 non-negative ints, "
+     "under 2**63 bytes in all"),
+    ({"w": f32([1 << 64], 0, 0)}, b"", "tensor 'w' has shape [18446744073709551616]"),
+    ({"w": f32([-1, -4], 0, 16)}, bytes(16), "tensor 'w' has shape [-1, -4]"),
+    ({"w": f32([1.0], 0, 4)}, bytes(4), "tensor 'w' has shape [1.0]"),
+    ({"w": f32([True], 0, 4)}, bytes(4), "tensor 'w' has shape [True]"),
+    ({"w": f32([1], "0", "4")}, bytes(4), "tensor 'w' data_offsets ['0', '4'] must be [begin, end], two "
+                                          "non-negative ints"),
+    ({"w": {"dtype": "F33", "shape": [1], "data_offsets": [0, 4]}}, bytes(4),
+     "tensor 'w' has unsupported dtype 'F33' (supported: F64, "),
+    ({"__metadata__": {"format": 1}, "w": f32([1], 0, 4)}, bytes(4), "safetensors __metadata__ must map str to str"),
+], ids=["nested-1e5", "overlap", "gap", "tail", "2**66-elements", "2**64-dim", "negative", "float", "bool",
+        "str-offsets", "dtype", "metadata"])
+def test_safetensors_header_validated_up_front(tmp_path, header, data, message):
+    """Every header entry is checked at open as the safetensors library checks it (before: a RecursionError
+    traceback, overlapping, gapped and trailing data, a 2**66-element unused tensor, float and bool dimensions,
+    string offsets and non-string metadata all opened, a 2**64 dimension raised OverflowError)."""
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(safetensors_file(header, data))
+    msg = error_of(open_checkpoint, path)
+    assert msg.startswith(f"model.safetensors: {message}"), msg
+
+
+def test_safetensors_header_size_capped(tmp_path):
+    """A header over the safetensors library's 100 MB limit is refused without reading it (before: read and
+    parsed, 200 MB)."""
+    path = tmp_path / "model.safetensors"
+    with open(path, "wb") as f:
+        f.write(safetensors_file(b"{}" + b" " * (100_000_001 - 2))[:10])
+        f.truncate(8 + 100_000_001)  # sparse: the header's bytes past "{}" read as zeros
+    messages: list[str] = []
+    peak = traced_peak_mb(lambda: messages.append(error_of(open_checkpoint, path)))
+    assert messages == ["model.safetensors: header length 100000001 is over the safetensors limit of 100000000 bytes"]
+    assert peak < 16, peak
+
+
+def test_index_hostile_json(tmp_path):
+    """Deeply nested JSON and shard names the file system cannot take fail in one line (before: RecursionError,
+    OSError 'File name too long')."""
+    (tmp_path / "model.safetensors").write_bytes(_safetensors_bytes())
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text('{"weight_map": ' + "[" * 10**5 + "]" * 10**5 + "}")
+    assert error_of(open_checkpoint, index) == ("model.safetensors.index.json: index is nested too deeply to be a "
+                                                "weight index")
+    index.write_text(json.dumps({"weight_map": {"w": "a\0b"}}))
+    assert error_of(open_checkpoint, index).startswith("model.safetensors.index.json: shard 'a\\x00b' listed in "
+                                                       "weight_map does not exist")
+    index.write_text(json.dumps({"weight_map": {"w": "x" * 300}}))
+    assert "does not exist" in error_of(open_checkpoint, index)
+    index.write_text(json.dumps({"weight_map": {"w": "model.safetensors"}}))
+    assert open_checkpoint(index)["w"].shape == (4, 4)
+
+
+def test_bin_high_rank_views_and_broadcast_rows_still_load(tmp_path):
+    """What the view checks must keep: 12 dimensions, transposed (the product of the strides is 2**66) and HF's
+    position_ids, arange(n).expand((1, -1)) (stride 0 over as many elements as its storage)."""
+    state = {"rank12": torch.arange(4096.0).reshape((2,) * 12).permute(*reversed(range(12))),
+             "position_ids": torch.arange(16).expand((1, -1))}
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    with open_checkpoint(tmp_path) as ckpt:
+        assert_same(ckpt, state)

@@ -37,7 +37,7 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
 
 
 def check_activation(name: str, where: str) -> str:
-    if name not in _ACTIVATIONS:
+    if not isinstance(name, str) or name not in _ACTIVATIONS:
         raise ConfigError(f"{where}: activation {name!r} is not supported; supported: {sorted(_ACTIVATIONS)}")
     return name
 

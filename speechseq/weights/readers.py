@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import pickle
+import pickletools
+import reprlib
 import struct
 import threading
 import uuid
@@ -63,6 +66,33 @@ _ST_DTYPES: dict[str, np.dtype] = {
 }
 _ST_TAGS: dict[np.dtype, str] = {dt: tag for tag, dt in _ST_DTYPES.items()}
 
+# Hostile files cost bounded work: nothing a file declares makes us read, decompress or build more than these allow.
+# The safetensors library's own cap on the JSON header (so every file it opens opens here too).
+_ST_HEADER_MAX = 100_000_000
+# torch.save writes ~100 bytes of data.pkl per tensor: 16 MiB is ~160,000 tensors, more than any one file holds.
+# Unpickling builds at most ~80 bytes of objects per pickle byte (empty dicts; see _PICKLE_OPCODES), so <= ~1.3 GB.
+_PICKLE_MAX = 16 << 20
+# torch.save stores zip members uncompressed; a re-zipped checkpoint of real weights shrinks by < 2x. Members that
+# expand to more than 8x the file are a decompression bomb (deflate reaches ~1000x on zeros).
+_ZIP_MAX_RATIO = 8
+# *.index.json: ~100 bytes per tensor; 64 MiB is ~600,000 tensors. JSON parsing builds ~20x its input at worst.
+_INDEX_MAX = 64 << 20
+# numpy's limits on an array: 64 dimensions, fewer than 2**63 bytes (counting the nonzero dimensions of an empty one).
+_MAX_NDIM = 64
+_short = reprlib.Repr()  # bounded repr of hostile values for messages: depth and length capped, no recursion
+_short.maxstring, _short.maxother, _short.maxlong = 200, 80, 60
+
+
+def _dims(values: Any) -> bool:
+    """A tuple or list of at most _MAX_NDIM non-negative ints below 2**63 (no bool, float or str)."""
+    return (isinstance(values, (tuple, list)) and len(values) <= _MAX_NDIM
+            and all(type(v) is int and 0 <= v < 1 << 63 for v in values))
+
+
+def _valid_shape(shape: Any, itemsize: int) -> bool:
+    """``shape`` is dimensions numpy can make an array of: below 2**63 bytes (the nonzero ones, if it is empty)."""
+    return _dims(shape) and math.prod(d for d in shape if d) * itemsize < 1 << 63
+
 
 def _error(path: Path | str, message: str) -> CheckpointError:
     """A one-line CheckpointError prefixed with the file name."""
@@ -101,40 +131,63 @@ class _SafetensorsFile:
         if n > size - 8:
             raise _error(path, f"header length {n} is larger than the file ({size} bytes); "
                                "the file is truncated or not safetensors")
+        if n > _ST_HEADER_MAX:
+            raise _error(path, f"header length {n} is over the safetensors limit of {_ST_HEADER_MAX} bytes")
         try:
             header = json.loads(f.read(n).decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise _error(path, f"safetensors header is not valid JSON ({e})") from None
+        except RecursionError:  # json's parser recurses once per nesting level
+            raise _error(path, "safetensors header is nested too deeply to be a header") from None
         if not isinstance(header, dict):
             raise _error(path, "safetensors header must be a JSON object")
-        metadata = header.pop("__metadata__", None) or {}
-        if not isinstance(metadata, dict):
-            raise _error(path, "safetensors __metadata__ must be a JSON object")
+        metadata = header.pop("__metadata__", None)
+        metadata = {} if metadata is None else metadata
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise _error(path, "safetensors __metadata__ must map str to str")
         data_size = size - 8 - n
-        entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
-        max_end = 0
-        for name, info in header.items():
-            try:
-                tag, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
-                shape = tuple(int(d) for d in shape)
-                begin, end = int(begin), int(end)
-            except (TypeError, KeyError, ValueError):
-                raise _error(path, f"tensor '{name}' needs 'dtype', 'shape' and "
-                                   f"'data_offsets' [begin, end] in the header") from None
-            if tag not in _ST_DTYPES:
-                raise _error(path, f"tensor '{name}' has unsupported dtype '{tag}' "
-                                   f"(supported: {', '.join(_ST_DTYPES)})")
-            dtype = _ST_DTYPES[tag]
-            need = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-            if min(shape, default=0) < 0 or begin < 0 or end - begin != need:
-                raise _error(path, f"tensor '{name}' data_offsets [{begin}, {end}] do not fit "
-                                   f"shape {list(shape)} of {tag} ({need} bytes)")
-            entries[name] = (dtype, shape, begin, end)
-            max_end = max(max_end, end)
-        if max_end > data_size:
-            raise _error(path, f"file is truncated: header says {max_end} bytes of tensor "
+        entries = {name: self._entry(name, info) for name, info in header.items()}
+        # As the safetensors library checks: in offset order the tensors tile the data exactly, with no overlap
+        # (two names for the same bytes), gap or tail, so no tensor reads bytes another one owns or the file lacks.
+        end = 0
+        for name, (_, _, begin, stop) in sorted(entries.items(), key=lambda item: item[1][2:]):
+            if begin != end:
+                raise _error(path, f"tensor {_short.repr(name)} data_offsets [{begin}, {stop}] "
+                                   f"{'overlap' if begin < end else 'leave a gap after'} the data before them, "
+                                   f"which ends at byte {end} (tensors must tile the data area)")
+            end = stop
+        if end > data_size:
+            raise _error(path, f"file is truncated: header says {end} bytes of tensor "
                                f"data, found {data_size}")
-        return entries, {str(k): str(v) for k, v in metadata.items()}, 8 + n
+        if end < data_size:
+            raise _error(path, f"{data_size - end} bytes after the last tensor's data (header covers {end} of "
+                               f"{data_size}); the file is corrupt")
+        return entries, dict(metadata), 8 + n
+
+    def _entry(self, name: str, info: Any) -> tuple[np.dtype, tuple[int, ...], int, int]:
+        """One header entry, checked up front: a known dtype, a shape numpy can make and offsets that span exactly
+        prod(shape) * itemsize bytes (so no count in the header can exceed the file's size)."""
+        path, tag = self.path, info.get("dtype") if isinstance(info, dict) else None
+        if not isinstance(tag, str) or tag not in _ST_DTYPES:
+            if isinstance(info, dict) and "dtype" in info:
+                raise _error(path, f"tensor {_short.repr(name)} has unsupported dtype {_short.repr(tag)} "
+                                   f"(supported: {', '.join(_ST_DTYPES)})")
+            raise _error(path, f"tensor {_short.repr(name)} needs 'dtype', 'shape' and "
+                               "'data_offsets' [begin, end] in the header")
+        dtype, shape, offsets = _ST_DTYPES[tag], info.get("shape"), info.get("data_offsets")
+        if not _valid_shape(shape, dtype.itemsize):
+            raise _error(path, f"tensor {_short.repr(name)} has shape {_short.repr(shape)}; expected a list of "
+                               f"at most {_MAX_NDIM} non-negative ints, under 2**63 bytes in all")
+        if not (isinstance(offsets, list) and len(offsets) == 2
+                and all(type(o) is int and o >= 0 for o in offsets)):
+            raise _error(path, f"tensor {_short.repr(name)} data_offsets {_short.repr(offsets)} must be "
+                               "[begin, end], two non-negative ints")
+        begin, end = offsets
+        need = math.prod(shape) * dtype.itemsize
+        if end - begin != need:
+            raise _error(path, f"tensor {_short.repr(name)} data_offsets [{begin}, {end}] do not fit "
+                               f"shape {list(shape)} of {tag} ({need} bytes)")
+        return dtype, tuple(shape), begin, end
 
     def names(self) -> list[str]:
         return list(self._entries)
@@ -349,9 +402,9 @@ class _TensorRef:
             raise TypeError("tensor storage is not a storage record")
         self.storage = storage
         self.dtype = storage.dtype if dtype is None else dtype
-        self.offset = int(offset)
-        self.shape = tuple(int(d) for d in shape)
-        self.stride = tuple(int(s) for s in stride)
+        self.offset = offset  # checked by _check_flat, once the whole pickle is read
+        self.shape = tuple(shape)
+        self.stride = tuple(stride)
 
 
 def _rebuild_tensor(storage, storage_offset, size, stride, *_unused) -> _TensorRef:
@@ -395,6 +448,73 @@ _ALLOWED_GLOBALS: dict[str, Any] = {
 }
 
 
+# The opcodes of torch.save's pickles (protocols 2-4): dicts, tuples, small ints, strings, globals, persistent ids,
+# memo (and lists and floats, which state dicts' metadata may hold). The rest is refused before unpickling: nothing
+# in a checkpoint needs it, and some let a few bytes build much: an empty set costs 232 bytes of memory per pickle
+# byte (an empty dict, the most allowed here, 80), LONG4 ints too long to print in a message.
+_PICKLE_OPCODES = frozenset("""
+    PROTO FRAME STOP MARK POP POP_MARK DUP GLOBAL STACK_GLOBAL BINPERSID REDUCE BUILD
+    NONE NEWTRUE NEWFALSE BININT BININT1 BININT2 LONG1 BINFLOAT BINUNICODE SHORT_BINUNICODE SHORT_BINBYTES BINBYTES
+    EMPTY_TUPLE TUPLE TUPLE1 TUPLE2 TUPLE3 EMPTY_LIST APPEND APPENDS EMPTY_DICT SETITEM SETITEMS
+    BINPUT LONG_BINPUT MEMOIZE BINGET LONG_BINGET
+""".split())
+
+
+# Per allowed opcode: items it pops below the last mark (None: pops no mark, then how many it pops), items it pushes.
+_OPCODE_STACK = {op.name: (op.stack_before.index(pickletools.markobject) if pickletools.markobject in op.stack_before
+                           else None, len(op.stack_before), len(op.stack_after))
+                 for op in pickletools.opcodes if op.name in _PICKLE_OPCODES}
+# torch's pickles nest tuples 3 deep. Hashing a tuple recurses in C without a depth check: a 1 MB pickle of a
+# tuple nested 10**6 deep used as a dict key crashes the interpreter (SIGSEGV).
+_PICKLE_MAX_DEPTH = 100
+
+
+def _check_pickle(path: Path, data: bytes) -> None:
+    """Walk the first pickle in ``data`` without building anything, refusing opcodes outside _PICKLE_OPCODES, memo
+    indices past the opcodes read so far (the C unpickler grows its memo table to the index: 10 bytes asking for
+    index 2**26 cost 1 GB) and tuples nested over _PICKLE_MAX_DEPTH deep. It follows the stack as pickletools
+    describes each opcode, keeping per item how deeply tuples nest in it (at most: an opcode's result counts as deep
+    as its deepest input). Malformed data raises pickle.UnpicklingError."""
+    stack: list[int] = []  # tuple depth of each stack item
+    marks: list[int] = []  # stack heights at each MARK
+    memo: dict[int, int] = {}
+    try:
+        for count, (op, arg, _) in enumerate(pickletools.genops(data), 1):
+            name = op.name
+            if name not in _OPCODE_STACK:
+                raise _error(path, f"refusing pickle opcode {name} (only tensor data is allowed)")
+            under_mark, n_before, n_after = _OPCODE_STACK[name]
+            if name == "MARK":
+                marks.append(len(stack))
+            elif name in ("BINPUT", "LONG_BINPUT", "MEMOIZE"):
+                if name != "MEMOIZE" and arg > count:  # picklers number memo entries 0, 1, 2, ...
+                    raise _error(path, f"pickle memo index {arg} is out of order (corrupt or hostile pickle)")
+                memo[len(memo) if name == "MEMOIZE" else arg] = stack[-1]
+            elif n_before == 0:  # pushes a constant, a global or a memo item (or nothing: PROTO, FRAME)
+                stack += [memo.get(arg, 0) if name in ("BINGET", "LONG_BINGET") else 0] * n_after
+            else:  # pops the items after the last mark and those under it (SETITEMS' dict), or a fixed count
+                k = len(stack) - n_before if under_mark is None else marks.pop() - under_mark
+                if k < 0:
+                    raise pickle.UnpicklingError(f"{name} pops more than the stack holds")
+                depth = max(stack[k:]) if k < len(stack) else 0
+                del stack[k:]
+                if name.startswith("TUPLE"):
+                    depth += 1
+                    if depth > _PICKLE_MAX_DEPTH:
+                        raise _error(path, f"pickle nests tuples over {_PICKLE_MAX_DEPTH} deep (corrupt or hostile)")
+                stack += [depth] * n_after
+    except CheckpointError:
+        raise
+    except (ValueError, IndexError) as e:  # genops' message for truncated or unknown data; no item or mark to pop
+        raise pickle.UnpicklingError(f"{type(e).__name__}: {e}") from None
+
+
+def _unpickle(path: Path, data: bytes, storages: dict[str, int] | None) -> Any:
+    """The first pickle in ``data`` through _check_pickle and the restricted unpickler."""
+    _check_pickle(path, data)
+    return _RestrictedUnpickler(data, path, storages).load()
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
     """Unpickler that only resolves the tensor-rebuilding globals above."""
 
@@ -417,12 +537,12 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
     def persistent_load(self, pid: Any) -> _Storage:
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
-                and isinstance(pid[1], _StorageType) and isinstance(pid[2], str)):
-            raise _error(self._path, f"unsupported persistent id in data.pkl: {pid!r:.80}")
+                and isinstance(pid[1], _StorageType) and isinstance(pid[2], str)
+                and type(pid[4]) is int and pid[4] >= 0):
+            raise _error(self._path, f"unsupported persistent id in data.pkl: {_short.repr(pid)}")
         _, stype, key, _location, numel = pid
         if key in self._storages:
             return self._storages[key]
-        numel = int(numel)
         available = (self._storage_sizes or {}).get(key)
         if available is None:
             raise _error(self._path, f"archive has no data/{key} record (corrupt checkpoint)")
@@ -440,7 +560,7 @@ def _check_flat(path: Path, obj: Any) -> dict[str, _TensorRef]:
                            f"{type(obj).__name__}")
     for key, value in obj.items():
         if not isinstance(key, str):
-            raise _error(path, f"expected str tensor names, found {key!r:.60}")
+            raise _error(path, f"expected str tensor names, found {_short.repr(key)}")
         if isinstance(value, dict):
             raise _error(path, f"expected a flat mapping of tensor names to tensors, but "
                                f"'{key}' holds a nested mapping (nested checkpoints such as "
@@ -448,14 +568,26 @@ def _check_flat(path: Path, obj: Any) -> dict[str, _TensorRef]:
         if not isinstance(value, _TensorRef):
             raise _error(path, f"expected a flat mapping of tensor names to tensors, but "
                                f"'{key}' holds a {type(value).__name__}")
-        end = value.offset + sum((d - 1) * s for d, s in zip(value.shape, value.stride))
+        shape, stride, offset = value.shape, value.stride, value.offset
+        if not (_valid_shape(shape, value.dtype.itemsize) and _dims(stride)
+                and len(shape) == len(stride) and type(offset) is int and offset >= 0):
+            raise _error(path, f"tensor {_short.repr(key)} has shape {_short.repr(shape)}, stride "
+                               f"{_short.repr(stride)} and offset {_short.repr(offset)}; expected "
+                               f"non-negative ints, at most {_MAX_NDIM} dimensions, under 2**63 bytes in all")
+        # A view reads no more elements than its storage holds (stride 0 could repeat one element 2**62 times, and
+        # inspect would count them), and stays inside it: reading a tensor costs at most its record in the file.
         numel = value.storage.numel * value.storage.dtype.itemsize // value.dtype.itemsize
-        if (len(value.shape) != len(value.stride) or min(value.stride, default=0) < 0
-                or value.offset < 0 or (min(value.shape, default=1) > 0 and end >= numel)):
-            raise _error(path, f"tensor '{key}' (shape {list(value.shape)}, stride "
-                               f"{list(value.stride)}, offset {value.offset}) lies outside "
-                               "its storage")
+        elements = math.prod(shape)
+        end = offset + sum((d - 1) * s for d, s in zip(shape, stride))
+        if elements and (elements > numel or end >= numel):
+            raise _error(path, f"tensor {_short.repr(key)} (shape {list(shape)}, stride {list(stride)}, offset "
+                               f"{offset}) lies outside its storage of {numel} elements")
     return obj
+
+
+# What zipfile raises for a corrupt archive: also ValueError (a name that is not UTF-8), RuntimeError (encrypted),
+# NotImplementedError (a RuntimeError: patched data), struct.error (short fields).
+_ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError, RuntimeError, struct.error)
 
 
 class _TorchZipFile:
@@ -472,9 +604,11 @@ class _TorchZipFile:
             self._reject_non_zip(magic)
         try:
             self._zip: zipfile.ZipFile | None = zipfile.ZipFile(path)
-        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        except _ZIP_ERRORS as e:
             raise _error(path, f"corrupt or truncated zip archive ({e})") from None
         try:
+            self._size = path.stat().st_size
+            self._check_archive()
             self._entries = self._load_index()
         except BaseException:
             self.close()
@@ -484,7 +618,8 @@ class _TorchZipFile:
         path = self.path
         if magic[:1] == b"\x80":  # a pickle: legacy torch format, or a plain pickle
             try:
-                first = _RestrictedUnpickler(path.read_bytes(), path, None).load()
+                with open(path, "rb") as f:  # the first pickle tells: legacy files start with a 15-byte one
+                    first = _unpickle(path, f.read(1 << 20), None)
             except CheckpointError:
                 raise
             except Exception:
@@ -498,6 +633,39 @@ class _TorchZipFile:
                            "corrupt, or a legacy format: re-save it with a recent torch or as "
                            "safetensors")
 
+    def _check_archive(self) -> None:
+        """Hold the central directory to what the file can contain before anything is decompressed: each member
+        lies inside the file, is stored or deflated (what zipfile reads without a password), and together they
+        expand to at most _ZIP_MAX_RATIO times the file."""
+        assert self._zip is not None
+        path, size, total = self.path, self._size, 0
+        for info in self._zip.infolist():
+            if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED) or info.flag_bits & 0x61:
+                raise _error(path, f"zip member {_short.repr(info.filename)} is encrypted or compressed with "
+                                   f"method {info.compress_type}; torch.save stores members uncompressed")
+            if (info.header_offset + 30 + info.compress_size > size
+                    or info.compress_type == zipfile.ZIP_STORED and info.file_size != info.compress_size):
+                raise _error(path, f"corrupt or truncated zip archive (member {_short.repr(info.filename)} "
+                                   f"claims {info.compress_size} bytes at offset {info.header_offset} of a "
+                                   f"{size}-byte file)")
+            total += info.file_size
+        if total > _ZIP_MAX_RATIO * size:
+            raise _error(path, f"zip members expand to {total} bytes, over {_ZIP_MAX_RATIO}x the {size}-byte "
+                               "file (torch.save stores them uncompressed): refusing a decompression bomb")
+
+    def _read_member(self, name: str, limit: int) -> bytes:
+        """A small member whose declared size is at most ``limit``, read through zipfile's size- and CRC-checked
+        stream, which stops at the declared size whatever the compressed data would expand to."""
+        assert self._zip is not None
+        info = self._zip.getinfo(name)
+        if info.file_size > limit:
+            raise _error(self.path, f"{name} is {info.file_size} bytes, over the limit of {limit}")
+        try:
+            with self._zip.open(info) as f:
+                return f.read(info.file_size)
+        except _ZIP_ERRORS as e:
+            raise _error(self.path, f"corrupt zip archive ({e})") from None
+
     def _load_index(self) -> dict[str, _TensorRef]:
         path, zf = self.path, self._zip
         assert zf is not None
@@ -510,18 +678,19 @@ class _TorchZipFile:
         data_dir = self._prefix + "data/"
         sizes = {n[len(data_dir):]: zf.getinfo(n).file_size
                  for n in names if n.startswith(data_dir)}
-        try:
-            pkl = zf.read(pkls[0])
-            byteorder = (zf.read(self._prefix + "byteorder").decode().strip()
-                         if self._prefix + "byteorder" in names else "little")
-        except (zipfile.BadZipFile, zlib.error, OSError, EOFError, UnicodeDecodeError) as e:
-            raise _error(path, f"corrupt zip archive ({e})") from None
+        # data.pkl is never larger than the file holding it: each tensor's record costs more bytes of zip headers
+        # and data than its ~100 bytes of pickle, compressed or not. That bounds what unpickling builds by the file.
+        pkl = self._read_member(pkls[0], min(_PICKLE_MAX, self._size))
+        byteorder = "little"
+        if self._prefix + "byteorder" in names:
+            raw = self._read_member(self._prefix + "byteorder", 16)
+            byteorder = raw.decode("ascii", "replace").strip()
         if byteorder not in ("little", "big"):
             raise _error(path, f"byteorder record must be 'little' or 'big', found "
                                f"{byteorder!r:.20}")
         self._big_endian = byteorder == "big"
         try:
-            obj = _RestrictedUnpickler(pkl, path, sizes).load()
+            obj = _unpickle(path, pkl, sizes)
         except CheckpointError:
             raise
         except Exception as e:
@@ -555,8 +724,8 @@ class _TorchZipFile:
                     if start + info.file_size <= self.path.stat().st_size:
                         return np.memmap(self.path, np.uint8, "r", start, (info.file_size,))
                 raise zipfile.BadZipFile(f"bad local header for data/{key}")
-            return np.frombuffer(self._zip.read(info), np.uint8)
-        except (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError) as e:
+            return np.frombuffer(self._zip.read(info), np.uint8)  # its size: checked by _check_archive
+        except _ZIP_ERRORS as e:
             raise _error(self.path, f"corrupt zip archive ({e})") from None
 
     def read(self, name: str) -> np.ndarray:
@@ -654,9 +823,18 @@ def _open_file(path: Path) -> _File:
 def _open_index(index: Path) -> Checkpoint:
     """Open a sharded checkpoint from its ``*.index.json`` (``weight_map``: name -> shard)."""
     try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        with open(index, "rb") as f:
+            text = f.read(_INDEX_MAX + 1)
+    except OSError as e:
+        raise _error(index, f"cannot read file ({e.strerror})") from None
+    if len(text) > _INDEX_MAX:
+        raise _error(index, f"index is over {_INDEX_MAX} bytes (~100 bytes per tensor); not a weight index")
+    try:
+        weight_map = json.loads(text.decode("utf-8"))["weight_map"]
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise _error(index, f"index is not valid JSON ({e})") from None
+    except RecursionError:  # json's parser recurses once per nesting level
+        raise _error(index, "index is nested too deeply to be a weight index") from None
     except (KeyError, TypeError):
         raise _error(index, "index has no 'weight_map' object") from None
     if not isinstance(weight_map, dict) or not all(
@@ -665,18 +843,23 @@ def _open_index(index: Path) -> Checkpoint:
     shard_names = list(dict.fromkeys(weight_map.values()))
     for shard in shard_names:
         if shard != Path(shard).name or shard in ("", ".", ".."):
-            raise _error(index, f"shard '{shard}' must be a plain file name")
-        if not (index.parent / shard).is_file():
-            raise _error(index, f"shard '{shard}' listed in weight_map does not exist in "
+            raise _error(index, f"shard {_short.repr(shard)} must be a plain file name")
+        try:
+            exists = (index.parent / shard).is_file()
+        except OSError:  # a name too long for the file system
+            exists = False
+        if not exists:
+            raise _error(index, f"shard {_short.repr(shard)} listed in weight_map does not exist in "
                                 f"{index.parent}")
     files: dict[str, _File] = {}
     try:
         for shard in shard_names:
             files[shard] = _open_file(index.parent / shard)
+        contents = {shard: set(f.names()) for shard, f in files.items()}  # not a list per tensor: O(n**2)
         owner: dict[str, _File] = {}
         for name, shard in weight_map.items():
-            if name not in files[shard].names():
-                raise _error(index, f"tensor '{name}' is mapped to shard '{shard}', which "
+            if name not in contents[shard]:
+                raise _error(index, f"tensor {_short.repr(name)} is mapped to shard '{shard}', which "
                                     "does not contain it")
             owner[name] = files[shard]
     except BaseException:
