@@ -177,6 +177,15 @@ def decoding_seq2seq(enc: str, dec: str, cross_scale: float = 10.0, seed: int = 
     return model
 
 
+def hf_generate(model, x, mask, **kwargs) -> tuple[np.ndarray, np.ndarray | None]:
+    """transformers' ``generate`` on audio [B, N] with its mask: (sequences, sequences_scores or None)."""
+    with torch.no_grad():
+        out = model.generate(input_values=torch.from_numpy(x), attention_mask=torch.from_numpy(mask),
+                             return_dict_in_generate=True, output_scores=True, **kwargs)
+    scores = getattr(out, "sequences_scores", None)
+    return out.sequences.numpy(), None if scores is None else scores.numpy()
+
+
 def pick_eos(tokens: np.ndarray, exclude=(0, 1), steps=(2, 3, 4, 5)) -> int:
     """A token for ``eos_token_id`` from greedy output [B, T] generated without it (column 0 the start token): one
     that some row (row 0 preferred) first emits at one of ``steps`` (1-based generated position) and at which not

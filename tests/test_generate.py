@@ -13,7 +13,6 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import pytest
-import torch
 import transformers as T
 
 import hf_factory as F
@@ -52,11 +51,7 @@ class Pair(NamedTuple):
 
 
 def hf_generate(hf, x=X, mask=MASK, **kwargs) -> tuple[np.ndarray, np.ndarray | None]:
-    with torch.no_grad():
-        out = hf.generate(input_values=torch.from_numpy(x), attention_mask=torch.from_numpy(mask),
-                          return_dict_in_generate=True, output_scores=True, **kwargs)
-    scores = getattr(out, "sequences_scores", None)
-    return out.sequences.numpy(), None if scores is None else scores.numpy()
+    return F.hf_generate(hf, x, mask, **kwargs)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 import transformers as T
 
 import hf_factory as F
@@ -30,11 +29,7 @@ def _one_torch_thread():
 
 
 def hf_generate(model, **kwargs) -> tuple[np.ndarray, np.ndarray | None]:
-    with torch.no_grad():
-        out = model.generate(input_values=torch.from_numpy(X), attention_mask=torch.from_numpy(MASK),
-                             return_dict_in_generate=True, output_scores=True, **kwargs)
-    scores = getattr(out, "sequences_scores", None)
-    return out.sequences.numpy(), None if scores is None else scores.numpy()
+    return F.hf_generate(model, X, MASK, **kwargs)
 
 
 @pytest.fixture(scope="module")

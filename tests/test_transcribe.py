@@ -235,7 +235,7 @@ def test_output_on_a_full_disk(checkpoint, tmp_path, capsys, monkeypatch):
     import errno
     import os
 
-    from speechseq import cli
+    from speechseq import storage
 
     out = tmp_path / "out.jsonl"
     out.write_text("earlier results\n")
@@ -256,7 +256,8 @@ def test_output_on_a_full_disk(checkpoint, tmp_path, capsys, monkeypatch):
         def __exit__(self, *exc):
             self.f.close()
 
-    monkeypatch.setattr(cli, "open", lambda *a, **k: Full(open(*a, **k)), raising=False)
+    # --output's file is opened by storage.atomic_file
+    monkeypatch.setattr(storage, "open", lambda *a, **k: Full(open(*a, **k)), raising=False)
     assert transcribe_cli(tmp_path, "--model", checkpoint[0], "--output", out, FIXTURES[0]) == 2
     assert f"--output {out}: cannot write (No space left on device)" in one_line_error(capsys)
     assert out.read_text() == "earlier results\n" and leftovers(tmp_path) == []
