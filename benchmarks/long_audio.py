@@ -72,6 +72,7 @@ def random_model(path: Path) -> None:
 
     from speechseq import SpeechSeq2Seq
     from speechseq.audio import FeatureExtractor
+    from speechseq.storage import write_json
 
     config = json.loads((ROOT / "configs" / "demo-wav2vec2-bert.json").read_text())
     SpeechSeq2Seq.from_config(config, seed=0).save_pretrained(path)
@@ -80,8 +81,8 @@ def random_model(path: Path) -> None:
     tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
     tok.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps(
-        {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]"}))
+    write_json(path / "tokenizer_config.json",
+               {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]"})
     FeatureExtractor(return_attention_mask=True).save_pretrained(path)
 
 

@@ -8,10 +8,11 @@ Each file is exactly ``SpeechEncoderDecoderConfig.from_encoder_decoder_configs(e
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import transformers as T
+
+from speechseq.storage import write_json
 
 HERE = Path(__file__).resolve().parent
 
@@ -54,7 +55,7 @@ def hubert_gpt2() -> T.SpeechEncoderDecoderConfig:
 def main() -> None:
     for name, make in (("demo-wav2vec2-bert", wav2vec2_bert), ("demo-hubert-gpt2", hubert_gpt2)):
         path = HERE / f"{name}.json"
-        path.write_text(json.dumps(make().to_dict(), indent=2, sort_keys=True) + "\n")
+        write_json(path, make().to_dict())
         print(f"wrote {path.relative_to(HERE.parent)}")
 
 

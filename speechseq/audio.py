@@ -19,7 +19,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from speechseq.config import check_number, number
-from speechseq.errors import ConfigError, InputError
+from speechseq.errors import ConfigError, InputError, first_line
+from speechseq.storage import write_json
 
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
 
@@ -27,11 +28,6 @@ PREPROCESSOR_CONFIG = "preprocessor_config.json"
 # multiples of 30 s. Padding wastes at most half of a batch below 30 s, and the number of shapes a jitted encoder sees
 # stays small: 6 below 30 s, one per extra 30 s beyond.
 DEFAULT_BUCKET_SECONDS = (1, 2, 4, 8, 16, 30)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def load_audio(path: str | os.PathLike, sampling_rate: int = 16000) -> np.ndarray:
@@ -50,7 +46,7 @@ def load_audio(path: str | os.PathLike, sampling_rate: int = 16000) -> np.ndarra
     try:
         data, rate = sf.read(str(path), dtype="float32", always_2d=True)  # [N, C]
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
-        raise InputError(f"{path}: cannot read as audio ({_first_line(e)})") from None
+        raise InputError(f"{path}: cannot read as audio ({first_line(e)})") from None
     if data.shape[0] == 0:
         raise InputError(f"{path}: contains no audio samples")
     if not np.isfinite(data).all():
@@ -143,7 +139,7 @@ class FeatureExtractor:
         try:
             d = json.loads(path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ConfigError(f"{path}: cannot read as JSON ({_first_line(e)})") from None
+            raise ConfigError(f"{path}: cannot read as JSON ({first_line(e)})") from None
         if not isinstance(d, dict):
             raise ConfigError(f"{path}: expected a JSON object")
         return cls.from_dict(d, str(path))
@@ -158,7 +154,7 @@ class FeatureExtractor:
         """Write ``preprocessor_config.json`` into ``directory`` (created if needed); returns the file's path."""
         path = Path(directory) / PREPROCESSOR_CONFIG
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        write_json(path, self.to_dict())
         return path
 
     # ---- features --------------------------------------------------------------------------------------------------

@@ -8,12 +8,13 @@ and one line ``speechseq: error: ...`` (no traceback). Compiled programs are kep
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Iterator, Sequence
 
 from speechseq.errors import SpeechSeqError
 
@@ -187,65 +188,36 @@ def _output_target(output: str, inputs: Sequence[str], files: Sequence[Path]) ->
     return target
 
 
-class _ReplaceAtEnd:
-    """Write to a temporary file beside ``target`` and rename it over ``target`` on ``commit()``, so a run that fails
-    (bad audio, an interrupt, a full disk) leaves an earlier ``target`` as it was and no temporary file behind.
-    Something that is not a regular file (a pipe, ``/dev/full``) or a path in ``/dev`` (``/dev/stdout``, even when
-    that leads to a file) is written directly: it is a stream, and renaming over it would not write to it."""
+@contextlib.contextmanager
+def _output(target: Path, shown: str) -> Iterator[Callable[[str], None]]:
+    """A ``write(text)`` function into ``--output``'s file, kept only when the block succeeds
+    (``storage.atomic_file``): a run that fails (bad audio, an interrupt, a full disk) leaves an earlier file as it
+    was. Something that is not a regular file (a pipe, ``/dev/full``) or a path in ``/dev`` (``/dev/stdout``, even
+    when that leads to a file) is written directly: it is a stream, and renaming over it would not write to it.
+    Failures to open, write or finish the file are one-line ``InputError``s; the block's own errors pass unchanged."""
+    from speechseq import storage
+    from speechseq.errors import InputError
 
-    def __init__(self, target: Path, shown: str):
-        import tempfile
+    def failed(e: OSError) -> InputError:
+        return InputError(f"--output {shown}: cannot write ({e.strerror or e})")
 
-        self.target, self.shown, self.tmp = target, shown, None
-        try:
-            if target.exists() and (not target.is_file() or Path(shown).absolute().parts[1:2] == ("dev",)):
-                self.file = open(target, "w", encoding="utf-8")
-                return
-            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-            self.tmp = Path(tmp)
-            self.file = open(fd, "w", encoding="utf-8")
-            # mkstemp makes the file private; give the result the mode a plain `open` (or the old file) would have
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(fd, target.stat().st_mode & 0o7777 if target.exists() else 0o666 & ~umask)
-        except OSError as e:
-            self.abort()
-            raise self._error(e) from None
+    stream = target.exists() and (not target.is_file() or Path(shown).absolute().parts[1:2] == ("dev",))
+    in_block = False  # an OSError raised while the block runs is the block's (reading a checkpoint, say)
+    try:
+        with open(target, "w", encoding="utf-8") if stream else storage.atomic_file(target) as f:
+            def write(text: str) -> None:
+                try:
+                    f.write(text)
+                except OSError as e:
+                    raise failed(e) from None
 
-    def _error(self, e: OSError):
-        from speechseq.errors import InputError
-
-        return InputError(f"--output {self.shown}: cannot write ({e.strerror or e})")
-
-    def write(self, text: str) -> None:
-        try:
-            self.file.write(text)
-        except OSError as e:
-            self.abort()
-            raise self._error(e) from None
-
-    def commit(self) -> None:
-        try:
-            self.file.flush()
-            if self.tmp is not None:
-                os.fsync(self.file.fileno())  # the data is on disk before the rename makes it the file
-            self.file.close()
-            if self.tmp is not None:
-                os.replace(self.tmp, self.target)
-                self.tmp = None
-        except OSError as e:
-            self.abort()
-            raise self._error(e) from None
-
-    def abort(self) -> None:
-        if getattr(self, "file", None) is not None:
-            try:
-                self.file.close()
-            except OSError:
-                pass  # closing flushes, which fails again on a full disk; the file is removed anyway
-        if self.tmp is not None:
-            self.tmp.unlink(missing_ok=True)
-            self.tmp = None
+            in_block = True
+            yield write
+            in_block = False
+    except OSError as e:
+        if in_block:
+            raise
+        raise failed(e) from None
 
 
 def cmd_transcribe(args: argparse.Namespace) -> int:
@@ -253,20 +225,16 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
 
     files = _audio_inputs(args.inputs)
     gen = dict(num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
-    out = _ReplaceAtEnd(_output_target(args.output, args.inputs, files), args.output) if args.output else None
-    try:
-        for row in transcribe(args.model, files, batch_size=args.batch_size, dtype=args.dtype,
-                              progress=not args.quiet, chunk_length_s=args.chunk_length_s,
-                              stride_length_s=args.stride_length_s, **gen):
-            if out:
-                out.write(json.dumps(row, ensure_ascii=False) + "\n")
-            else:
-                print(f"{row['file']}\t{row['text']}", flush=True)
-        if out:
-            out.commit()
-    finally:
-        if out:
-            out.abort()  # after commit() a no-op
+    rows = transcribe(args.model, files, batch_size=args.batch_size, dtype=args.dtype, progress=not args.quiet,
+                      chunk_length_s=args.chunk_length_s, stride_length_s=args.stride_length_s, **gen)
+    if not args.output:
+        for row in rows:
+            print(f"{row['file']}\t{row['text']}", flush=True)
+        return 0
+    # the output is checked and opened before the work starts: transcribe() runs when its first row is asked for
+    with _output(_output_target(args.output, args.inputs, files), args.output) as write:
+        for row in rows:
+            write(json.dumps(row, ensure_ascii=False) + "\n")
     return 0
 
 

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from speechseq.errors import ConfigError, SpeechSeqError
+from speechseq.errors import ConfigError, SpeechSeqError, first_line
 
 
 def _frozen_dict_field() -> Any:
@@ -145,6 +145,8 @@ def read_json(path: str | os.PathLike) -> dict:
             data = json.load(f)
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found") from None
+    except OSError as e:  # a folder, no permission
+        raise ConfigError(f"{path}: cannot read ({e.strerror or first_line(e)})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, dict):

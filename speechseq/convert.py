@@ -13,7 +13,7 @@ import jax
 import numpy as np
 
 from speechseq import storage
-from speechseq.config import config_from_dict, read_json
+from speechseq.config import SpeechSeq2SeqConfig, config_from_dict, read_json
 from speechseq.errors import CheckpointError
 from speechseq.hub import resolve
 from speechseq.model import weight_rules
@@ -151,10 +151,25 @@ def describe(src: str | os.PathLike) -> dict:
         _, report = table.plan(rules, shapes, where=str(path))
         fresh, unexpected = report.missing, report.unexpected
         count = sum(int(np.prod(s)) for s in shapes.values())
-    enc, dec = cfg.encoder, cfg.decoder
     return {
         "path": str(path),
         "format": fmt,
+        **describe_config(cfg),
+        "parameters": count,
+        "dtypes": dtypes,
+        "special_tokens": {"decoder_start_token_id": cfg.decoder_start_token_id, "pad_token_id": cfg.pad_token_id,
+                           "eos_token_id": cfg.eos_token_id, "bos_token_id": cfg.decoder.bos_token_id},
+        "fresh_weights": fresh,
+        "unused_weights": unexpected,
+        "side_files": [n for n in storage.SIDE_FILES if (path / n).is_file()],
+    }
+
+
+def describe_config(cfg: SpeechSeq2SeqConfig) -> dict:
+    """The model's architecture from its config alone: the ``encoder``, ``decoder`` and ``enc_to_dec_proj`` entries
+    of ``describe`` (also what the demo prints for the config it builds)."""
+    enc, dec = cfg.encoder, cfg.decoder
+    return {
         "encoder": f"{enc.model_type}: {enc.num_layers} layers, hidden {enc.hidden_size}, heads {enc.num_heads}"
                    + (f", adapter {enc.num_adapter_layers} x stride {enc.adapter_stride} -> {enc.output_hidden_size}"
                       if enc.add_adapter else ""),
@@ -162,11 +177,4 @@ def describe(src: str | os.PathLike) -> dict:
                    f"vocab {dec.vocab_size}, {dec.max_positions - dec.position_offset} positions, "
                    f"{'tied' if dec.tie_word_embeddings else 'untied'} output embeddings",
         "enc_to_dec_proj": cfg.has_enc_to_dec_proj,
-        "parameters": count,
-        "dtypes": dtypes,
-        "special_tokens": {"decoder_start_token_id": cfg.decoder_start_token_id, "pad_token_id": cfg.pad_token_id,
-                           "eos_token_id": cfg.eos_token_id, "bos_token_id": dec.bos_token_id},
-        "fresh_weights": fresh,
-        "unused_weights": unexpected,
-        "side_files": [n for n in storage.SIDE_FILES if (path / n).is_file()],
     }

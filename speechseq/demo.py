@@ -11,10 +11,8 @@ source checkout (for ``configs/`` and ``tests/fixtures/``) unless ``--config`` a
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
-import wave
 from pathlib import Path
 from typing import Sequence
 
@@ -24,8 +22,8 @@ REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO / "configs" / "demo-wav2vec2-bert.json"
 FIXTURES = REPO / "tests" / "fixtures"
 DEFAULT_AUDIO = ("hello_world.wav", "quick_brown_fox.wav", "speech_to_text.wav")
-SAMPLE_RATE = 16_000
-NUM_TEXT_TOKENS = 3  # decoder inputs: the start token + this many arbitrary ids (no tokenizer in this release)
+# decoder inputs: the start token + this many arbitrary ids (the demo model is random and comes without a tokenizer)
+NUM_TEXT_TOKENS = 3
 
 RANDOM_NOTE = ("NOTE: the weights are RANDOM (untrained), so the tokens printed below are meaningless. "
                "A trained model ships in a later release.")
@@ -33,49 +31,6 @@ RANDOM_NOTE = ("NOTE: the weights are RANDOM (untrained), so the tokens printed 
 
 class DemoError(Exception):
     """Bad input to the demo: printed as one line, exit status 2."""
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Audio: stdlib ``wave`` reading and the Wav2Vec2FeatureExtractor normalisation
-
-
-def read_wav(path: Path) -> np.ndarray:
-    """A 16 kHz 16-bit PCM WAV file -> float32 samples in [-1, 1] (channels averaged to mono)."""
-    try:
-        with wave.open(str(path), "rb") as f:
-            rate, width, channels, n = f.getframerate(), f.getsampwidth(), f.getnchannels(), f.getnframes()
-            data = f.readframes(n)
-    except FileNotFoundError:
-        raise DemoError(f"{path}: audio file not found") from None
-    except IsADirectoryError:
-        raise DemoError(f"{path}: expected a WAV file, got a directory") from None
-    except (wave.Error, EOFError) as e:
-        raise DemoError(f"{path}: not a readable PCM WAV file ({e or type(e).__name__})") from None
-    if width != 2:
-        raise DemoError(f"{path}: expected 16-bit PCM samples, got {8 * width}-bit")
-    if rate != SAMPLE_RATE:
-        raise DemoError(f"{path}: expected {SAMPLE_RATE} Hz audio, got {rate} Hz "
-                        f"(resample first, e.g. sox in.wav -r {SAMPLE_RATE} out.wav)")
-    samples = np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0
-    samples = samples[: len(samples) // channels * channels].reshape(-1, channels).mean(axis=1, dtype=np.float32)
-    if samples.size == 0:
-        raise DemoError(f"{path}: contains no audio samples")
-    return samples
-
-
-def batch_audio(waves: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Utterances -> (input_values [B, N] float32, attention_mask [B, N] int32).
-
-    Each utterance is normalised to zero mean and unit variance over its own samples, then zero-padded, as
-    ``Wav2Vec2FeatureExtractor(do_normalize=True, padding_value=0.0)`` does.
-    """
-    n = max(len(w) for w in waves)
-    values = np.zeros((len(waves), n), np.float32)
-    mask = np.zeros((len(waves), n), np.int32)
-    for i, w in enumerate(waves):
-        values[i, : len(w)] = (w - w.mean()) / np.sqrt(w.var() + 1e-7)
-        mask[i, : len(w)] = 1
-    return values, mask
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -98,18 +53,6 @@ def display(path: Path) -> str:
         return str(path)
 
 
-def describe(cfg) -> tuple[str, str]:
-    e, d = cfg.encoder, cfg.decoder
-    enc = (f"{e.model_type} encoder: {len(e.conv_dim)} conv layers x {e.conv_dim[0]} channels "
-           f"(stride {int(np.prod(e.conv_stride))} samples = {1000 * np.prod(e.conv_stride) / SAMPLE_RATE:.0f} ms "
-           f"per frame), {e.num_layers} transformer layers, hidden {e.hidden_size}, {e.num_heads} heads")
-    dec = (f"{d.model_type} decoder: {d.num_layers} layers with cross-attention, hidden {d.hidden_size}, "
-           f"{d.num_heads} heads, vocabulary {d.vocab_size}")
-    if cfg.has_enc_to_dec_proj:
-        dec += f" (enc_to_dec_proj {e.output_size} -> {d.hidden_size})"
-    return enc, dec
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # The demo
 
@@ -118,35 +61,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m speechseq.demo",
         description="Build a speech encoder-decoder from a Hugging Face config, save it as a Hugging Face "
-                    "checkpoint, load it back and run it on WAV files. The weights are random (untrained): the "
+                    "checkpoint, load it back and run it on audio files. The weights are random (untrained): the "
                     "output tokens are meaningless.",
     )
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
                         help="HF speech-encoder-decoder config.json (default: %(default)s)")
     parser.add_argument("--audio", type=Path, nargs="+", default=[FIXTURES / a for a in DEFAULT_AUDIO],
-                        metavar="WAV", help="16 kHz 16-bit PCM WAV files (default: the three files in "
-                                            f"{FIXTURES})")
+                        metavar="FILE", help="audio files, any format soundfile reads, resampled to 16 kHz "
+                                             f"(default: the three WAV files in {FIXTURES})")
     parser.add_argument("--out", type=Path, default=Path("demo_out") / "model",
                         help="directory to save the checkpoint in (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="random init seed (default: %(default)s)")
     return parser.parse_args(argv)
-
-
-def read_config(path: Path) -> dict:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        hint = " (run from a source checkout of speechseq, or pass --config)" if path == DEFAULT_CONFIG else ""
-        raise DemoError(f"{path}: config file not found{hint}") from None
-    except (IsADirectoryError, UnicodeDecodeError, PermissionError) as e:
-        raise DemoError(f"{path}: cannot read config ({type(e).__name__})") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DemoError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise DemoError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
 
 
 def run(args: argparse.Namespace) -> None:
@@ -154,11 +80,19 @@ def run(args: argparse.Namespace) -> None:
     import jax
 
     from speechseq import SpeechSeq2Seq
-    from speechseq.config import config_from_dict
+    from speechseq.audio import FeatureExtractor, load_audio
+    from speechseq.config import config_from_dict, read_json
+    from speechseq.convert import describe_config
 
     # Check every input before the work starts, so a bad argument costs nothing and prints one line.
-    config = config_from_dict(read_config(args.config), display(args.config))
-    waves = [read_wav(p) for p in args.audio]
+    if args.config == DEFAULT_CONFIG and not DEFAULT_CONFIG.exists():
+        raise DemoError(f"{DEFAULT_CONFIG}: config file not found (run from a source checkout of speechseq, or pass "
+                        "--config)")
+    config = config_from_dict(read_json(args.config), display(args.config))
+    # Wav2Vec2FeatureExtractor's defaults, with the attention mask (the demo's clips have different lengths)
+    features = FeatureExtractor(return_attention_mask=True)
+    rate = features.sampling_rate
+    waves = [load_audio(p, rate) for p in args.audio]
     if args.out.exists() and not args.out.is_dir():
         raise DemoError(f"{args.out}: exists and is not a directory (--out)")
 
@@ -171,8 +105,8 @@ def run(args: argparse.Namespace) -> None:
     t = time.perf_counter()
     model = SpeechSeq2Seq.from_config(config, seed=args.seed)
     init_s = time.perf_counter() - t
-    for line in describe(model.config):
-        print(f"               {line}")
+    for key, value in describe_config(model.config).items():
+        print(f"               {key}: {value}")
 
     leaves = jax.tree_util.tree_leaves(model.params)
     n_params = sum(int(x.size) for x in leaves)
@@ -198,10 +132,12 @@ def run(args: argparse.Namespace) -> None:
     if not same:
         raise DemoError("the reloaded weights differ from the saved ones (please report this bug)")
 
-    values, mask = batch_audio(waves)
-    print(f"[5/6] audio    {len(waves)} file(s), 16 kHz int16 -> float32, zero mean / unit variance per utterance:")
+    batch = features(waves)
+    values, mask = batch["input_values"], batch["attention_mask"]
+    print(f"[5/6] audio    {len(waves)} file(s): load_audio (mono, {rate // 1000} kHz float32) -> FeatureExtractor "
+          "(zero mean / unit variance per utterance, padded to the longest):")
     for p, w in zip(args.audio, waves):
-        print(f"                 {p.name:<24} {len(w) / SAMPLE_RATE:5.2f} s  {len(w):>7,} samples")
+        print(f"                 {p.name:<24} {len(w) / rate:5.2f} s  {len(w):>7,} samples")
     print(f"               padded batch: input_values {list(values.shape)} float32, "
           f"attention_mask {list(mask.shape)} ({int(mask.sum()):,} real samples)")
 
@@ -211,7 +147,7 @@ def run(args: argparse.Namespace) -> None:
     text_ids = rng.integers(0, cfg.decoder.vocab_size, size=NUM_TEXT_TOKENS)
     decoder_input_ids = np.tile(np.concatenate([[first], text_ids]), (len(waves), 1)).astype(np.int32)
     print(f"[6/6] forward  teacher-forced pass, decoder_input_ids {list(decoder_input_ids.shape)} = start token "
-          f"{first} + {NUM_TEXT_TOKENS} arbitrary ids {text_ids.tolist()} (no tokenizer yet)")
+          f"{first} + {NUM_TEXT_TOKENS} arbitrary ids {text_ids.tolist()} (the demo model has no tokenizer)")
 
     timings = []
     for _ in range(2):

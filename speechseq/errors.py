@@ -15,3 +15,10 @@ class ConfigError(SpeechSeqError):
 
 class InputError(SpeechSeqError):
     """An argument passed to a model function has the wrong rank, dtype or size."""
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of ``err``'s message, or its class name when the message is empty: how a one-line error quotes
+    the exception of a library (soundfile, orbax, the hub client, tokenizers), whose messages can run to many lines."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

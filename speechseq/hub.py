@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from speechseq.errors import CheckpointError
+from speechseq.errors import CheckpointError, first_line
 
 HUB_FILES = ["*.json", "*.safetensors", "*.bin", "*.model", "*.txt"]
 
@@ -33,5 +33,5 @@ def resolve(name_or_path: str | os.PathLike, revision: str | None = None) -> Pat
     except RepositoryNotFoundError:
         raise CheckpointError(f"{name}: no such directory or Hugging Face hub repository") from None
     except (HfHubHTTPError, OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{name}: not a local directory and could not be fetched from the hub ({first})") from None
+        raise CheckpointError(f"{name}: not a local directory and could not be fetched from the hub "
+                              f"({first_line(e)})") from None

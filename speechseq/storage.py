@@ -11,10 +11,16 @@ Layout of a speechseq checkpoint directory::
 Everything is written into a partial folder beside the destination and renamed at the end, so a failed, interrupted
 or killed write leaves nothing behind (``partial_dir``), and the rename replaces only an earlier checkpoint, only
 when asked (``force``), and never the source, the working directory or a folder holding other files (``atomic_dir``).
+A single file is replaced the same way, through a temporary file beside it (``atomic_file``); JSON files are written
+by ``write_json``.
+
+jax is imported by the functions that use it, so that the file helpers cost no jax import: the feature extractor
+uses them, and so can the torch- and jax-free checkpoint readers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import json
@@ -28,12 +34,11 @@ import socket
 import stat
 import threading
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import IO, Any, Iterable, Iterator, Mapping
 
-import jax
 import numpy as np
 
-from speechseq.errors import CheckpointError
+from speechseq.errors import CheckpointError, first_line
 
 logger = logging.getLogger("speechseq")
 
@@ -397,8 +402,48 @@ def copy_side_files(src: Path, dst: Path) -> list[str]:
     return copied
 
 
-def write_json(path: Path, data: Mapping) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+# -- writing single files ----------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def atomic_file(target: str | os.PathLike, binary: bool = False) -> Iterator[IO]:
+    """A file to write ``target``'s new content into (text in UTF-8, or ``binary``) that replaces ``target`` only
+    when the block succeeds, so a failure (an exception, an interrupt, a full disk) leaves an earlier ``target`` as
+    it was and no temporary file behind.
+
+    The file is a temporary one beside ``target`` (``.NAME.XXXXXXXX.tmp``), given the mode of the file it replaces
+    (a new file gets the mode a plain ``open`` would give it), flushed and fsynced, then renamed over ``target``.
+    ``target`` itself is replaced: resolve a symbolic link first to write through it, and open a device or a pipe
+    directly (a rename would replace it, not write to it). Errors of the file itself are raised as ``OSError``."""
+    target = Path(target)
+    tmp = target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp"
+    # mode 0o666 under the umask, as a plain open gives a new file (no process-wide umask change to read it)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    f = None
+    try:
+        if target.exists():
+            os.chmod(fd, target.stat().st_mode & 0o7777)  # the replaced file's mode
+        f = open(fd, "wb") if binary else open(fd, "w", encoding="utf-8")
+        yield f
+        f.flush()
+        os.fsync(f.fileno())  # the data is on disk before the rename makes it the file
+        f.close()
+        os.replace(tmp, target)
+    except BaseException:
+        if f is None:
+            os.close(fd)
+        else:
+            with contextlib.suppress(OSError):  # closing flushes, which fails again on a full disk
+                f.close()
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: str | os.PathLike, data: Mapping) -> None:
+    """Write ``data`` as a JSON file the way transformers' ``to_json_file`` does (2-space indent, sorted keys, ASCII,
+    a final newline): every config, marker and side file this package writes goes through here."""
+    Path(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 CONCURRENT_GB = 0.25  # bytes in flight while orbax (de)serialises: keeps peak memory near the params' own size
@@ -411,6 +456,7 @@ def _limit_gb(sizes: Any) -> float:
 
 def save_params(directory: Path, params: Mapping) -> None:
     """Orbax-save a params pytree under ``directory / "params"``. Pass jax arrays: numpy leaves are copied whole."""
+    import jax
     import orbax.checkpoint as ocp
 
     handler = ocp.PyTreeCheckpointHandler(save_concurrent_gb=_limit_gb(x.nbytes for x in jax.tree.leaves(params)))
@@ -451,6 +497,7 @@ def save_params_streaming(directory: Path, batches: Iterable[Mapping[str, Any]])
 def restore_params(directory: Path, target: Any = None, paths: Iterable[str] | None = None) -> dict:
     """Restore params; ``target`` (a pytree of ``jax.ShapeDtypeStruct`` with shardings) places them on devices.
     ``paths`` ("a/b/c" names, without ``target``) restores only those parameters, as host numpy arrays."""
+    import jax
     import orbax.checkpoint as ocp
 
     from speechseq.weights.table import flatten, unflatten
@@ -475,8 +522,7 @@ def restore_params(directory: Path, target: Any = None, paths: Iterable[str] | N
             restore_args = ocp.checkpoint_utils.construct_restore_args(target)
             return ckptr.restore(path, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args))
     except (ValueError, FileNotFoundError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: cannot restore the orbax checkpoint ({first})") from None
+        raise CheckpointError(f"{path}: cannot restore the orbax checkpoint ({first_line(e)})") from None
 
 
 def params_metadata(directory: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:

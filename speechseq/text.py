@@ -31,7 +31,7 @@ import tokenizers
 from tokenizers import AddedToken, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE, WordPiece
 
-from speechseq.errors import CheckpointError, InputError
+from speechseq.errors import CheckpointError, InputError, first_line
 
 SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 LAYOUTS = ("tokenizer.json", "vocab.txt", "vocab.json + merges.txt", "sentencepiece.bpe.model")
@@ -46,11 +46,6 @@ MBART_LANGUAGES = ("ar_AR", "cs_CZ", "de_DE", "en_XX", "es_XX", "et_EE", "fi_FI"
                    "tr_TR", "vi_VN", "zh_CN")
 
 
-def _one_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 def _read_json(path: Path) -> dict:
     """A JSON object from ``path`` ({} when absent); a one-line `CheckpointError` naming the file when unreadable."""
     if not path.is_file():
@@ -58,7 +53,7 @@ def _read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a valid JSON file ({_one_line(e)})") from None
+        raise CheckpointError(f"{path}: not a valid JSON file ({first_line(e)})") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
@@ -299,7 +294,7 @@ def _load_backend(load, path: Path) -> Any:
     try:
         return load()
     except Exception as e:  # tokenizers raises plain Exception on malformed files
-        raise CheckpointError(f"{path}: cannot read tokenizer file ({_one_line(e)})") from None
+        raise CheckpointError(f"{path}: cannot read tokenizer file ({first_line(e)})") from None
 
 
 def _guess_specials(backend: tokenizers.Tokenizer) -> dict[str, str]:
@@ -333,7 +328,7 @@ def _read_wordpiece_vocab(path: Path) -> dict[str, int]:
     try:
         lines = path.read_text(encoding="utf-8").split("\n")
     except (OSError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: cannot read vocabulary ({_one_line(e)})") from None
+        raise CheckpointError(f"{path}: cannot read vocabulary ({first_line(e)})") from None
     if lines and lines[-1] == "":
         lines.pop()
     if not lines:
@@ -366,7 +361,7 @@ def _from_byte_level_bpe(vocab_path: Path, merges_path: Path, config: dict) -> T
         merges = [tuple(line.split(" ")) for line in merges_path.read_text(encoding="utf-8").split("\n")
                   if line and not line.startswith("#version")]
     except (OSError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{merges_path}: cannot read merges ({_one_line(e)})") from None
+        raise CheckpointError(f"{merges_path}: cannot read merges ({first_line(e)})") from None
     if any(len(m) != 2 for m in merges):
         raise CheckpointError(f"{merges_path}: every merge line must hold two tokens separated by one space")
     model = _load_backend(lambda: BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",

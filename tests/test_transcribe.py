@@ -211,15 +211,18 @@ def test_output_into_a_missing_folder_or_onto_a_folder(checkpoint, tmp_path, cap
 def test_output_into_a_read_only_folder(checkpoint, tmp_path, capsys, monkeypatch):
     import errno
     import os
-    import tempfile
 
     folder = tmp_path / "ro"
     folder.mkdir()
     folder.chmod(0o555)
     if os.geteuid() == 0:  # root writes anyway: refuse as the kernel would for anyone else
-        def refuse(*args, **kwargs):
-            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
-        monkeypatch.setattr(tempfile, "mkstemp", refuse)
+        real_open = os.open
+
+        def refuse(path, flags, *args, **kwargs):
+            if flags & os.O_CREAT and str(path).startswith(str(folder)):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+            return real_open(path, flags, *args, **kwargs)
+        monkeypatch.setattr(os, "open", refuse)
     try:
         assert transcribe_cli(tmp_path, "--model", checkpoint[0], "--output", folder / "out.jsonl", FIXTURES[0]) == 2
         err = one_line_error(capsys)

@@ -79,8 +79,6 @@ def save_hf(directory: str | os.PathLike, config: dict, tensors: Mapping[str, np
     SIGINT / SIGTERM, and by a later save after kill -9), then moved in one by one, so an interrupted save never leaves
     a half-written file; other files already in ``directory`` are kept, as in transformers' ``save_pretrained``.
     """
-    import json
-
     out = Path(directory)
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"{out}: exists and is not a directory")
@@ -89,7 +87,7 @@ def save_hf(directory: str | os.PathLike, config: dict, tensors: Mapping[str, np
         write_safetensors(tmp / "model.safetensors", dict(tensors), {"format": "pt"})
         files = {"config.json": config, **(extra_json or {})}
         for name, data in files.items():
-            (tmp / name).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            storage.write_json(tmp / name, data)
         with storage.held():  # a signal waits until all files are in
             for f in tmp.iterdir():
                 os.replace(f, out / f.name)

@@ -17,18 +17,18 @@ import pickletools
 import reprlib
 import struct
 import threading
-import uuid
 import zipfile
 import zlib
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import ml_dtypes
 import numpy as np
 
-from speechseq.errors import CheckpointError
+from speechseq.errors import CheckpointError, first_line
+from speechseq.storage import atomic_file
 
 __all__ = [
     "Checkpoint",
@@ -136,7 +136,7 @@ class _SafetensorsFile:
         try:
             header = json.loads(f.read(n).decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise _error(path, f"safetensors header is not valid JSON ({e})") from None
+            raise _error(path, f"safetensors header is not valid JSON ({first_line(e)})") from None
         except RecursionError:  # json's parser recurses once per nesting level
             raise _error(path, "safetensors header is nested too deeply to be a header") from None
         if not isinstance(header, dict):
@@ -252,7 +252,8 @@ def write_safetensors(
             if arrays[name].size:
                 f.write(arrays[name].reshape(-1).view(np.uint8).data)
 
-    _atomic_write(path, write)
+    with atomic_file(path, binary=True) as f:
+        write(f)
 
 
 def write_safetensors_streamed(
@@ -295,7 +296,8 @@ def write_safetensors_streamed(
         f.seek(8)
         f.write(blob + b" " * (reserve - len(blob)))
 
-    _atomic_write(path, write)
+    with atomic_file(path, binary=True) as f:
+        write(f)
 
 
 def _writable(path: Path, name: Any, value: Any) -> np.ndarray:
@@ -308,24 +310,6 @@ def _writable(path: Path, name: Any, value: Any) -> np.ndarray:
     if arr.dtype not in _ST_TAGS:
         raise _error(path, f"cannot write tensor '{name}' of dtype {arr.dtype} (supported: {', '.join(_ST_DTYPES)})")
     return arr if arr.flags.c_contiguous else np.array(arr, order="C")
-
-
-def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
-    """``write(file)`` into a temp file beside ``path``, fsync, rename over ``path``; nothing is left on failure."""
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 # ---------------------------------------------------------------------------
@@ -605,7 +589,7 @@ class _TorchZipFile:
         try:
             self._zip: zipfile.ZipFile | None = zipfile.ZipFile(path)
         except _ZIP_ERRORS as e:
-            raise _error(path, f"corrupt or truncated zip archive ({e})") from None
+            raise _error(path, f"corrupt or truncated zip archive ({first_line(e)})") from None
         try:
             self._size = path.stat().st_size
             self._check_archive()
@@ -664,7 +648,7 @@ class _TorchZipFile:
             with self._zip.open(info) as f:
                 return f.read(info.file_size)
         except _ZIP_ERRORS as e:
-            raise _error(self.path, f"corrupt zip archive ({e})") from None
+            raise _error(self.path, f"corrupt zip archive ({first_line(e)})") from None
 
     def _load_index(self) -> dict[str, _TensorRef]:
         path, zf = self.path, self._zip
@@ -726,7 +710,7 @@ class _TorchZipFile:
                 raise zipfile.BadZipFile(f"bad local header for data/{key}")
             return np.frombuffer(self._zip.read(info), np.uint8)  # its size: checked by _check_archive
         except _ZIP_ERRORS as e:
-            raise _error(self.path, f"corrupt zip archive ({e})") from None
+            raise _error(self.path, f"corrupt zip archive ({first_line(e)})") from None
 
     def read(self, name: str) -> np.ndarray:
         ref = self._entries[name]
@@ -832,7 +816,7 @@ def _open_index(index: Path) -> Checkpoint:
     try:
         weight_map = json.loads(text.decode("utf-8"))["weight_map"]
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise _error(index, f"index is not valid JSON ({e})") from None
+        raise _error(index, f"index is not valid JSON ({first_line(e)})") from None
     except RecursionError:  # json's parser recurses once per nesting level
         raise _error(index, "index is nested too deeply to be a weight index") from None
     except (KeyError, TypeError):
