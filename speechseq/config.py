@@ -2,7 +2,9 @@
 
 Each config keeps the derived fields the compute needs (hashable, so a config is a static jit argument) and the
 original Hugging Face ``config.json`` dict in ``hf`` (excluded from equality and hash), which ``to_dict`` writes back
-with any overrides applied.
+with any overrides applied. Fields that map one to one onto a HF key (dropout rates, LayerDrop, SpecAugment) are
+listed per family as ``HFField``s, the one table ``read_fields`` parses and ``to_dict`` writes back, so a
+``dataclasses.replace`` of such a field reaches ``config.json``.
 """
 
 from __future__ import annotations
@@ -10,8 +12,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, field
-from typing import Any, Mapping
+from dataclasses import MISSING as dataclasses_missing, dataclass, field, fields as dataclass_fields
+from typing import Any, ClassVar, Mapping
 
 from speechseq.errors import ConfigError, SpeechSeqError, first_line
 
@@ -23,6 +25,8 @@ def _frozen_dict_field() -> Any:
 class _Part:
     """What encoder and decoder configs share."""
 
+    ROLE: ClassVar[str]
+    model_type: str
     hidden_size: int
     num_heads: int
     hf: dict
@@ -32,12 +36,19 @@ class _Part:
         return self.hidden_size // self.num_heads
 
     def to_dict(self) -> dict:
-        return dict(self.hf)
+        """The HF config dict: ``hf`` with the family's typed ``HFField``s written back under their HF names."""
+        from speechseq.registry import family  # registry imports the family modules, which import this module
+
+        return write_fields(self, family(self.model_type, self.ROLE).fields, self.hf)
 
 
 @dataclass(frozen=True)
 class EncoderConfig(_Part):
-    """Wav2Vec2-family speech encoder (wav2vec2, hubert): raw 16 kHz audio in, frames out."""
+    """Wav2Vec2-family speech encoder (wav2vec2, hubert): raw 16 kHz audio in, frames out.
+
+    The regularisation fields (transformers' names and semantics) act only when the apply gets a random key."""
+
+    ROLE: ClassVar[str] = "encoder"
 
     model_type: str
     hidden_size: int
@@ -62,6 +73,19 @@ class EncoderConfig(_Part):
     adapter_stride: int
     adapter_kernel_size: int
     masked_spec_embed: bool  # the checkpoint carries the SpecAugment mask embedding
+    hidden_dropout: float = 0.0  # after the positional conv, after attention, after the feed-forward
+    attention_dropout: float = 0.0  # on attention probabilities
+    activation_dropout: float = 0.0  # after the feed-forward activation
+    feat_proj_dropout: float = 0.0  # after the feature projection
+    layerdrop: float = 0.0  # probability of skipping a transformer layer
+    # SpecAugment (read and written back; not applied yet)
+    apply_spec_augment: bool = True
+    mask_time_prob: float = 0.0
+    mask_time_length: int = 10
+    mask_time_min_masks: int = 2
+    mask_feature_prob: float = 0.0
+    mask_feature_length: int = 10
+    mask_feature_min_masks: int = 0
     hf: dict = _frozen_dict_field()
 
     @property
@@ -72,7 +96,12 @@ class EncoderConfig(_Part):
 
 @dataclass(frozen=True)
 class DecoderConfig(_Part):
-    """Autoregressive text decoder with cross-attention (BERT, RoBERTa, GPT-2, BART, mBART): one shape, many flags."""
+    """Autoregressive text decoder with cross-attention (BERT, RoBERTa, GPT-2, BART, mBART): one shape, many flags.
+
+    The regularisation fields are family-neutral (each family's ``FIELDS`` maps them to its HF names) and act only
+    when the apply gets a random key."""
+
+    ROLE: ClassVar[str] = "decoder"
 
     model_type: str
     vocab_size: int
@@ -99,6 +128,11 @@ class DecoderConfig(_Part):
     pad_token_id: int | None
     bos_token_id: int | None
     eos_token_id: int | tuple[int, ...] | None
+    embed_dropout: float | None = None  # after the embeddings; None: hidden_dropout (BERT, BART)
+    hidden_dropout: float = 0.0  # after the attention output and MLP output projections
+    attention_dropout: float = 0.0  # on attention probabilities (self and cross)
+    activation_dropout: float = 0.0  # after the MLP activation
+    layerdrop: float = 0.0  # probability of skipping a layer
     hf: dict = _frozen_dict_field()
 
 
@@ -266,6 +300,43 @@ def eos_ids(value: Any, what: str = "eos_token_id") -> int | tuple[int, ...] | N
     if isinstance(value, (list, tuple)):
         return tuple(check_number(v, what, low=0) for v in value)
     return check_number(value, what, **TOKEN_ID)
+
+
+@dataclass(frozen=True)
+class HFField:
+    """A typed config field (``attr``) stored under one HF key, with transformers' default when the key is absent.
+    ``limits`` are ``check_number``'s; ``None`` reads a flag (bool)."""
+
+    attr: str
+    key: str
+    default: Any
+    limits: Mapping[str, Any] | None = field(default_factory=lambda: PROBABILITY)
+
+
+def read_fields(hf: Mapping, table: tuple[HFField, ...], where: str) -> dict[str, Any]:
+    """``{attr: value}`` of ``table``'s fields in a HF config dict, each checked (a family's parse_config)."""
+    def read(f: HFField) -> Any:
+        return bool(hf.get(f.key, f.default)) if f.limits is None else number(hf, f.key, where, f.default, **f.limits)
+
+    return {f.attr: read(f) for f in table}
+
+
+def write_fields(cfg: Any, table: tuple[HFField, ...], hf: Mapping) -> dict:
+    """A copy of ``hf`` with ``cfg``'s values of ``table``'s fields written under their HF keys where they differ
+    from what ``hf`` reads as (so an unchanged config writes back the dict it came from, key for key). A
+    regularisation field with a value but no HF key in this family would be lost on saving: refused."""
+    out = dict(hf)
+    for f in table:
+        value = getattr(cfg, f.attr)
+        if hf.get(f.key, f.default) != value:
+            out[f.key] = value
+    mapped = {f.attr for f in table}
+    for fld in dataclass_fields(cfg):  # the fields with defaults are the regularisation ones (and hf)
+        unsaved = fld.name not in mapped and fld.default is not dataclasses_missing
+        if unsaved and getattr(cfg, fld.name) != fld.default:
+            raise ConfigError(f"{cfg.model_type}: field {fld.name}={getattr(cfg, fld.name)!r} has no Hugging Face "
+                              "config key in this family, so it cannot be saved")
+    return out
 
 
 def encoder_config_from_hf(hf: Mapping, where: str = "encoder config") -> EncoderConfig:

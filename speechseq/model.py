@@ -3,6 +3,10 @@
     enc = encode(cfg, params, input_values, attention_mask)          # EncoderOutput
     out = forward(cfg, params, input_values, attention_mask, labels=labels)
     jax.jit(forward, static_argnames=("cfg", "dtype"))               # or use the pre-jitted ``forward_jit``
+    forward(cfg, params, input_values, attention_mask, labels=labels, rng=jax.random.key(0))  # training mode
+
+``rng=None`` (the default) is transformers' eval mode; a ``jax.random`` key turns on dropout and LayerDrop with the
+rates in the config (the same key gives the same result).
 
 ``params`` is ``{"encoder": ..., "decoder": ..., "enc_to_dec_proj"?: ...}`` (see ``weight_rules``).
 """
@@ -17,7 +21,7 @@ import jax.numpy as jnp
 from speechseq.config import SpeechSeq2SeqConfig
 from speechseq.decoders import transformer
 from speechseq.errors import InputError
-from speechseq.layers.core import dense
+from speechseq.layers.core import dense, fold
 from speechseq.registry import family
 from speechseq.weights.table import Rule, dense as dense_rules, prefixed
 
@@ -31,7 +35,7 @@ class EncoderOutput(NamedTuple):
 
 class Seq2SeqOutput(NamedTuple):
     logits: jax.Array  # [B, T, V] float32
-    loss: jax.Array | None  # scalar: mean cross-entropy over labels != -100
+    loss: jax.Array | None  # scalar: mean cross-entropy over labels != -100 (``cross_entropy_sum`` for sum and count)
     encoder_last_hidden_state: jax.Array  # [B, S, D] encoder frames after enc_to_dec_proj, as transformers 5
     encoder_attention_mask: jax.Array | None  # [B, S]
 
@@ -47,11 +51,16 @@ def weight_rules(cfg: SpeechSeq2SeqConfig) -> list[Rule]:
     return rules
 
 
+# Fixed ids of the random streams of encoder and decoder (``fold``)
+_ENCODER, _DECODER = 0, 1
+
+
 def encode(cfg: SpeechSeq2SeqConfig, params: Params, input_values: jax.Array, attention_mask: jax.Array | None = None,
-           dtype: Any = jnp.float32) -> EncoderOutput:
-    """Audio [B, N] float (+ sample mask [B, N]) -> EncoderOutput (frames [B, S, E], frame mask [B, S])."""
+           dtype: Any = jnp.float32, rng: jax.Array | None = None) -> EncoderOutput:
+    """Audio [B, N] float (+ sample mask [B, N]) -> EncoderOutput (frames [B, S, E], frame mask [B, S]).
+    ``rng``: a ``jax.random`` key for dropout and LayerDrop (training mode), None for eval mode."""
     apply = family(cfg.encoder.model_type, "encoder").apply
-    hidden, mask = apply(cfg.encoder, params["encoder"], input_values, attention_mask, jnp.dtype(dtype))
+    hidden, mask = apply(cfg.encoder, params["encoder"], input_values, attention_mask, jnp.dtype(dtype), rng=rng)
     return EncoderOutput(hidden, mask)
 
 
@@ -79,22 +88,26 @@ def project(cfg: SpeechSeq2SeqConfig, params: Params, hidden: jax.Array, dtype: 
 
 
 def decode(cfg: SpeechSeq2SeqConfig, params: Params, decoder_input_ids: jax.Array, encoder_output: EncoderOutput,
-           decoder_attention_mask: jax.Array | None = None, dtype: Any = jnp.float32) -> jax.Array:
-    """Teacher-forced decoder over precomputed encoder output: ids [B, T] -> float32 logits [B, T, V]."""
+           decoder_attention_mask: jax.Array | None = None, dtype: Any = jnp.float32,
+           rng: jax.Array | None = None) -> jax.Array:
+    """Teacher-forced decoder over precomputed encoder output: ids [B, T] -> float32 logits [B, T, V].
+    ``rng``: a ``jax.random`` key for dropout and LayerDrop (training mode), None for eval mode."""
     return _decode_projected(cfg, params, decoder_input_ids, project(cfg, params, encoder_output.last_hidden_state,
                                                                      dtype), encoder_output.attention_mask,
-                             decoder_attention_mask, dtype)
+                             decoder_attention_mask, dtype, rng)
 
 
 def _decode_projected(cfg: SpeechSeq2SeqConfig, params: Params, decoder_input_ids: jax.Array, enc: jax.Array,
-                      enc_mask: jax.Array | None, decoder_attention_mask: jax.Array | None, dtype: Any) -> jax.Array:
+                      enc_mask: jax.Array | None, decoder_attention_mask: jax.Array | None, dtype: Any,
+                      rng: jax.Array | None = None) -> jax.Array:
     if enc.shape[0] != decoder_input_ids.shape[0]:
         raise InputError(f"decoder_input_ids: batch {decoder_input_ids.shape[0]} does not match the audio batch "
                          f"{enc.shape[0]}")
     dtype = jnp.dtype(dtype)
     cross = cross_kv(cfg, params, enc, dtype)
     return family(cfg.decoder.model_type, "decoder").apply(cfg.decoder, params["decoder"], decoder_input_ids, cross,
-                                                           enc_mask, decoder_attention_mask, dtype=dtype)[0]
+                                                           enc_mask, decoder_attention_mask, dtype=dtype,
+                                                           rng=rng)[0]
 
 
 def cross_kv(cfg: SpeechSeq2SeqConfig, params: Params, enc: jax.Array, dtype: Any = jnp.float32) -> transformer.CrossKV:
@@ -108,27 +121,38 @@ def shift_right(labels: jax.Array, pad_token_id: int, decoder_start_token_id: in
     return jnp.where(shifted == -100, pad_token_id, shifted)
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Mean token cross-entropy over labels != -100 (float32 scalar), as torch's ``CrossEntropyLoss``."""
+def cross_entropy_sum(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Summed token cross-entropy over labels != -100 and the number of those tokens: logits [B, T, V], labels
+    [B, T] -> (float32 scalar, int32 scalar). Summing both over micro-batches and dividing at the end weighs every
+    token as one large batch does (gradient accumulation), where averaging per-batch means would not."""
     valid = labels != -100
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(logp, jnp.where(valid, labels, 0)[..., None], axis=-1)[..., 0]
-    return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.sum(valid)
+    return jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(valid, dtype=jnp.int32)
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Mean token cross-entropy over labels != -100 (float32 scalar), as torch's ``CrossEntropyLoss``."""
+    total, count = cross_entropy_sum(logits, labels)
+    return total / count
 
 
 def forward(cfg: SpeechSeq2SeqConfig, params: Params, input_values: jax.Array | None = None,
             attention_mask: jax.Array | None = None, decoder_input_ids: jax.Array | None = None,
             decoder_attention_mask: jax.Array | None = None, labels: jax.Array | None = None,
-            encoder_outputs: EncoderOutput | tuple | None = None, dtype: Any = jnp.float32) -> Seq2SeqOutput:
+            encoder_outputs: EncoderOutput | tuple | None = None, dtype: Any = jnp.float32,
+            rng: jax.Array | None = None) -> Seq2SeqOutput:
     """Full model: audio [B, N] (or ``encoder_outputs``) and decoder ids [B, T] or labels [B, T] -> Seq2SeqOutput.
 
     ``encoder_outputs`` is an EncoderOutput or, as in transformers, a tuple whose first element is the frames
     [B, S, E] (the rest unused). Without a frame mask of their own they get one from ``attention_mask`` [B, N].
+    ``rng``: a ``jax.random`` key for dropout and LayerDrop (training mode; the encoder and the decoder get keys
+    folded from it), None for eval mode.
     """
     if encoder_outputs is None:
         if input_values is None:
             raise InputError("input_values: required unless encoder_outputs are given")
-        encoder_outputs = encode(cfg, params, input_values, attention_mask, dtype)
+        encoder_outputs = encode(cfg, params, input_values, attention_mask, dtype, fold(rng, _ENCODER))
     encoder_outputs = with_frame_mask(cfg, encoder_outputs, attention_mask)
     if decoder_input_ids is None:
         if labels is None:
@@ -138,7 +162,7 @@ def forward(cfg: SpeechSeq2SeqConfig, params: Params, input_values: jax.Array | 
         decoder_input_ids = shift_right(labels, cfg.pad_token_id, cfg.decoder_start_token_id)
     enc = project(cfg, params, encoder_outputs.last_hidden_state, dtype)
     logits = _decode_projected(cfg, params, decoder_input_ids, enc, encoder_outputs.attention_mask,
-                               decoder_attention_mask, dtype)
+                               decoder_attention_mask, dtype, fold(rng, _DECODER))
     loss = None if labels is None else cross_entropy(logits, labels)
     return Seq2SeqOutput(logits, loss, enc, encoder_outputs.attention_mask)
 

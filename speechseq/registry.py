@@ -14,6 +14,7 @@ from typing import Any, Callable
 from speechseq.decoders import bart, bert, gpt2
 from speechseq.decoders.transformer import decode, weight_rules as decoder_rules
 from speechseq.encoders import wav2vec2
+from speechseq.config import HFField
 from speechseq.errors import ConfigError
 from speechseq.weights.table import Rule
 
@@ -25,27 +26,32 @@ class Family:
     parse_config: Callable[[dict, str], Any]
     weight_rules: Callable[[Any], list[Rule]]
     prefixes: tuple[str, ...]
-    apply: Callable[..., Any]  # encoders: encode(cfg, p, audio, mask, dtype); decoders: decode(cfg, p, ids, ...)
+    # encoders: encode(cfg, p, audio, mask, dtype, rng=None); decoders: decode(cfg, p, ids, ..., rng=None)
+    apply: Callable[..., Any]
     # encoders: frame_mask(cfg, sample mask [B, N], S) -> mask [B, S] of the frames `apply` returns, for
     # precomputed frames given with a sample mask; decoders: None
     frame_mask: Callable[..., Any] | None = None
+    # the config fields stored under one HF key each: parse_config reads them, the config's to_dict writes them back
+    fields: tuple[HFField, ...] = ()
 
 
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
         Family("wav2vec2", "encoder", wav2vec2.parse_config, wav2vec2.weight_rules, ("", "wav2vec2."), wav2vec2.encode,
-               wav2vec2.frame_mask),
+               wav2vec2.frame_mask, wav2vec2.FIELDS),
         Family("hubert", "encoder", wav2vec2.parse_config, wav2vec2.weight_rules, ("", "hubert."), wav2vec2.encode,
-               wav2vec2.frame_mask),
-        Family("bert", "decoder", bert.parse_config, partial(decoder_rules, n=bert.BERT_NAMES), ("bert.", ""), decode),
+               wav2vec2.frame_mask, wav2vec2.FIELDS),
+        Family("bert", "decoder", bert.parse_config, partial(decoder_rules, n=bert.BERT_NAMES), ("bert.", ""), decode,
+               fields=bert.FIELDS),
         Family("roberta", "decoder", bert.parse_config, partial(decoder_rules, n=bert.ROBERTA_NAMES),
-               ("roberta.", ""), decode),
-        Family("gpt2", "decoder", gpt2.parse_config, partial(decoder_rules, n=gpt2.NAMES), ("transformer.", ""), decode),
+               ("roberta.", ""), decode, fields=bert.FIELDS),
+        Family("gpt2", "decoder", gpt2.parse_config, partial(decoder_rules, n=gpt2.NAMES), ("transformer.", ""), decode,
+               fields=gpt2.FIELDS),
         Family("bart", "decoder", bart.parse_config, partial(decoder_rules, n=bart.NAMES),
-               ("model.decoder.", "decoder.", ""), decode),
+               ("model.decoder.", "decoder.", ""), decode, fields=bart.FIELDS),
         Family("mbart", "decoder", bart.parse_config, partial(decoder_rules, n=bart.NAMES),
-               ("model.decoder.", "decoder.", ""), decode),
+               ("model.decoder.", "decoder.", ""), decode, fields=bart.FIELDS),
     )
 }
 

@@ -174,9 +174,11 @@ class SpeechSeq2Seq:
                                         dtype: Any = jnp.float32, seed: int = 0, **kwargs: Any) -> "SpeechSeq2Seq":
         """Warm start from a speech encoder checkpoint and a text decoder checkpoint.
 
-        ``encoder_*`` / ``decoder_*`` keyword arguments update the sub-configs (``encoder_add_adapter=True``,
-        ``decoder_dropout=0.1``); ``decoder_start_token_id``, ``pad_token_id`` and ``eos_token_id`` set the top-level
-        fields (the start token defaults to the decoder's ``bos_token_id``).
+        ``encoder_*`` / ``decoder_*`` keyword arguments update the sub-configs under the family's HF names
+        (``encoder_add_adapter=True``, ``decoder_dropout=0.1`` for BART, ``decoder_resid_pdrop=0.1`` for GPT-2) or
+        the typed config's names (``decoder_hidden_dropout=0.1`` for any decoder); ``decoder_start_token_id``,
+        ``pad_token_id`` and ``eos_token_id`` set the top-level fields (the start token defaults to the decoder's
+        ``bos_token_id``).
         The decoder becomes a decoder with cross-attention; its cross-attention (and ``enc_to_dec_proj``, and any
         adapter the encoder checkpoint lacks) are freshly initialised and listed in ``loading_info.missing``.
         """
@@ -189,7 +191,10 @@ class SpeechSeq2Seq:
         for role, src in (("encoder", encoder), ("decoder", decoder)):
             path = resolve(src)
             hf = read_json(path / "config.json")
-            hf.update({k[len(role) + 1:]: v for k, v in kwargs.items() if k.startswith(role + "_")})
+            overrides = {k[len(role) + 1:]: v for k, v in kwargs.items() if k.startswith(role + "_")}
+            fam = family({**hf, **overrides}.get("model_type"), role, str(path / "config.json"))
+            hf_key = {f.attr: f.key for f in fam.fields}  # typed names -> this family's HF names
+            hf.update({hf_key.get(k, k): v for k, v in overrides.items()})
             if role == "decoder":
                 hf.update(is_decoder=True, add_cross_attention=True)
             else:
@@ -224,8 +229,10 @@ class SpeechSeq2Seq:
 
     def __call__(self, input_values: Any = None, attention_mask: Any = None, decoder_input_ids: Any = None,
                  decoder_attention_mask: Any = None, labels: Any = None,
-                 encoder_outputs: M.EncoderOutput | tuple | None = None, input_features: Any = None) -> M.Seq2SeqOutput:
-        """Logits [B, T, V] (and the loss when ``labels`` [B, T] are given, -100 ignored)."""
+                 encoder_outputs: M.EncoderOutput | tuple | None = None, input_features: Any = None,
+                 rng: Any = None) -> M.Seq2SeqOutput:
+        """Logits [B, T, V] (and the loss when ``labels`` [B, T] are given, -100 ignored). ``rng``: a ``jax.random``
+        key turns on dropout and LayerDrop (training mode); None is eval mode."""
         if input_features is not None:
             raise InputError(f"input_features: the {self.config.encoder.model_type} encoder reads raw audio; "
                              "pass input_values [batch, samples]")
@@ -249,7 +256,7 @@ class SpeechSeq2Seq:
             raise InputError(f"decoder_attention_mask: expected shape {tuple(tokens.shape)} like "
                              f"{'decoder_input_ids' if ids is not None else 'labels'}, got {tuple(ids_mask.shape)}")
         return M.forward_jit(self.config, self.params, x, _array(attention_mask, "attention_mask", integer=True), ids,
-                             ids_mask, labels, encoder_outputs, self.dtype)
+                             ids_mask, labels, encoder_outputs, self.dtype, rng)
 
     # -- export ----------------------------------------------------------------------------------------------------
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from speechseq.config import TOKEN_ID, DecoderConfig, eos_ids, number, require_heads
+from speechseq.config import TOKEN_ID, DecoderConfig, HFField, eos_ids, number, read_fields, require_heads
 from speechseq.decoders.transformer import DecoderNames
 from speechseq.layers.core import check_activation
 
@@ -28,6 +28,14 @@ NAMES = DecoderNames(
 )
 
 POSITION_OFFSET = 2  # fairseq's learned positions start at row 2
+
+# BartConfig / MBartConfig names and defaults; the embeddings use `dropout` too (embed_dropout None)
+FIELDS = (
+    HFField("hidden_dropout", "dropout", 0.1),
+    HFField("attention_dropout", "attention_dropout", 0.0),
+    HFField("activation_dropout", "activation_dropout", 0.0),
+    HFField("layerdrop", "decoder_layerdrop", 0.0),
+)
 
 
 def parse_config(hf: dict, where: str) -> DecoderConfig:
@@ -60,5 +68,6 @@ def parse_config(hf: dict, where: str) -> DecoderConfig:
         pad_token_id=number(hf, "pad_token_id", where, 1, **TOKEN_ID),
         bos_token_id=number(hf, "bos_token_id", where, 0, **TOKEN_ID),
         eos_token_id=eos_ids(hf.get("eos_token_id", 2), f"{where}: field 'eos_token_id'"),
+        **read_fields(hf, FIELDS, where),
         hf=hf,
     )

@@ -4,7 +4,7 @@ table, a dense + norm transform before the tied output projection. RoBERTa count
 from __future__ import annotations
 
 
-from speechseq.config import POSITIVE, TOKEN_ID, DecoderConfig, eos_ids, number, require_heads
+from speechseq.config import POSITIVE, TOKEN_ID, DecoderConfig, HFField, eos_ids, number, read_fields, require_heads
 from speechseq.decoders.transformer import DecoderNames
 from speechseq.errors import ConfigError
 from speechseq.layers.core import check_activation
@@ -38,6 +38,12 @@ def names(head: str) -> DecoderNames:
 
 BERT_NAMES = names("cls.predictions")
 ROBERTA_NAMES = names("lm_head")
+
+# BertConfig / RobertaConfig names and defaults; the embeddings use hidden_dropout_prob too (embed_dropout None)
+FIELDS = (
+    HFField("hidden_dropout", "hidden_dropout_prob", 0.1),
+    HFField("attention_dropout", "attention_probs_dropout_prob", 0.1),
+)
 
 
 def parse_config(hf: dict, where: str) -> DecoderConfig:
@@ -78,6 +84,7 @@ def parse_config(hf: dict, where: str) -> DecoderConfig:
         pad_token_id=pad,
         bos_token_id=number(hf, "bos_token_id", where, None, **TOKEN_ID),
         eos_token_id=eos_ids(hf.get("eos_token_id"), f"{where}: field 'eos_token_id'"),
+        **read_fields(hf, FIELDS, where),
         hf=hf,
     )
 

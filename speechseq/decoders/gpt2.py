@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from speechseq.config import POSITIVE, TOKEN_ID, DecoderConfig, eos_ids, number, require_heads
+from speechseq.config import POSITIVE, TOKEN_ID, DecoderConfig, HFField, eos_ids, number, read_fields, require_heads
 from speechseq.decoders.transformer import DecoderNames
 from speechseq.layers.core import check_activation
 
@@ -20,6 +20,13 @@ NAMES = DecoderNames(
     final_norm="{base}ln_f",
     head_kernel="lm_head.weight",
     torch_linear=False,
+)
+
+# GPT2Config names and defaults: resid_pdrop after both attention projections and the MLP
+FIELDS = (
+    HFField("hidden_dropout", "resid_pdrop", 0.1),
+    HFField("embed_dropout", "embd_pdrop", 0.1),
+    HFField("attention_dropout", "attn_pdrop", 0.1),
 )
 
 
@@ -52,5 +59,6 @@ def parse_config(hf: dict, where: str) -> DecoderConfig:
         pad_token_id=number(hf, "pad_token_id", where, None, **TOKEN_ID),
         bos_token_id=number(hf, "bos_token_id", where, None, **TOKEN_ID),
         eos_token_id=eos_ids(hf.get("eos_token_id"), f"{where}: field 'eos_token_id'"),
+        **read_fields(hf, FIELDS, where),
         hf=hf,
     )

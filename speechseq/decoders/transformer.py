@@ -19,8 +19,8 @@ import jax.numpy as jnp
 from speechseq import kernels
 from speechseq.config import DecoderConfig
 from speechseq.errors import InputError
-from speechseq.layers.core import (activation, attention, block, dense, embedding_lookup, layer_norm, mlp, out_major,
-                                   out_major_dot, split_heads)
+from speechseq.layers.core import (activation, attention, block, dense, dropout, embedding_lookup, fold, layer_drop,
+                                   layer_norm, mlp, out_major, out_major_dot, split_heads)
 from speechseq.weights.table import Rule, dense as dense_rules, norm as norm_rules, rule
 
 Params = Mapping[str, jax.Array]
@@ -119,15 +119,16 @@ def positions(cfg: DecoderConfig, input_ids: jax.Array, start: int | jax.Array =
     return jnp.broadcast_to(steps + cfg.position_offset, input_ids.shape)
 
 
-def embed(cfg: DecoderConfig, p: Params, input_ids: jax.Array, pos: jax.Array, dtype: jnp.dtype) -> jax.Array:
-    """Token ids [B, T] and position rows [B, T] -> [B, T, D]."""
+def embed(cfg: DecoderConfig, p: Params, input_ids: jax.Array, pos: jax.Array, dtype: jnp.dtype,
+          rng: jax.Array | None = None) -> jax.Array:
+    """Token ids [B, T] and position rows [B, T] -> [B, T, D]; with ``rng``, the embedding dropout after the norm."""
     h = embedding_lookup(p["tokens"], input_ids) * cfg.embed_scale + embedding_lookup(p["positions"], pos)
     if "token_type" in p:
         h = h + p["token_type"][0]
     h = h.astype(dtype)
     if cfg.embed_norm:
         h = layer_norm(p["norm"], h, cfg.layer_norm_eps)
-    return h
+    return dropout(h, cfg.hidden_dropout if cfg.embed_dropout is None else cfg.embed_dropout, rng)
 
 
 def layer_scales(cfg: DecoderConfig) -> jax.Array:
@@ -263,15 +264,16 @@ def init_cache(cfg: DecoderConfig, batch: int, max_len: int, dtype: jnp.dtype, p
 
 
 def _attend_grouped(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, scale: jax.Array,
-                    layout: str) -> jax.Array:
+                    layout: str, dropout_rate: float = 0.0, rng: jax.Array | None = None) -> jax.Array:
     """Cross-attention where q has G rows per key row (beams or samples share one utterance's K/V).
 
     q [B*G, T, N, H], k and v [B, S, N, H] (``layout="bsnh"``) or as ``decode_cross_kv`` gives them (``"bnhs"``),
-    mask [B, 1, 1, S] -> [B*G, T, N, H]; no copy of K/V per beam.
+    mask [B, 1, 1, S] -> [B*G, T, N, H]; no copy of K/V per beam. ``dropout_rate``, ``rng``: see ``attention``.
     """
     B, G = k.shape[0], q.shape[0] // k.shape[0]
     T = q.shape[1]
-    out = attention(q.reshape(B, G * T, *q.shape[2:]), k, v, mask, scale, layout, transpose_q=layout != "bsnh")
+    out = attention(q.reshape(B, G * T, *q.shape[2:]), k, v, mask, scale, layout, transpose_q=layout != "bsnh",
+                    dropout_rate=dropout_rate, rng=rng)
     return out.reshape(B * G, T, *out.shape[2:])
 
 
@@ -303,9 +305,15 @@ def _grouped_self_mask(cache_rows: jax.Array, groups: int, start: int | jax.Arra
     return jnp.swapaxes(holder & causal, 3, 4).reshape(B, 1, G * T, Tmax * G)
 
 
+# Fixed ids of the random sites (``fold``): the same key gives the same masks at the same place.
+_EMBED, _LAYERS = 0, 1  # decoder-wide
+_SELF_PROBS, _SELF_OUT, _CROSS_PROBS, _CROSS_OUT, _ACT, _MLP_OUT, _LAYERDROP = range(7)  # per layer
+
+
 def decode(cfg: DecoderConfig, p: Params, input_ids: jax.Array, cross: CrossKV, enc_mask: jax.Array | None,
            attention_mask: jax.Array | None = None, cache: KVCache | None = None, start: int | jax.Array = 0,
-           dtype: jnp.dtype = jnp.float32, cache_rows: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+           dtype: jnp.dtype = jnp.float32, cache_rows: jax.Array | None = None,
+           rng: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
     """Decoder over ids [B', T] at steps start..start+T-1 -> (float32 logits [B', T, V], updated cache).
 
     ``cross`` holds K/V for B utterances (B' = B * beams). Without ``cache`` this is the teacher-forced pass over
@@ -315,11 +323,18 @@ def decode(cfg: DecoderConfig, p: Params, input_ids: jax.Array, cross: CrossKV, 
     with B' = B * G rows, and row r = (b, g) writes its keys to group slot g. Entry [r, t] says which slot of its
     utterance holds the key row r sees at position t < ``start`` (its beam's history), so beams that are reordered
     need only this small table reordered, never the cache.
+
+    ``rng`` (a ``jax.random`` key; teacher-forced pass only) turns on transformers' training-mode regularisation:
+    dropout after the embeddings (``embed_dropout``), after each attention output and MLP output
+    (``hidden_dropout``), on attention probabilities (``attention_dropout``), after the MLP activation
+    (``activation_dropout``), and LayerDrop (``layerdrop``). None: eval mode.
     """
     check_ids(cfg, input_ids)
     prepared = isinstance(p["layers"], list)  # decode-step layout: per-layer params, head-major cross K/V
+    if rng is not None and (cache is not None or prepared):
+        raise InputError("rng: dropout applies to the teacher-forced pass only, not to cached decode steps")
     T = input_ids.shape[1]
-    h = embed(cfg, p["embed"], input_ids, positions(cfg, input_ids, start), dtype)
+    h = embed(cfg, p["embed"], input_ids, positions(cfg, input_ids, start), dtype, fold(rng, _EMBED))
     query_pos = start + jnp.arange(T)
     key_len = T if cache is None else jax.tree.leaves(cache.k)[0].shape[-1]
     groups = 1 if cache_rows is None else key_len // cache_rows.shape[1]
@@ -341,8 +356,9 @@ def decode(cfg: DecoderConfig, p: Params, input_ids: jax.Array, cross: CrossKV, 
     shared = (self_mask, cross_mask, start)  # what every layer reads besides its own params, cache and cross K/V
 
     def layer(h: jax.Array, xs: tuple, shared: tuple) -> tuple[jax.Array, tuple]:
-        lp, scale, ck, cv, kv_cache = xs
+        lp, scale, ck, cv, kv_cache, i = xs
         self_mask, cross_mask, start = shared
+        lr = fold(rng, _LAYERS, i)  # None when rng is (never with a cache, so new_cache is set when there is one)
         new_cache = None
 
         def self_attn(x: jax.Array) -> jax.Array:
@@ -360,20 +376,28 @@ def decode(cfg: DecoderConfig, p: Params, input_ids: jax.Array, cross: CrossKV, 
             # the CPU kernel (``kernels.attend``) only over a grouped cache: fed an ungrouped one (greedy, sampling),
             # XLA copied each layer's cache five times a step (+7 ms per step in the decode benchmark's profile)
             out = attention(q, k, v, self_mask, scale, layout="bsnh" if kv_cache is None else "bnhs",
-                            transpose_q=groups > 1, kernel=groups > 1)
+                            transpose_q=groups > 1, kernel=groups > 1, dropout_rate=cfg.attention_dropout,
+                            rng=fold(lr, _SELF_PROBS))
             out = out.reshape(-1, T, out.shape[2] * out.shape[3])
-            return dense(sp["o"], out, dtype)
+            return dropout(dense(sp["o"], out, dtype), cfg.hidden_dropout, fold(lr, _SELF_OUT))
 
         def cross_attn(x: jax.Array) -> jax.Array:
             cp = lp["cross_attn"]
             out = _attend_grouped(split_heads(dense(cp["q"], x, dtype), N), ck, cv, cross_mask, scale,
-                                  "bnhs" if prepared else "bsnh")
-            return dense(cp["o"], out.reshape(*out.shape[:2], -1), dtype)
+                                  "bnhs" if prepared else "bsnh", cfg.attention_dropout, fold(lr, _CROSS_PROBS))
+            return dropout(dense(cp["o"], out.reshape(*out.shape[:2], -1), dtype), cfg.hidden_dropout,
+                           fold(lr, _CROSS_OUT))
 
-        h = block(h, lp["self_norm"], self_attn, pre, eps)
-        h = block(h, lp["cross_norm"], cross_attn, pre, eps)
-        h = block(h, lp["mlp_norm"], lambda x: mlp(lp["mlp"], x, cfg.hidden_act, dtype), pre, eps)
-        return h, new_cache
+        def feed_forward(x: jax.Array) -> jax.Array:
+            out = mlp(lp["mlp"], x, cfg.hidden_act, dtype, cfg.activation_dropout, fold(lr, _ACT))
+            return dropout(out, cfg.hidden_dropout, fold(lr, _MLP_OUT))
+
+        def run(h: jax.Array) -> jax.Array:
+            h = block(h, lp["self_norm"], self_attn, pre, eps)
+            h = block(h, lp["cross_norm"], cross_attn, pre, eps)
+            return block(h, lp["mlp_norm"], feed_forward, pre, eps)
+
+        return layer_drop(run, h, cfg.layerdrop, fold(lr, _LAYERDROP)), new_cache
 
     scales = layer_scales(cfg)
     if prepared:  # a Python loop over per-layer params: no per-step slicing of stacked arrays
@@ -383,11 +407,12 @@ def decode(cfg: DecoderConfig, p: Params, input_ids: jax.Array, cross: CrossKV, 
         caches = []
         for i, lp in enumerate(p["layers"]):
             kv = None if cache is None else (cache.k[i], cache.v[i])
-            h, c = layer_jit(h, (lp, scales[i], cross.k[i], cross.v[i], kv), shared)
+            h, c = layer_jit(h, (lp, scales[i], cross.k[i], cross.v[i], kv, i), shared)
             caches.append(c)
         new_cache = None if cache is None else (tuple(c[0] for c in caches), tuple(c[1] for c in caches))
     else:
-        xs = (p["layers"], scales, cross.k, cross.v, None if cache is None else tuple(cache))
+        xs = (p["layers"], scales, cross.k, cross.v, None if cache is None else tuple(cache),
+              jnp.arange(cfg.num_layers))
         h, new_cache = jax.lax.scan(lambda h, xs: layer(h, xs, shared), h, xs)
     if cfg.final_norm:
         h = layer_norm(p["final_norm"], h, cfg.layer_norm_eps)

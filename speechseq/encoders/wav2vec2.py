@@ -11,9 +11,10 @@ from typing import Mapping
 import jax
 import jax.numpy as jnp
 
-from speechseq.config import POSITIVE, PROBABILITY, EncoderConfig, number, numbers, require_heads
+from speechseq.config import POSITIVE, EncoderConfig, HFField, number, numbers, read_fields, require_heads
 from speechseq.errors import ConfigError, InputError
-from speechseq.layers.core import activation, block, check_activation, dense, layer_norm, mlp, multi_head_attention
+from speechseq.layers.core import (activation, block, check_activation, dense, dropout, fold, layer_drop, layer_norm,
+                                   mlp, multi_head_attention)
 from speechseq.weights.table import Rule, dense as dense_rules, norm as norm_rules, rule
 
 Params = Mapping[str, jax.Array]
@@ -22,6 +23,23 @@ TORCH_NORM_EPS = 1e-5  # nn.LayerNorm / nn.GroupNorm default, used where transfo
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Config
+
+# Typed fields under transformers' own names and defaults (Wav2Vec2Config, HubertConfig): read and written back.
+# final_dropout is left in ``hf``: only the CTC / classification heads apply it, not the bare model seq2seq uses.
+FIELDS = (
+    HFField("hidden_dropout", "hidden_dropout", 0.1),
+    HFField("attention_dropout", "attention_dropout", 0.1),
+    HFField("activation_dropout", "activation_dropout", 0.1),
+    HFField("feat_proj_dropout", "feat_proj_dropout", 0.0),
+    HFField("layerdrop", "layerdrop", 0.1),
+    HFField("apply_spec_augment", "apply_spec_augment", True, None),
+    HFField("mask_time_prob", "mask_time_prob", 0.05),
+    HFField("mask_time_length", "mask_time_length", 10, {}),
+    HFField("mask_time_min_masks", "mask_time_min_masks", 2, dict(low=0)),
+    HFField("mask_feature_prob", "mask_feature_prob", 0.0),
+    HFField("mask_feature_length", "mask_feature_length", 10, {}),
+    HFField("mask_feature_min_masks", "mask_feature_min_masks", 0, dict(low=0)),
+)
 
 
 def parse_config(hf: dict, where: str) -> EncoderConfig:
@@ -41,6 +59,7 @@ def parse_config(hf: dict, where: str) -> EncoderConfig:
     if hidden % groups:  # the positional conv is grouped over the width
         raise ConfigError(f"{where}: hidden_size {hidden} is not divisible by num_conv_pos_embedding_groups {groups}")
     add_adapter = bool(hf.get("add_adapter", False))
+    regularisation = read_fields(hf, FIELDS, where)
     return EncoderConfig(
         model_type=mt,
         hidden_size=hidden,
@@ -64,8 +83,8 @@ def parse_config(hf: dict, where: str) -> EncoderConfig:
         num_adapter_layers=number(hf, "num_adapter_layers", where, 3, low=0),
         adapter_stride=number(hf, "adapter_stride", where, 2),
         adapter_kernel_size=number(hf, "adapter_kernel_size", where, 3),
-        masked_spec_embed=max(number(hf, "mask_time_prob", where, 0.05, **PROBABILITY),
-                              number(hf, "mask_feature_prob", where, 0.0, **PROBABILITY)) > 0,
+        masked_spec_embed=max(regularisation["mask_time_prob"], regularisation["mask_feature_prob"]) > 0,
+        **regularisation,
         hf=hf,
     )
 
@@ -253,14 +272,25 @@ def check_audio(cfg: EncoderConfig, input_values: jax.Array, attention_mask: jax
                          f"got {tuple(attention_mask.shape)}")
 
 
+# Fixed ids of the random sites (``fold``): the same key gives the same masks at the same place.
+_FEAT_PROJ, _POS, _LAYERS = 0, 1, 2  # encoder-wide
+_ATTN_PROBS, _ATTN_OUT, _ACT, _MLP_OUT, _LAYERDROP = range(5)  # per layer
+
+
 def encode(cfg: EncoderConfig, p: Params, input_values: jax.Array, attention_mask: jax.Array | None,
-           dtype: jnp.dtype = jnp.float32) -> tuple[jax.Array, jax.Array | None]:
-    """Audio [B, N] (+ sample mask [B, N]) -> (frames [B, S, output_size], frame mask [B, S] bool or None)."""
+           dtype: jnp.dtype = jnp.float32, rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array | None]:
+    """Audio [B, N] (+ sample mask [B, N]) -> (frames [B, S, output_size], frame mask [B, S] bool or None).
+
+    ``rng`` (a ``jax.random`` key) turns on transformers' training-mode regularisation: dropout after the feature
+    projection (``feat_proj_dropout``), after the positional embedding, the attention output and the feed-forward
+    (``hidden_dropout``), on attention probabilities (``attention_dropout``), after the feed-forward activation
+    (``activation_dropout``), and LayerDrop over the transformer layers (``layerdrop``). None: eval mode.
+    """
     check_audio(cfg, input_values, attention_mask)
     feats = feature_encoder(cfg, p["feature_encoder"], input_values, dtype)
     fp = p["feature_projection"]
     h = layer_norm(fp["norm"], feats, cfg.layer_norm_eps) if cfg.feat_proj_layer_norm else feats
-    h = dense(fp["proj"], h, dtype)
+    h = dropout(dense(fp["proj"], h, dtype), cfg.feat_proj_dropout, fold(rng, _FEAT_PROJ))
     mask = None
     if attention_mask is not None:
         mask = frame_mask(cfg, attention_mask, h.shape[1], with_adapter=False)
@@ -268,19 +298,35 @@ def encode(cfg: EncoderConfig, p: Params, input_values: jax.Array, attention_mas
     h = h + positional_conv(cfg, p["pos_conv"], h)
     if not cfg.stable_layer_norm:
         h = layer_norm(p["norm"], h, cfg.layer_norm_eps)
+    h = dropout(h, cfg.hidden_dropout, fold(rng, _POS))
     attn_mask = None if mask is None else mask[:, None, None, :]
     eps, pre = cfg.layer_norm_eps, cfg.stable_layer_norm
 
-    def layer(h: jax.Array, lp: Params) -> tuple[jax.Array, None]:
-        h = block(h, lp["attn_norm"], lambda x: multi_head_attention(lp["attn"], x, x, attn_mask, cfg.num_heads, dtype),
-                  pre, eps)
-        h = block(h, lp["mlp_norm"], lambda x: mlp(lp["mlp"], x, cfg.hidden_act, dtype), pre, eps)
-        return h, None
+    def layer(h: jax.Array, xs: tuple[Params, jax.Array]) -> tuple[jax.Array, None]:
+        lp, i = xs
+        lr = fold(rng, _LAYERS, i)
 
-    h, _ = jax.lax.scan(layer, h, p["layers"])
+        def attend(x: jax.Array) -> jax.Array:
+            out = multi_head_attention(lp["attn"], x, x, attn_mask, cfg.num_heads, dtype,
+                                       dropout_rate=cfg.attention_dropout, rng=fold(lr, _ATTN_PROBS))
+            return dropout(out, cfg.hidden_dropout, fold(lr, _ATTN_OUT))
+
+        def feed_forward(x: jax.Array) -> jax.Array:
+            out = mlp(lp["mlp"], x, cfg.hidden_act, dtype, cfg.activation_dropout, fold(lr, _ACT))
+            return dropout(out, cfg.hidden_dropout, fold(lr, _MLP_OUT))
+
+        def run(h: jax.Array) -> jax.Array:
+            h = block(h, lp["attn_norm"], attend, pre, eps)
+            return block(h, lp["mlp_norm"], feed_forward, pre, eps)
+
+        return layer_drop(run, h, cfg.layerdrop, fold(lr, _LAYERDROP)), None
+
+    h, _ = jax.lax.scan(layer, h, (p["layers"], jnp.arange(cfg.num_layers)))
     if cfg.stable_layer_norm:
         h = layer_norm(p["norm"], h, cfg.layer_norm_eps)
     if cfg.add_adapter:
+        # transformers' adapter also skips whole adapter layers with probability layerdrop (np.random): not done
+        # here, since a skipped strided conv changes the number of frames, which must be static under jit
         h = adapter(cfg, p["adapter"], h, dtype)
     if attention_mask is not None:
         mask = frame_mask(cfg, attention_mask, h.shape[1], with_adapter=cfg.add_adapter)

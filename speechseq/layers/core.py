@@ -1,6 +1,7 @@
-"""Dense, norms, activations, attention and the residual block every transformer layer here is made of.
+"""Dense, norms, activations, attention, dropout and the residual block every transformer layer here is made of.
 
-Params are float32; ``dtype`` is the compute dtype. Norm statistics and softmax are always float32.
+Params are float32; ``dtype`` is the compute dtype. Norm statistics and softmax are always float32. Randomness comes
+from an explicit ``rng`` (a ``jax.random`` key, or None for transformers' eval mode), split per site with ``fold``.
 """
 
 from __future__ import annotations
@@ -40,6 +41,37 @@ def check_activation(name: str, where: str) -> str:
     if not isinstance(name, str) or name not in _ACTIVATIONS:
         raise ConfigError(f"{where}: activation {name!r} is not supported; supported: {sorted(_ACTIVATIONS)}")
     return name
+
+
+def fold(rng: jax.Array | None, *ids: int | jax.Array) -> jax.Array | None:
+    """The key of one random site: ``rng`` with each id (a fixed site number, a layer index) folded in, in turn, so
+    that the same key always gives the same masks at the same site. None stays None (no randomness)."""
+    if rng is None:
+        return None
+    for i in ids:
+        rng = jax.random.fold_in(rng, i)
+    return rng
+
+
+def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+    """Inverted dropout, as torch's ``nn.Dropout`` in training mode: each element of ``x`` [...] is zeroed with
+    probability ``rate`` and the others scaled by ``1 / (1 - rate)``, so the expectation is unchanged. With ``rng``
+    None or ``rate`` 0 it returns ``x`` itself (eval mode). ``rate`` is a config value (static)."""
+    if rng is None or rate == 0:
+        return x
+    if rate >= 1:
+        return jnp.zeros_like(x)
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
+
+
+def layer_drop(fn: Callable[[jax.Array], jax.Array], h: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+    """LayerDrop: ``fn(h)``, or ``h`` unchanged with probability ``rate`` when ``rng`` is given (transformers skips
+    a layer in training when ``torch.rand([]) < layerdrop``). One draw for the whole batch, as there; ``lax.cond``,
+    so a skipped layer costs nothing, also inside ``lax.scan``."""
+    if rng is None or rate == 0:
+        return fn(h)
+    return jax.lax.cond(jax.random.bernoulli(rng, rate), lambda h: h, fn, h)
 
 
 def dense(p: Params, x: jax.Array, dtype: jnp.dtype) -> jax.Array:
@@ -91,7 +123,8 @@ def layer_norm(p: Params, x: jax.Array, eps: float) -> jax.Array:
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, scale: float | jax.Array,
-              layout: str = "bsnh", transpose_q: bool = False, kernel: bool = True) -> jax.Array:
+              layout: str = "bsnh", transpose_q: bool = False, kernel: bool = True, dropout_rate: float = 0.0,
+              rng: jax.Array | None = None) -> jax.Array:
     """Scaled dot-product attention.
 
     q [B, T, N, H]; k and v [B, S, N, H] (``layout="bsnh"``), head-major [B, N, S, H] (``"bnsh"``), or ``"bnhs"``:
@@ -111,12 +144,16 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, 
     both dots are canonical batched matmuls over (B, N): 3x faster for the encoder's self-attention, and faster for
     decode-step attention with several query rows per utterance (beam search). Other
     backends keep XLA's own layout choice for sequence-major keys.
+
+    With ``rng``, the probabilities [B, N, T, S] get ``dropout(dropout_rate)`` (transformers' attention dropout);
+    that always takes the batched-dot path.
     """
     if layout not in ("bsnh", "bnsh", "bnhs"):
         raise ValueError(f"attention: layout must be 'bsnh', 'bnsh' or 'bnhs', got {layout!r}")
-    if layout == "bnhs" and kernel and kernels.attend_fits(q, k, v, mask):
+    fused = rng is None or dropout_rate == 0  # the kernel and the one-row path have no dropout
+    if layout == "bnhs" and kernel and fused and kernels.attend_fits(q, k, v, mask):
         return kernels.attend(q, k, v, mask, scale)
-    if layout == "bnhs" and q.shape[1] == 1 and jax.default_backend() == "cpu":
+    if layout == "bnhs" and q.shape[1] == 1 and fused and jax.default_backend() == "cpu":
         return _attend_one_query(q, k, v, mask, scale)
     if layout == "bsnh" and jax.default_backend() == "cpu":
         # the barriers stop XLA from folding the transposes into the dots (slower kernels on CPU)
@@ -129,7 +166,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, 
     scores = jnp.einsum(f"{qo},{layout}->bnts", q, k, preferred_element_type=jnp.float32) * scale
     if mask is not None:
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    probs = dropout(jax.nn.softmax(scores, axis=-1).astype(v.dtype), dropout_rate, rng)
     out = jnp.einsum(f"bnts,{'bnsh' if layout == 'bnhs' else layout}->{qo}", probs, v)
     return jnp.swapaxes(jax.lax.optimization_barrier(out), 1, 2) if transpose_q else out
 
@@ -175,20 +212,24 @@ def split_heads(x: jax.Array, num_heads: int) -> jax.Array:
 
 
 def multi_head_attention(p: Params, x: jax.Array, kv: jax.Array, mask: jax.Array | None, num_heads: int,
-                         dtype: jnp.dtype, scale: float | jax.Array | None = None) -> jax.Array:
-    """Project queries from x [B, T, D] and keys/values from kv [B, S, Dkv], attend, project out: [B, T, D]."""
+                         dtype: jnp.dtype, scale: float | jax.Array | None = None, dropout_rate: float = 0.0,
+                         rng: jax.Array | None = None) -> jax.Array:
+    """Project queries from x [B, T, D] and keys/values from kv [B, S, Dkv], attend, project out: [B, T, D].
+    ``dropout_rate`` and ``rng``: dropout on the attention probabilities (see ``attention``)."""
     q = split_heads(dense(p["q"], x, dtype), num_heads)
     k = split_heads(dense(p["k"], kv, dtype), num_heads)
     v = split_heads(dense(p["v"], kv, dtype), num_heads)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    out = attention(q, k, v, mask, scale)
+    out = attention(q, k, v, mask, scale, dropout_rate=dropout_rate, rng=rng)
     return dense(p["o"], out.reshape(*out.shape[:2], -1), dtype)
 
 
-def mlp(p: Params, x: jax.Array, act: str, dtype: jnp.dtype) -> jax.Array:
-    """Feed-forward: wo(act(wi(x))). x [B, T, D] -> [B, T, D]."""
-    return dense(p["wo"], activation(act)(dense(p["wi"], x, dtype)), dtype)
+def mlp(p: Params, x: jax.Array, act: str, dtype: jnp.dtype, dropout_rate: float = 0.0,
+        rng: jax.Array | None = None) -> jax.Array:
+    """Feed-forward: wo(dropout(act(wi(x)))). x [B, T, D] -> [B, T, D]; the dropout (``dropout_rate``, with
+    ``rng``) is transformers' activation dropout."""
+    return dense(p["wo"], dropout(activation(act)(dense(p["wi"], x, dtype)), dropout_rate, rng), dtype)
 
 
 def block(x: jax.Array, norm_p: Params, fn: Callable[[jax.Array], jax.Array], pre_norm: bool, eps: float) -> jax.Array:
