@@ -208,6 +208,7 @@ def weight_dots_job(model, rows: int, info: dict):
     import jax
     import jax.numpy as jnp
 
+    from speechseq.decoding.generate import prepare_decoder
     from speechseq.layers.core import dense
 
     def width(w):  # Din of a weight in either layout
@@ -223,7 +224,7 @@ def weight_dots_job(model, rows: int, info: dict):
 
     def run():
         if not made:
-            tree = jax.tree_util.tree_leaves_with_path(model._decoder_params())
+            tree = jax.tree_util.tree_leaves_with_path(prepare_decoder(model.config, model.params, model.dtype))
             found = [(path[-1].key, w) for path, w in tree
                      if getattr(path[-1], "key", None) in ("kernel_t", "kernel_p")]
             weights = [w for _, w in found]

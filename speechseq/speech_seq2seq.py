@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import concurrent.futures
 import copy
 import math
 import os
@@ -23,6 +22,7 @@ from speechseq.config import (
     make_seq2seq_config,
     read_json,
 )
+from speechseq.decoding.layouts import DecodeLayouts
 from speechseq.errors import InputError
 from speechseq.hub import resolve
 from speechseq.registry import family
@@ -132,7 +132,7 @@ class SpeechSeq2Seq:
         self.params = params
         self.dtype = _dtype(dtype)
         self.loading_info = loading_info or table.LoadReport([], [], [])
-        self._decode_cache: tuple | None = None  # (dtype, decoder leaves, {packed for the kernel?: params})
+        self.decode_layouts = DecodeLayouts()  # the decoder weights in decode-step layout, made on first generate
 
     # -- construction ----------------------------------------------------------------------------------------------
 
@@ -273,6 +273,7 @@ class SpeechSeq2Seq:
         """The same params computing in another dtype."""
         new = copy.copy(self)
         new.dtype = _dtype(dtype)
+        new.decode_layouts = DecodeLayouts()  # its own: layouts follow the dtype
         return new
 
     # -- decoding --------------------------------------------------------------------------------------------------
@@ -302,44 +303,6 @@ class SpeechSeq2Seq:
                          f"{gen.max_length} tokens would", device, InputError)
         return gen
 
-    def _decoder_params(self, generate_args: tuple | None = None) -> Any:
-        """The decoder weights in decode-step layout for ``generate_jit(*generate_args)`` (None: for few rows),
-        made on first use and kept while ``params`` and ``dtype`` stay the same (a second copy of the decoder
-        weights; ``generate`` without it would redo the layout per call). The layout depends on the steps' rows
-        (``prepare_decoder(rows=)``): a model used with both few and many rows keeps one of each.
-
-        On a first use with ``generate_args`` of single-device arrays the layout is made in a worker thread while
-        this one compiles the ``generate`` program for the layout's shapes: tracing and most of XLA's passes use one
-        core, so the layout's own small compile and run (~1 s for a base-size decoder on 2 cores) come nearly free
-        (the abstract lowering is the one the call with the made arrays finds in ``jit``'s cache). Sharded params
-        make the layout first.
-        """
-        from speechseq import kernels
-        from speechseq.decoding.generate import generate_jit, group_size, prepare_decoder
-
-        rows = None if generate_args is None else generate_args[2].shape[0] * group_size(generate_args[4])
-        packs = (rows is None or rows <= kernels.MAX_ROWS) and kernels.available()  # CPU kernel's layout or XLA's
-        leaves = jax.tree.leaves(self.params["decoder"])
-        cached = self._decode_cache
-        if cached is None or cached[0] != self.dtype or len(cached[1]) != len(leaves) or not all(
-                a is b for a, b in zip(cached[1], leaves)):
-            cached = self._decode_cache = (self.dtype, leaves, {})
-        if packs in cached[2]:
-            return cached[2][packs]
-        config, params, dtype = self.config, self.params, self.dtype
-        single = generate_args is not None and all(
-            len(a.sharding.device_set) == 1 for a in jax.tree.leaves(generate_args) if isinstance(a, jax.Array))
-        if single:
-            with concurrent.futures.ThreadPoolExecutor(1) as pool:
-                made = pool.submit(prepare_decoder, config, params, dtype, rows)
-                shapes = jax.eval_shape(lambda p: prepare_decoder(config, p, dtype, rows), params)
-                generate_jit.lower(*generate_args, shapes).compile()  # into jit's cache for the call that follows
-                decoder_params = made.result()
-        else:
-            decoder_params = prepare_decoder(config, params, dtype, rows)
-        cached[2][packs] = decoder_params
-        return decoder_params
-
     def generate(self, input_values: Any, attention_mask: Any = None, *, seed: int = 0, key: Any = None,
                  return_dict: bool = False, **kwargs: Any):
         """Greedy, beam or sampled decoding with transformers' keywords; one compiled program per shape bucket.
@@ -347,8 +310,6 @@ class SpeechSeq2Seq:
         Returns int32 sequences [batch * num_return_sequences, length] (column 0 the start token, pad after EOS),
         or with ``return_dict=True`` a dict with ``sequences`` and ``sequences_scores`` (beam search).
         """
-        from speechseq.decoding.generate import generate_jit
-
         x = _array(input_values, "input_values", finite=True)
         if x is None or x.ndim != 2:  # the batch is needed below; the encoder's own check would come after compiling
             raise InputError("input_values: expected rank 2 [batch, samples], got "
@@ -358,7 +319,7 @@ class SpeechSeq2Seq:
         if gen.do_sample and key is None:
             key = jax.random.key(seed)
         args = (self.config, self.params, x, mask, gen, key, self.dtype)
-        out = generate_jit(*args, self._decoder_params(args))
+        out = self.decode_layouts.run(args)
         length = int(out.length)
         sequences = np.asarray(out.sequences)[:, :length]
         if not return_dict:

@@ -325,6 +325,7 @@ def test_first_call_compiles_generate_once_beside_the_layout(pair):
     import jax.monitoring
     import jax.numpy as jnp
 
+    from speechseq import kernels
     from speechseq.decoding.generate import generate_jit
 
     p = pair("w2v-group", "bert")
@@ -343,7 +344,7 @@ def test_first_call_compiles_generate_once_beside_the_layout(pair):
     finally:
         jax.monitoring.unregister_event_duration_listener(listen)
     assert (len(compiled), TRACES["generate"] - traces) == (1, 1)
-    assert model._decode_cache is not None
+    assert list(model.decode_layouts.made()) == [kernels.available()]  # 6 rows: the kernel's layout if it builds
     pure = generate_jit(model.config, model.params, jnp.asarray(X), jnp.asarray(MASK), model.generation_config(**kwargs))
     np.testing.assert_array_equal(got, np.asarray(pure.sequences)[:, :int(pure.length)])
 
@@ -476,7 +477,7 @@ def test_generate_matches_transformers_with_either_weight_dots(pair, dec, mode, 
     assert np.all(seqs[:, 0] == START)
     # the model's cached decode layout is the one for the dots asked for (a layout made while the kernel was on
     # would send the "xla" run through the kernel)
-    head = p.ours._decode_cache[2][native == "kernel"]["head"]
+    head = p.ours.decode_layouts.made()[native == "kernel"]["head"]
     assert ("kernel_p" if native == "kernel" else "kernel_t") in head
 
 
@@ -495,6 +496,6 @@ def test_many_rows_keep_xlas_layout(pair, monkeypatch):
     heads = {n: prepare_decoder(model.config, model.params, rows=n)["head"] for n in (None, rows - 1, rows)}
     assert ["kernel_p" in h for h in heads.values()] == [True, True, False]
     assert_parity(p._replace(ours=model), **BEAM)  # rows > MAX_ROWS
-    assert list(model._decode_cache[2]) == [False]
+    assert list(model.decode_layouts.made()) == [False]
     assert_parity(p._replace(ours=model))  # greedy: len(LENGTHS) rows
-    assert list(model._decode_cache[2]) == [False, True]
+    assert list(model.decode_layouts.made()) == [False, True]

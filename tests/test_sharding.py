@@ -25,7 +25,7 @@ CHILD = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
     from speechseq import SpeechSeq2Seq, model as M
-    from speechseq.decoding.generate import generate_jit
+    from speechseq.decoding.generate import generate_jit, prepare_decoder
 
     assert jax.device_count() == 4, jax.devices()
     model = SpeechSeq2Seq.from_pretrained(sys.argv[1])
@@ -42,7 +42,7 @@ CHILD = textwrap.dedent("""
     }
     assert meshes["explicit"].axis_types == (jax.sharding.AxisType.Explicit,), meshes["explicit"].axis_types
     params = model.params
-    dec = model._decoder_params()
+    dec = prepare_decoder(model.config, model.params)
     cases = {
         "greedy": dict(max_new_tokens=8),
         "beam": dict(max_new_tokens=8, num_beams=3, num_return_sequences=2, length_penalty=0.7,
