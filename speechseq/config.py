@@ -2,9 +2,11 @@
 
 Each config keeps the derived fields the compute needs (hashable, so a config is a static jit argument) and the
 original Hugging Face ``config.json`` dict in ``hf`` (excluded from equality and hash), which ``to_dict`` writes back
-with any overrides applied. Fields that map one to one onto a HF key (dropout rates, LayerDrop, SpecAugment) are
-listed per family as ``HFField``s, the one table ``read_fields`` parses and ``to_dict`` writes back, so a
-``dataclasses.replace`` of such a field reaches ``config.json``.
+with any overrides applied. Every field stored under one HF key (widths, depths, activations, token ids, eps, conv
+lists, dropout rates, LayerDrop, SpecAugment) is listed per family as an ``HFField``, the one table ``read_fields``
+parses and ``to_dict`` writes back, so a ``dataclasses.replace`` of such a field reaches ``config.json``. Fields
+derived by a rule (BART's embed_scale, RoBERTa's position_offset, per-family flags) stay in ``parse_config``;
+``to_dict`` parses its dict back and refuses a config whose derived fields that dict would not reproduce.
 """
 
 from __future__ import annotations
@@ -12,8 +14,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import MISSING as dataclasses_missing, dataclass, field, fields as dataclass_fields
-from typing import Any, ClassVar, Mapping
+from dataclasses import dataclass, field, fields as dataclass_fields
+from typing import Any, Callable, ClassVar, Mapping
 
 from speechseq.errors import ConfigError, SpeechSeqError, first_line
 
@@ -36,10 +38,15 @@ class _Part:
         return self.hidden_size // self.num_heads
 
     def to_dict(self) -> dict:
-        """The HF config dict: ``hf`` with the family's typed ``HFField``s written back under their HF names."""
+        """The HF config dict: ``hf`` with the family's typed ``HFField``s written back under their HF names; a
+        ``ConfigError`` when a field the dict cannot carry (a derived one, a rate the family lacks) was changed."""
         from speechseq.registry import family  # registry imports the family modules, which import this module
 
-        return write_fields(self, family(self.model_type, self.ROLE).fields, self.hf)
+        fam = family(self.model_type, self.ROLE)
+        out = write_fields(self, fam.fields, self.hf)
+        # derived fields are not in the table: parse the dict back so a replaced one is refused, not silently lost
+        check_saved(self, fam.parse_config(dict(out), f"{self.model_type} config"))
+        return out
 
 
 @dataclass(frozen=True)
@@ -304,39 +311,79 @@ def eos_ids(value: Any, what: str = "eos_token_id") -> int | tuple[int, ...] | N
 
 @dataclass(frozen=True)
 class HFField:
-    """A typed config field (``attr``) stored under one HF key, with transformers' default when the key is absent.
-    ``limits`` are ``check_number``'s; ``None`` reads a flag (bool)."""
+    """A typed config field (``attr``) stored under one HF key, with transformers' default when the key is absent
+    (a function of the HF dict where transformers derives it, e.g. GPT-2's n_inner = 4 * n_embd).
+
+    ``limits`` says how the value is read: a dict of ``check_number``'s limits, ``None`` for a flag (bool), or a
+    reader ``(hf, key, where, default) -> value`` for the other kinds (``ACTIVATION``, ``INT_LIST``, ``EOS``, ``TEXT``).
+    ``transform`` is an optional (read, write) pair for a field stored shifted (BART's position table is
+    max_position_embeddings + 2 rows)."""
 
     attr: str
     key: str
     default: Any
-    limits: Mapping[str, Any] | None = field(default_factory=lambda: PROBABILITY)
+    limits: Any = field(default_factory=lambda: PROBABILITY)
+    transform: tuple[Callable[[Any], Any], Callable[[Any], Any]] | None = None
+
+
+REQUIRED = _REQUIRED  # an HFField default: the key is mandatory
+INT = dict(low=1)  # a count or width, >= 1 (check_number's default)
+
+
+def ACTIVATION(hf: Mapping, key: str, where: str, default: Any) -> str:
+    from speechseq.layers.core import check_activation  # here: importing config (the command's start) loads no jax
+
+    return check_activation(hf.get(key, default), where)
+
+
+def INT_LIST(hf: Mapping, key: str, where: str, default: Any) -> tuple[int, ...]:
+    return numbers(hf, key, where)
+
+
+def EOS(hf: Mapping, key: str, where: str, default: Any) -> int | tuple[int, ...] | None:
+    return eos_ids(hf.get(key, default), f"{where}: field '{key}'")
+
+
+def TEXT(hf: Mapping, key: str, where: str, default: Any) -> Any:
+    return hf.get(key, default)  # parse_config checks the allowed values with its own message
+
+
+def read_field(hf: Mapping, f: HFField, where: str) -> Any:
+    default = f.default(hf) if callable(f.default) else f.default
+    if f.limits is None:
+        value = bool(hf.get(f.key, default))
+    elif callable(f.limits):
+        value = f.limits(hf, f.key, where, default)
+    else:
+        value = number(hf, f.key, where, default, **f.limits)
+    return f.transform[0](value) if f.transform else value
 
 
 def read_fields(hf: Mapping, table: tuple[HFField, ...], where: str) -> dict[str, Any]:
     """``{attr: value}`` of ``table``'s fields in a HF config dict, each checked (a family's parse_config)."""
-    def read(f: HFField) -> Any:
-        return bool(hf.get(f.key, f.default)) if f.limits is None else number(hf, f.key, where, f.default, **f.limits)
-
-    return {f.attr: read(f) for f in table}
+    return {f.attr: read_field(hf, f, where) for f in table}
 
 
 def write_fields(cfg: Any, table: tuple[HFField, ...], hf: Mapping) -> dict:
     """A copy of ``hf`` with ``cfg``'s values of ``table``'s fields written under their HF keys where they differ
-    from what ``hf`` reads as (so an unchanged config writes back the dict it came from, key for key). A
-    regularisation field with a value but no HF key in this family would be lost on saving: refused."""
+    from what ``hf`` reads as (so an unchanged config writes back the dict it came from, key for key)."""
     out = dict(hf)
     for f in table:
         value = getattr(cfg, f.attr)
-        if hf.get(f.key, f.default) != value:
-            out[f.key] = value
-    mapped = {f.attr for f in table}
-    for fld in dataclass_fields(cfg):  # the fields with defaults are the regularisation ones (and hf)
-        unsaved = fld.name not in mapped and fld.default is not dataclasses_missing
-        if unsaved and getattr(cfg, fld.name) != fld.default:
-            raise ConfigError(f"{cfg.model_type}: field {fld.name}={getattr(cfg, fld.name)!r} has no Hugging Face "
-                              "config key in this family, so it cannot be saved")
+        if read_field(out, f, cfg.model_type) != value:  # ``out``: a default may follow a field written above
+            value = f.transform[1](value) if f.transform else value
+            out[f.key] = list(value) if isinstance(value, tuple) else value  # as JSON has it
     return out
+
+
+def check_saved(cfg: Any, saved: Any) -> None:
+    """Refuse to save ``cfg`` when its dict parses back (``saved``) to something else: a field with no HF key in its
+    family (a rate the family lacks, a field derived by a rule such as BART's embed_scale) would be lost."""
+    for fld in dataclass_fields(cfg):
+        value = getattr(cfg, fld.name)
+        if fld.compare and value != getattr(saved, fld.name):
+            raise ConfigError(f"{cfg.model_type}: field {fld.name}={value!r} has no Hugging Face config key in this "
+                              f"family (saved, it would read as {getattr(saved, fld.name)!r}), so it cannot be saved")
 
 
 def encoder_config_from_hf(hf: Mapping, where: str = "encoder config") -> EncoderConfig:

@@ -193,7 +193,8 @@ class SpeechSeq2Seq:
             hf = read_json(path / "config.json")
             overrides = {k[len(role) + 1:]: v for k, v in kwargs.items() if k.startswith(role + "_")}
             fam = family({**hf, **overrides}.get("model_type"), role, str(path / "config.json"))
-            hf_key = {f.attr: f.key for f in fam.fields}  # typed names -> this family's HF names
+            # typed names -> this family's HF names (not a shifted field: its HF value is not the typed one)
+            hf_key = {f.attr: f.key for f in fam.fields if f.transform is None}
             hf.update({hf_key.get(k, k): v for k, v in overrides.items()})
             if role == "decoder":
                 hf.update(is_decoder=True, add_cross_attention=True)

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import math
 
-from speechseq.config import TOKEN_ID, DecoderConfig, HFField, eos_ids, number, read_fields, require_heads
+from speechseq.config import ACTIVATION, EOS, INT, REQUIRED, TOKEN_ID, DecoderConfig, HFField, read_fields, require_heads
 from speechseq.decoders.transformer import DecoderNames
-from speechseq.layers.core import check_activation
 
 _ATTN = ("q_proj", "k_proj", "v_proj", "out_proj")
 
@@ -31,6 +30,19 @@ POSITION_OFFSET = 2  # fairseq's learned positions start at row 2
 
 # BartConfig / MBartConfig names and defaults; the embeddings use `dropout` too (embed_dropout None)
 FIELDS = (
+    HFField("vocab_size", "vocab_size", REQUIRED, INT),
+    HFField("hidden_size", "d_model", REQUIRED, INT),
+    HFField("num_layers", "decoder_layers", REQUIRED, INT),
+    HFField("num_heads", "decoder_attention_heads", REQUIRED, INT),
+    HFField("intermediate_size", "decoder_ffn_dim", REQUIRED, INT),
+    HFField("hidden_act", "activation_function", "gelu", ACTIVATION),
+    # the position table has POSITION_OFFSET rows before position 0
+    HFField("max_positions", "max_position_embeddings", 1024, INT,
+            (lambda n: n + POSITION_OFFSET, lambda n: n - POSITION_OFFSET)),
+    HFField("tie_word_embeddings", "tie_word_embeddings", True, None),
+    HFField("pad_token_id", "pad_token_id", 1, TOKEN_ID),
+    HFField("bos_token_id", "bos_token_id", 0, TOKEN_ID),
+    HFField("eos_token_id", "eos_token_id", 2, EOS),
     HFField("hidden_dropout", "dropout", 0.1),
     HFField("attention_dropout", "attention_dropout", 0.0),
     HFField("activation_dropout", "activation_dropout", 0.0),
@@ -40,17 +52,10 @@ FIELDS = (
 
 def parse_config(hf: dict, where: str) -> DecoderConfig:
     mt = hf["model_type"]
-    hidden, heads = require_heads(hf, "d_model", "decoder_attention_heads", where)
+    hidden, _ = require_heads(hf, "d_model", "decoder_attention_heads", where)  # the divisibility check
     mbart = mt == "mbart"
     return DecoderConfig(
         model_type=mt,
-        vocab_size=number(hf, "vocab_size", where),
-        hidden_size=hidden,
-        num_layers=number(hf, "decoder_layers", where),
-        num_heads=heads,
-        intermediate_size=number(hf, "decoder_ffn_dim", where),
-        hidden_act=check_activation(hf.get("activation_function", "gelu"), where),
-        max_positions=number(hf, "max_position_embeddings", where, 1024) + POSITION_OFFSET,
         position_offset=POSITION_OFFSET,
         padding_aware_positions=False,
         type_vocab_size=0,
@@ -58,16 +63,12 @@ def parse_config(hf: dict, where: str) -> DecoderConfig:
         embed_norm=True,
         pre_norm=mbart,
         final_norm=mbart,
-        layer_norm_eps=1e-5,
+        layer_norm_eps=1e-5,  # nn.LayerNorm's default: BART has no config key for it
         attn_scale=True,
         attn_scale_by_layer=False,
         head_transform=False,
         head_act="gelu",
         head_bias=False,
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
-        pad_token_id=number(hf, "pad_token_id", where, 1, **TOKEN_ID),
-        bos_token_id=number(hf, "bos_token_id", where, 0, **TOKEN_ID),
-        eos_token_id=eos_ids(hf.get("eos_token_id", 2), f"{where}: field 'eos_token_id'"),
         **read_fields(hf, FIELDS, where),
         hf=hf,
     )

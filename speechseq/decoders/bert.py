@@ -4,10 +4,12 @@ table, a dense + norm transform before the tied output projection. RoBERTa count
 from __future__ import annotations
 
 
-from speechseq.config import POSITIVE, TOKEN_ID, DecoderConfig, HFField, eos_ids, number, read_fields, require_heads
+import dataclasses
+
+from speechseq.config import (ACTIVATION, EOS, INT, POSITIVE, REQUIRED, TOKEN_ID, DecoderConfig, HFField, read_fields,
+                              require_heads)
 from speechseq.decoders.transformer import DecoderNames
 from speechseq.errors import ConfigError
-from speechseq.layers.core import check_activation
 
 
 def names(head: str) -> DecoderNames:
@@ -39,11 +41,26 @@ def names(head: str) -> DecoderNames:
 BERT_NAMES = names("cls.predictions")
 ROBERTA_NAMES = names("lm_head")
 
-# BertConfig / RobertaConfig names and defaults; the embeddings use hidden_dropout_prob too (embed_dropout None)
+# BertConfig / RobertaConfig names and defaults (they differ only in pad_token_id); the embeddings use
+# hidden_dropout_prob too (embed_dropout None)
 FIELDS = (
+    HFField("vocab_size", "vocab_size", REQUIRED, INT),
+    HFField("hidden_size", "hidden_size", REQUIRED, INT),
+    HFField("num_layers", "num_hidden_layers", REQUIRED, INT),
+    HFField("num_heads", "num_attention_heads", REQUIRED, INT),
+    HFField("intermediate_size", "intermediate_size", REQUIRED, INT),
+    HFField("hidden_act", "hidden_act", "gelu", ACTIVATION),
+    HFField("max_positions", "max_position_embeddings", 512, INT),
+    HFField("type_vocab_size", "type_vocab_size", 2, dict(low=0)),
+    HFField("layer_norm_eps", "layer_norm_eps", 1e-12, POSITIVE),
+    HFField("tie_word_embeddings", "tie_word_embeddings", True, None),
+    HFField("pad_token_id", "pad_token_id", 0, TOKEN_ID),
+    HFField("bos_token_id", "bos_token_id", None, TOKEN_ID),
+    HFField("eos_token_id", "eos_token_id", None, EOS),
     HFField("hidden_dropout", "hidden_dropout_prob", 0.1),
     HFField("attention_dropout", "attention_probs_dropout_prob", 0.1),
 )
+ROBERTA_FIELDS = tuple(dataclasses.replace(f, default=1) if f.attr == "pad_token_id" else f for f in FIELDS)
 
 
 def parse_config(hf: dict, where: str) -> DecoderConfig:
@@ -52,39 +69,26 @@ def parse_config(hf: dict, where: str) -> DecoderConfig:
     if pos_type != "absolute":
         raise ConfigError(f"{where}: position_embedding_type {pos_type!r} is not supported for {mt}; "
                           "supported: 'absolute'")
-    hidden, heads = require_heads(hf, "hidden_size", "num_attention_heads", where)
+    require_heads(hf, "hidden_size", "num_attention_heads", where)  # the divisibility check, before the table
     roberta = mt != "bert"
-    pad = number(hf, "pad_token_id", where, 1 if roberta else 0, **TOKEN_ID)
+    fields = read_fields(hf, ROBERTA_FIELDS if roberta else FIELDS, where)
+    pad = fields["pad_token_id"]
     if roberta and pad is None:
         raise ConfigError(f"{where}: {mt} needs pad_token_id (its positions count past padding)")
-    act = check_activation(hf.get("hidden_act", "gelu"), where)
     return DecoderConfig(
         model_type=mt,
-        vocab_size=number(hf, "vocab_size", where),
-        hidden_size=hidden,
-        num_layers=number(hf, "num_hidden_layers", where),
-        num_heads=heads,
-        intermediate_size=number(hf, "intermediate_size", where),
-        hidden_act=act,
-        max_positions=number(hf, "max_position_embeddings", where, 512),
         position_offset=pad + 1 if roberta else 0,
         padding_aware_positions=roberta,
-        type_vocab_size=number(hf, "type_vocab_size", where, 2, low=0),
         embed_scale=1.0,
         embed_norm=True,
         pre_norm=False,
         final_norm=False,
-        layer_norm_eps=number(hf, "layer_norm_eps", where, 1e-12, **POSITIVE),
         attn_scale=True,
         attn_scale_by_layer=False,
         head_transform=True,
-        head_act="gelu" if roberta else act,
+        head_act="gelu" if roberta else fields["hidden_act"],
         head_bias=True,
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
-        pad_token_id=pad,
-        bos_token_id=number(hf, "bos_token_id", where, None, **TOKEN_ID),
-        eos_token_id=eos_ids(hf.get("eos_token_id"), f"{where}: field 'eos_token_id'"),
-        **read_fields(hf, FIELDS, where),
+        **fields,
         hf=hf,
     )
 

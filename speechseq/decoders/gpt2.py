@@ -3,9 +3,9 @@
 
 from __future__ import annotations
 
-from speechseq.config import POSITIVE, TOKEN_ID, DecoderConfig, HFField, eos_ids, number, read_fields, require_heads
+from speechseq.config import (ACTIVATION, EOS, INT, POSITIVE, REQUIRED, TOKEN_ID, DecoderConfig, HFField, read_fields,
+                              require_heads)
 from speechseq.decoders.transformer import DecoderNames
-from speechseq.layers.core import check_activation
 
 NAMES = DecoderNames(
     tokens="{base}wte.weight",
@@ -24,6 +24,21 @@ NAMES = DecoderNames(
 
 # GPT2Config names and defaults: resid_pdrop after both attention projections and the MLP
 FIELDS = (
+    HFField("vocab_size", "vocab_size", REQUIRED, INT),
+    HFField("hidden_size", "n_embd", REQUIRED, INT),
+    HFField("num_layers", "n_layer", REQUIRED, INT),
+    HFField("num_heads", "n_head", REQUIRED, INT),
+    # n_inner None (or absent) means 4 * n_embd, as in GPT2MLP
+    HFField("intermediate_size", "n_inner", lambda hf: 4 * hf["n_embd"], INT),
+    HFField("hidden_act", "activation_function", "gelu_new", ACTIVATION),
+    HFField("max_positions", "n_positions", 1024, INT),
+    HFField("layer_norm_eps", "layer_norm_epsilon", 1e-5, POSITIVE),
+    HFField("attn_scale", "scale_attn_weights", True, None),
+    HFField("attn_scale_by_layer", "scale_attn_by_inverse_layer_idx", False, None),
+    HFField("tie_word_embeddings", "tie_word_embeddings", True, None),
+    HFField("pad_token_id", "pad_token_id", None, TOKEN_ID),
+    HFField("bos_token_id", "bos_token_id", None, TOKEN_ID),
+    HFField("eos_token_id", "eos_token_id", None, EOS),
     HFField("hidden_dropout", "resid_pdrop", 0.1),
     HFField("embed_dropout", "embd_pdrop", 0.1),
     HFField("attention_dropout", "attn_pdrop", 0.1),
@@ -31,16 +46,9 @@ FIELDS = (
 
 
 def parse_config(hf: dict, where: str) -> DecoderConfig:
-    hidden, heads = require_heads(hf, "n_embd", "n_head", where)
+    require_heads(hf, "n_embd", "n_head", where)  # the divisibility check, before the table
     return DecoderConfig(
         model_type="gpt2",
-        vocab_size=number(hf, "vocab_size", where),
-        hidden_size=hidden,
-        num_layers=number(hf, "n_layer", where),
-        num_heads=heads,
-        intermediate_size=number(hf, "n_inner", where, 4 * hidden),
-        hidden_act=check_activation(hf.get("activation_function", "gelu_new"), where),
-        max_positions=number(hf, "n_positions", where, 1024),
         position_offset=0,
         padding_aware_positions=False,
         type_vocab_size=0,
@@ -48,17 +56,10 @@ def parse_config(hf: dict, where: str) -> DecoderConfig:
         embed_norm=False,
         pre_norm=True,
         final_norm=True,
-        layer_norm_eps=number(hf, "layer_norm_epsilon", where, 1e-5, **POSITIVE),
-        attn_scale=bool(hf.get("scale_attn_weights", True)),
-        attn_scale_by_layer=bool(hf.get("scale_attn_by_inverse_layer_idx", False)),
         # reorder_and_upcast_attn only upcasts scores to float32, which speechseq always does
         head_transform=False,
         head_act="gelu",
         head_bias=False,
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
-        pad_token_id=number(hf, "pad_token_id", where, None, **TOKEN_ID),
-        bos_token_id=number(hf, "bos_token_id", where, None, **TOKEN_ID),
-        eos_token_id=eos_ids(hf.get("eos_token_id"), f"{where}: field 'eos_token_id'"),
         **read_fields(hf, FIELDS, where),
         hf=hf,
     )

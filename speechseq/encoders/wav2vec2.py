@@ -11,9 +11,10 @@ from typing import Mapping
 import jax
 import jax.numpy as jnp
 
-from speechseq.config import POSITIVE, EncoderConfig, HFField, number, numbers, read_fields, require_heads
+from speechseq.config import (ACTIVATION, INT, INT_LIST, POSITIVE, REQUIRED, TEXT, EncoderConfig, HFField, number, numbers,
+                              read_fields, require_heads)
 from speechseq.errors import ConfigError, InputError
-from speechseq.layers.core import (activation, block, check_activation, dense, dropout, fold, layer_drop, layer_norm,
+from speechseq.layers.core import (activation, block, dense, dropout, fold, layer_drop, layer_norm,
                                    mlp, multi_head_attention)
 from speechseq.weights.table import Rule, dense as dense_rules, norm as norm_rules, rule
 
@@ -27,6 +28,27 @@ TORCH_NORM_EPS = 1e-5  # nn.LayerNorm / nn.GroupNorm default, used where transfo
 # Typed fields under transformers' own names and defaults (Wav2Vec2Config, HubertConfig): read and written back.
 # final_dropout is left in ``hf``: only the CTC / classification heads apply it, not the bare model seq2seq uses.
 FIELDS = (
+    HFField("hidden_size", "hidden_size", REQUIRED, INT),
+    HFField("num_layers", "num_hidden_layers", REQUIRED, INT),
+    HFField("num_heads", "num_attention_heads", REQUIRED, INT),
+    HFField("intermediate_size", "intermediate_size", REQUIRED, INT),
+    HFField("hidden_act", "hidden_act", "gelu", ACTIVATION),
+    HFField("conv_dim", "conv_dim", REQUIRED, INT_LIST),
+    HFField("conv_kernel", "conv_kernel", REQUIRED, INT_LIST),
+    HFField("conv_stride", "conv_stride", REQUIRED, INT_LIST),
+    HFField("conv_bias", "conv_bias", False, None),
+    HFField("feat_extract_norm", "feat_extract_norm", "group", TEXT),
+    HFField("feat_extract_activation", "feat_extract_activation", "gelu", ACTIVATION),
+    HFField("feat_proj_layer_norm", "feat_proj_layer_norm", True, None),
+    HFField("stable_layer_norm", "do_stable_layer_norm", False, None),
+    HFField("num_conv_pos_embeddings", "num_conv_pos_embeddings", 128, INT),
+    HFField("num_conv_pos_embedding_groups", "num_conv_pos_embedding_groups", 16, INT),
+    HFField("layer_norm_eps", "layer_norm_eps", 1e-5, POSITIVE),
+    HFField("add_adapter", "add_adapter", False, None),
+    HFField("output_hidden_size", "output_hidden_size", lambda hf: hf["hidden_size"], INT),  # None: hidden_size
+    HFField("num_adapter_layers", "num_adapter_layers", 3, dict(low=0)),
+    HFField("adapter_stride", "adapter_stride", 2, INT),
+    HFField("adapter_kernel_size", "adapter_kernel_size", 3, INT),
     HFField("hidden_dropout", "hidden_dropout", 0.1),
     HFField("attention_dropout", "attention_dropout", 0.1),
     HFField("activation_dropout", "activation_dropout", 0.1),
@@ -54,37 +76,16 @@ def parse_config(hf: dict, where: str) -> EncoderConfig:
     norm = hf.get("feat_extract_norm", "group")
     if norm not in ("group", "layer"):
         raise ConfigError(f"{where}: feat_extract_norm {norm!r} is not supported; supported: 'group', 'layer'")
-    hidden, heads = require_heads(hf, "hidden_size", "num_attention_heads", where)
+    hidden, _ = require_heads(hf, "hidden_size", "num_attention_heads", where)
     groups = number(hf, "num_conv_pos_embedding_groups", where, 16)
     if hidden % groups:  # the positional conv is grouped over the width
         raise ConfigError(f"{where}: hidden_size {hidden} is not divisible by num_conv_pos_embedding_groups {groups}")
-    add_adapter = bool(hf.get("add_adapter", False))
-    regularisation = read_fields(hf, FIELDS, where)
+    fields = read_fields(hf, FIELDS, where)  # the checks above come first, with their own messages
     return EncoderConfig(
         model_type=mt,
-        hidden_size=hidden,
-        num_layers=number(hf, "num_hidden_layers", where),
-        num_heads=heads,
-        intermediate_size=number(hf, "intermediate_size", where),
-        hidden_act=check_activation(hf.get("hidden_act", "gelu"), where),
-        conv_dim=conv_dim,
-        conv_kernel=conv_kernel,
-        conv_stride=conv_stride,
-        conv_bias=bool(hf.get("conv_bias", False)),
-        feat_extract_norm=norm,
-        feat_extract_activation=check_activation(hf.get("feat_extract_activation", "gelu"), where),
-        feat_proj_layer_norm=bool(hf.get("feat_proj_layer_norm", True)),
-        stable_layer_norm=bool(hf.get("do_stable_layer_norm", False)),
-        num_conv_pos_embeddings=number(hf, "num_conv_pos_embeddings", where, 128),
-        num_conv_pos_embedding_groups=groups,
-        layer_norm_eps=number(hf, "layer_norm_eps", where, 1e-5, **POSITIVE),
-        add_adapter=add_adapter,
-        output_hidden_size=number(hf, "output_hidden_size", where, hidden),
-        num_adapter_layers=number(hf, "num_adapter_layers", where, 3, low=0),
-        adapter_stride=number(hf, "adapter_stride", where, 2),
-        adapter_kernel_size=number(hf, "adapter_kernel_size", where, 3),
-        masked_spec_embed=max(regularisation["mask_time_prob"], regularisation["mask_feature_prob"]) > 0,
-        **regularisation,
+        # transformers makes the mask embedding whenever either SpecAugment probability is above 0
+        masked_spec_embed=max(fields["mask_time_prob"], fields["mask_feature_prob"]) > 0,
+        **fields,
         hf=hf,
     )
 
