@@ -25,8 +25,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -72,7 +70,7 @@ def random_model(path: Path) -> None:
 
     from speechseq import SpeechSeq2Seq
     from speechseq.audio import FeatureExtractor
-    from speechseq.storage import write_json
+    from speechseq.checkpoints.storage import write_json
 
     config = json.loads((ROOT / "configs" / "demo-wav2vec2-bert.json").read_text())
     SpeechSeq2Seq.from_config(config, seed=0).save_pretrained(path)

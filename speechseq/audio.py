@@ -20,7 +20,7 @@ import numpy as np
 
 from speechseq.config import check_number, number
 from speechseq.errors import ConfigError, InputError, first_line
-from speechseq.storage import write_json
+from speechseq.checkpoints.storage import write_json
 
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
 

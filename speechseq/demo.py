@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> None:
     from speechseq import SpeechSeq2Seq
     from speechseq.audio import FeatureExtractor, load_audio
     from speechseq.config import config_from_dict, read_json
-    from speechseq.convert import describe_config
+    from speechseq.checkpoints.convert import describe_config
 
     # Check every input before the work starts, so a bad argument costs nothing and prints one line.
     if args.config == DEFAULT_CONFIG and not DEFAULT_CONFIG.exists():

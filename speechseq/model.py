@@ -23,7 +23,7 @@ from speechseq.decoders import transformer
 from speechseq.errors import InputError
 from speechseq.layers.core import dense, fold
 from speechseq.registry import family
-from speechseq.weights.table import Rule, dense as dense_rules, prefixed
+from speechseq.checkpoints.table import Rule, dense as dense_rules, prefixed
 
 Params = Mapping[str, Any]
 

@@ -16,7 +16,7 @@ from speechseq.decoders.transformer import decode, weight_rules as decoder_rules
 from speechseq.encoders import wav2vec2
 from speechseq.config import HFField
 from speechseq.errors import ConfigError
-from speechseq.weights.table import Rule
+from speechseq.checkpoints.table import Rule
 
 
 @dataclass(frozen=True)

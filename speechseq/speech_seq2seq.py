@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from speechseq import model as M
-from speechseq import storage
+from speechseq.checkpoints import storage
 from speechseq.config import (
     SpeechSeq2SeqConfig,
     check_memory,
@@ -26,8 +26,8 @@ from speechseq.decoding.layouts import DecodeLayouts
 from speechseq.errors import InputError
 from speechseq.hub import resolve
 from speechseq.registry import family
-from speechseq.weights import table
-from speechseq.weights.checkpoint import (
+from speechseq.checkpoints import table
+from speechseq.checkpoints.hf import (
     fill_missing,
     init_std,
     load_part,
@@ -36,7 +36,7 @@ from speechseq.weights.checkpoint import (
     to_flat_numpy,
     to_tree,
 )
-from speechseq.weights.readers import open_checkpoint
+from speechseq.checkpoints.readers import open_checkpoint
 
 
 TOP_LEVEL_KEYS = ("decoder_start_token_id", "pad_token_id", "eos_token_id")

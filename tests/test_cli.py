@@ -11,7 +11,7 @@ import pytest
 
 import hf_factory as F
 from speechseq.cli import main
-from speechseq.weights.readers import open_checkpoint, write_safetensors
+from speechseq.checkpoints.readers import open_checkpoint, write_safetensors
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def test_convert_then_export_is_bit_exact(hf_dir, tmp_path, capsys):
 def test_convert_streams_in_batches(hf_dir, tmp_path, capsys, monkeypatch):
     """With a tiny batch budget every parameter is written by its own partial save, one batch resident at a time;
     the checkpoint is still one params/ tree that restores and exports bit for bit."""
-    from speechseq import storage
+    from speechseq.checkpoints import storage
 
     sizes = []
     streaming = storage.save_params_streaming

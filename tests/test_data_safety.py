@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 import hf_factory as F
-from speechseq import storage
+from speechseq.checkpoints import storage
 from speechseq.cli import main
-from speechseq.convert import convert
+from speechseq.checkpoints.convert import convert
 
 
 @pytest.fixture(scope="module")
@@ -252,7 +252,7 @@ def test_killed_force_replacement_is_undone_by_the_next_run(hf_dir, ss_dir, tmp_
 
 def test_save_pretrained_leaves_no_partial(hf_dir, tmp_path, monkeypatch):
     from speechseq import SpeechSeq2Seq
-    from speechseq.weights import checkpoint
+    from speechseq.checkpoints import hf as checkpoint
 
     model = SpeechSeq2Seq.from_pretrained(hf_dir)
     (tmp_path / f".speechseq-save.partial-{tag(dead_pid(), start=1)}-0123abcd").mkdir()  # from a killed save
@@ -275,7 +275,7 @@ def big_hf(tmp_path_factory):
     import torch
     import transformers as T
 
-    from speechseq.weights.readers import write_safetensors
+    from speechseq.checkpoints.readers import write_safetensors
 
     enc = F.any_encoder_config("w2v-layer-stable", hidden_size=256, num_hidden_layers=4, intermediate_size=1024,
                                num_attention_heads=4)

@@ -11,7 +11,7 @@ import pytest
 
 import hf_factory as F
 from speechseq import CheckpointError, ConfigError, InputError, SpeechSeq2Seq
-from speechseq.weights.readers import open_checkpoint, write_safetensors
+from speechseq.checkpoints.readers import open_checkpoint, write_safetensors
 
 
 def one_line(err: pytest.ExceptionInfo) -> str:

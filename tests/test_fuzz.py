@@ -33,7 +33,7 @@ from hypothesis import strategies as st
 
 from speechseq.config import config_from_dict
 from speechseq.errors import SpeechSeqError
-from speechseq.weights.readers import open_checkpoint, write_safetensors
+from speechseq.checkpoints.readers import open_checkpoint, write_safetensors
 
 REPO = Path(__file__).resolve().parents[1]
 TIME_LIMIT_S = 10.0  # per example; a real one takes milliseconds

@@ -1,4 +1,4 @@
-"""Tests for speechseq.weights.readers: torch-free checkpoint reading and safetensors writing."""
+"""Tests for speechseq.checkpoints.readers: torch-free checkpoint reading and safetensors writing."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from speechseq.errors import CheckpointError
-from speechseq.weights.readers import Checkpoint, open_checkpoint, write_safetensors, write_safetensors_streamed
+from speechseq.checkpoints.readers import Checkpoint, open_checkpoint, write_safetensors, write_safetensors_streamed
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -146,7 +146,7 @@ def test_bin_loads_without_torch(tmp_path):
         "try:\n    import torch\nexcept ImportError:\n    pass\n"
         "else:\n    raise SystemExit('torch is importable')\n"
         "import hashlib, numpy as np\n"
-        "from speechseq.weights.readers import open_checkpoint\n"
+        "from speechseq.checkpoints.readers import open_checkpoint\n"
         f"ckpt = open_checkpoint({str(tmp_path)!r})\n"
         "h = hashlib.sha256()\n"
         "for name in sorted(ckpt):\n"
@@ -460,7 +460,7 @@ def deflated_zeros(size: int) -> bytes:
 PEAK_RSS = """
 import json, resource, sys
 from speechseq.errors import CheckpointError
-from speechseq.weights.readers import open_checkpoint
+from speechseq.checkpoints.readers import open_checkpoint
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 try:
     open_checkpoint(sys.argv[1])

@@ -16,7 +16,7 @@ import transformers
 
 import hf_factory as F
 from speechseq import SpeechSeq2Seq
-from speechseq.weights.readers import open_checkpoint, write_safetensors
+from speechseq.checkpoints.readers import open_checkpoint, write_safetensors
 
 REPO = Path(__file__).resolve().parents[1]
 ROUNDTRIP_ENCODERS = ["w2v-group", "w2v-layer-stable", "w2v-adapter-same", "hubert"]

@@ -13,8 +13,8 @@ from safetensors.numpy import load_file
 
 import hf_factory as F
 from speechseq import SpeechSeq2Seq
-from speechseq.convert import convert, export
-from speechseq.weights.readers import write_safetensors
+from speechseq.checkpoints.convert import convert, export
+from speechseq.checkpoints.readers import write_safetensors
 
 # "w2v-adapter" (24 wide) cannot run in transformers with a 20-wide decoder (see hf_factory.EXTRA_ENCODERS)
 ENCODERS = [name for name in F.ENCODERS if name != "w2v-adapter"] + ["w2v-adapter-20"]

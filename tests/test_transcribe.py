@@ -238,7 +238,7 @@ def test_output_on_a_full_disk(checkpoint, tmp_path, capsys, monkeypatch):
     import errno
     import os
 
-    from speechseq import storage
+    from speechseq.checkpoints import storage
 
     out = tmp_path / "out.jsonl"
     out.write_text("earlier results\n")

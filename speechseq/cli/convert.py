@@ -24,7 +24,7 @@ def add_parser(sub: Any) -> None:
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    from speechseq.convert import convert
+    from speechseq.checkpoints.convert import convert
 
     t0 = time.perf_counter()
     report = convert(args.src, args.dst, dtype=args.dtype, force=args.force, progress=not args.quiet)
@@ -61,7 +61,7 @@ def verify(src: str, dst: str) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from speechseq.convert import export
+    from speechseq.checkpoints.convert import export
 
     t0 = time.perf_counter()
     export(args.src, args.dst, force=args.force, progress=not args.quiet)

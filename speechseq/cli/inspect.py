@@ -18,7 +18,7 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from speechseq.convert import describe
+    from speechseq.checkpoints.convert import describe
 
     info = describe(args.src)
     tok = _tokenizer_summary(Path(info["path"]))

@@ -115,7 +115,7 @@ def _output(target: Path, shown: str) -> Iterator[Callable[[str], None]]:
     was. Something that is not a regular file (a pipe, ``/dev/full``) or a path in ``/dev`` (``/dev/stdout``, even
     when that leads to a file) is written directly: it is a stream, and renaming over it would not write to it.
     Failures to open, write or finish the file are one-line ``InputError``s; the block's own errors pass unchanged."""
-    from speechseq import storage
+    from speechseq.checkpoints import storage
     from speechseq.errors import InputError
 
     def failed(e: OSError) -> InputError:

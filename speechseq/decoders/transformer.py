@@ -21,7 +21,7 @@ from speechseq.config import DecoderConfig
 from speechseq.errors import InputError
 from speechseq.layers.core import (activation, attention, block, dense, dropout, embedding_lookup, fold, layer_drop,
                                    layer_norm, mlp, out_major, out_major_dot, split_heads)
-from speechseq.weights.table import Rule, dense as dense_rules, norm as norm_rules, rule
+from speechseq.checkpoints.table import Rule, dense as dense_rules, norm as norm_rules, rule
 
 Params = Mapping[str, jax.Array]
 

@@ -16,7 +16,7 @@ from speechseq.config import (ACTIVATION, INT, INT_LIST, POSITIVE, REQUIRED, TEX
 from speechseq.errors import ConfigError, InputError
 from speechseq.layers.core import (activation, block, dense, dropout, fold, layer_drop, layer_norm,
                                    mlp, multi_head_attention)
-from speechseq.weights.table import Rule, dense as dense_rules, norm as norm_rules, rule
+from speechseq.checkpoints.table import Rule, dense as dense_rules, norm as norm_rules, rule
 
 Params = Mapping[str, jax.Array]
 TORCH_NORM_EPS = 1e-5  # nn.LayerNorm / nn.GroupNorm default, used where transformers does not pass config eps

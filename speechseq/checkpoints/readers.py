@@ -28,7 +28,7 @@ import ml_dtypes
 import numpy as np
 
 from speechseq.errors import CheckpointError, first_line
-from speechseq.storage import atomic_file
+from speechseq.checkpoints.storage import atomic_file
 
 __all__ = [
     "Checkpoint",

@@ -12,13 +12,13 @@ from typing import Any, Callable, Iterable, Iterator
 import jax
 import numpy as np
 
-from speechseq import storage
+from speechseq.checkpoints import storage
 from speechseq.config import SpeechSeq2SeqConfig, config_from_dict, read_json
 from speechseq.errors import CheckpointError
 from speechseq.hub import resolve
 from speechseq.model import weight_rules
-from speechseq.weights import table
-from speechseq.weights.readers import open_checkpoint, write_safetensors, write_safetensors_streamed
+from speechseq.checkpoints import table
+from speechseq.checkpoints.readers import open_checkpoint, write_safetensors, write_safetensors_streamed
 
 Progress = Callable[[Iterable], Iterable] | None
 

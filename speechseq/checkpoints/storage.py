@@ -470,7 +470,7 @@ def save_params_streaming(directory: Path, batches: Iterable[Mapping[str, Any]])
 
     Uses orbax's partial saving; with an orbax that lacks it, the batches are gathered and saved at once.
     """
-    from speechseq.weights.table import unflatten
+    from speechseq.checkpoints.table import unflatten
 
     try:
         from orbax.checkpoint.experimental.v1 import partial
@@ -500,7 +500,7 @@ def restore_params(directory: Path, target: Any = None, paths: Iterable[str] | N
     import jax
     import orbax.checkpoint as ocp
 
-    from speechseq.weights.table import flatten, unflatten
+    from speechseq.checkpoints.table import flatten, unflatten
 
     path = (directory / "params").absolute()
     if not path.is_dir():
@@ -527,7 +527,7 @@ def restore_params(directory: Path, target: Any = None, paths: Iterable[str] | N
 
 def params_metadata(directory: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """Shapes and dtypes of a speechseq checkpoint's params without reading them."""
-    from speechseq.weights.table import flatten
+    from speechseq.checkpoints.table import flatten
 
     return {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in flatten(_metadata_tree((directory / "params").absolute())).items()}
 

@@ -14,12 +14,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from speechseq import storage
+from speechseq.checkpoints import storage
 from speechseq.config import SpeechSeq2SeqConfig
 from speechseq.errors import CheckpointError
 from speechseq.registry import Family
-from speechseq.weights import table
-from speechseq.weights.readers import write_safetensors
+from speechseq.checkpoints import table
+from speechseq.checkpoints.readers import write_safetensors
 
 logger = logging.getLogger("speechseq")
 
