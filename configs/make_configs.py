@@ -12,7 +12,7 @@ from pathlib import Path
 
 import transformers as T
 
-from speechseq.storage import write_json
+from speechseq.checkpoints.storage import write_json
 
 HERE = Path(__file__).resolve().parent
 
