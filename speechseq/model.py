@@ -56,11 +56,13 @@ _ENCODER, _DECODER = 0, 1
 
 
 def encode(cfg: SpeechSeq2SeqConfig, params: Params, input_values: jax.Array, attention_mask: jax.Array | None = None,
-           dtype: Any = jnp.float32, rng: jax.Array | None = None) -> EncoderOutput:
+           dtype: Any = jnp.float32, rng: jax.Array | None = None, remat: str = "none") -> EncoderOutput:
     """Audio [B, N] float (+ sample mask [B, N]) -> EncoderOutput (frames [B, S, E], frame mask [B, S]).
-    ``rng``: a ``jax.random`` key for dropout and LayerDrop (training mode), None for eval mode."""
+    ``rng``: a ``jax.random`` key for dropout and LayerDrop (training mode), None for eval mode. ``remat``: the
+    layers' rematerialisation policy for the backward pass ("none", "layer", "dots"; ``layers.core.remat``)."""
     apply = family(cfg.encoder.model_type, "encoder").apply
-    hidden, mask = apply(cfg.encoder, params["encoder"], input_values, attention_mask, jnp.dtype(dtype), rng=rng)
+    hidden, mask = apply(cfg.encoder, params["encoder"], input_values, attention_mask, jnp.dtype(dtype), rng=rng,
+                         remat=remat)
     return EncoderOutput(hidden, mask)
 
 
@@ -89,17 +91,18 @@ def project(cfg: SpeechSeq2SeqConfig, params: Params, hidden: jax.Array, dtype: 
 
 def decode(cfg: SpeechSeq2SeqConfig, params: Params, decoder_input_ids: jax.Array, encoder_output: EncoderOutput,
            decoder_attention_mask: jax.Array | None = None, dtype: Any = jnp.float32,
-           rng: jax.Array | None = None) -> jax.Array:
+           rng: jax.Array | None = None, remat: str = "none") -> jax.Array:
     """Teacher-forced decoder over precomputed encoder output: ids [B, T] -> float32 logits [B, T, V].
-    ``rng``: a ``jax.random`` key for dropout and LayerDrop (training mode), None for eval mode."""
+    ``rng``: a ``jax.random`` key for dropout and LayerDrop (training mode), None for eval mode; ``remat``: see
+    ``encode``."""
     return _decode_projected(cfg, params, decoder_input_ids, project(cfg, params, encoder_output.last_hidden_state,
                                                                      dtype), encoder_output.attention_mask,
-                             decoder_attention_mask, dtype, rng)
+                             decoder_attention_mask, dtype, rng, remat)
 
 
 def _decode_projected(cfg: SpeechSeq2SeqConfig, params: Params, decoder_input_ids: jax.Array, enc: jax.Array,
                       enc_mask: jax.Array | None, decoder_attention_mask: jax.Array | None, dtype: Any,
-                      rng: jax.Array | None = None) -> jax.Array:
+                      rng: jax.Array | None = None, remat: str = "none") -> jax.Array:
     if enc.shape[0] != decoder_input_ids.shape[0]:
         raise InputError(f"decoder_input_ids: batch {decoder_input_ids.shape[0]} does not match the audio batch "
                          f"{enc.shape[0]}")
@@ -107,7 +110,7 @@ def _decode_projected(cfg: SpeechSeq2SeqConfig, params: Params, decoder_input_id
     cross = cross_kv(cfg, params, enc, dtype)
     return family(cfg.decoder.model_type, "decoder").apply(cfg.decoder, params["decoder"], decoder_input_ids, cross,
                                                            enc_mask, decoder_attention_mask, dtype=dtype,
-                                                           rng=rng)[0]
+                                                           rng=rng, remat=remat)[0]
 
 
 def cross_kv(cfg: SpeechSeq2SeqConfig, params: Params, enc: jax.Array, dtype: Any = jnp.float32) -> transformer.CrossKV:
@@ -141,18 +144,19 @@ def forward(cfg: SpeechSeq2SeqConfig, params: Params, input_values: jax.Array | 
             attention_mask: jax.Array | None = None, decoder_input_ids: jax.Array | None = None,
             decoder_attention_mask: jax.Array | None = None, labels: jax.Array | None = None,
             encoder_outputs: EncoderOutput | tuple | None = None, dtype: Any = jnp.float32,
-            rng: jax.Array | None = None) -> Seq2SeqOutput:
+            rng: jax.Array | None = None, remat: str = "none") -> Seq2SeqOutput:
     """Full model: audio [B, N] (or ``encoder_outputs``) and decoder ids [B, T] or labels [B, T] -> Seq2SeqOutput.
 
     ``encoder_outputs`` is an EncoderOutput or, as in transformers, a tuple whose first element is the frames
     [B, S, E] (the rest unused). Without a frame mask of their own they get one from ``attention_mask`` [B, N].
     ``rng``: a ``jax.random`` key for dropout and LayerDrop (training mode; the encoder and the decoder get keys
-    folded from it), None for eval mode.
+    folded from it), None for eval mode. ``remat``: the layers' rematerialisation policy for the backward pass
+    ("none", "layer" or "dots"; ``layers.core.remat``).
     """
     if encoder_outputs is None:
         if input_values is None:
             raise InputError("input_values: required unless encoder_outputs are given")
-        encoder_outputs = encode(cfg, params, input_values, attention_mask, dtype, fold(rng, _ENCODER))
+        encoder_outputs = encode(cfg, params, input_values, attention_mask, dtype, fold(rng, _ENCODER), remat)
     encoder_outputs = with_frame_mask(cfg, encoder_outputs, attention_mask)
     if decoder_input_ids is None:
         if labels is None:
@@ -162,11 +166,11 @@ def forward(cfg: SpeechSeq2SeqConfig, params: Params, input_values: jax.Array | 
         decoder_input_ids = shift_right(labels, cfg.pad_token_id, cfg.decoder_start_token_id)
     enc = project(cfg, params, encoder_outputs.last_hidden_state, dtype)
     logits = _decode_projected(cfg, params, decoder_input_ids, enc, encoder_outputs.attention_mask,
-                               decoder_attention_mask, dtype, fold(rng, _DECODER))
+                               decoder_attention_mask, dtype, fold(rng, _DECODER), remat)
     loss = None if labels is None else cross_entropy(logits, labels)
     return Seq2SeqOutput(logits, loss, enc, encoder_outputs.attention_mask)
 
 
-forward_jit = jax.jit(forward, static_argnames=("cfg", "dtype"))
-encode_jit = jax.jit(encode, static_argnames=("cfg", "dtype"))
-decode_jit = jax.jit(decode, static_argnames=("cfg", "dtype"))
+forward_jit = jax.jit(forward, static_argnames=("cfg", "dtype", "remat"))
+encode_jit = jax.jit(encode, static_argnames=("cfg", "dtype", "remat"))
+decode_jit = jax.jit(decode, static_argnames=("cfg", "dtype", "remat"))

@@ -20,7 +20,8 @@ from speechseq import kernels
 from speechseq.config import DecoderConfig
 from speechseq.errors import InputError
 from speechseq.layers.core import (activation, attention, block, dense, dropout, embedding_lookup, fold, layer_drop,
-                                   layer_norm, mlp, out_major, out_major_dot, split_heads)
+                                   layer_norm, mlp, out_major, out_major_dot, remat as remat_fn,
+                                   split_heads)
 from speechseq.checkpoints.table import Rule, dense as dense_rules, norm as norm_rules, rule
 
 Params = Mapping[str, jax.Array]
@@ -313,7 +314,7 @@ _SELF_PROBS, _SELF_OUT, _CROSS_PROBS, _CROSS_OUT, _ACT, _MLP_OUT, _LAYERDROP = r
 def decode(cfg: DecoderConfig, p: Params, input_ids: jax.Array, cross: CrossKV, enc_mask: jax.Array | None,
            attention_mask: jax.Array | None = None, cache: KVCache | None = None, start: int | jax.Array = 0,
            dtype: jnp.dtype = jnp.float32, cache_rows: jax.Array | None = None,
-           rng: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+           rng: jax.Array | None = None, remat: str = "none") -> tuple[jax.Array, KVCache | None]:
     """Decoder over ids [B', T] at steps start..start+T-1 -> (float32 logits [B', T, V], updated cache).
 
     ``cross`` holds K/V for B utterances (B' = B * beams). Without ``cache`` this is the teacher-forced pass over
@@ -327,7 +328,8 @@ def decode(cfg: DecoderConfig, p: Params, input_ids: jax.Array, cross: CrossKV, 
     ``rng`` (a ``jax.random`` key; teacher-forced pass only) turns on transformers' training-mode regularisation:
     dropout after the embeddings (``embed_dropout``), after each attention output and MLP output
     (``hidden_dropout``), on attention probabilities (``attention_dropout``), after the MLP activation
-    (``activation_dropout``), and LayerDrop (``layerdrop``). None: eval mode.
+    (``activation_dropout``), and LayerDrop (``layerdrop``). None: eval mode. ``remat``: the layers'
+    rematerialisation policy for the backward pass (``layers.core.remat``).
     """
     check_ids(cfg, input_ids)
     prepared = isinstance(p["layers"], list)  # decode-step layout: per-layer params, head-major cross K/V
@@ -413,7 +415,7 @@ def decode(cfg: DecoderConfig, p: Params, input_ids: jax.Array, cross: CrossKV, 
     else:
         xs = (p["layers"], scales, cross.k, cross.v, None if cache is None else tuple(cache),
               jnp.arange(cfg.num_layers))
-        h, new_cache = jax.lax.scan(lambda h, xs: layer(h, xs, shared), h, xs)
+        h, new_cache = jax.lax.scan(remat_fn(lambda h, xs: layer(h, xs, shared), remat), h, xs)
     if cfg.final_norm:
         h = layer_norm(p["final_norm"], h, cfg.layer_norm_eps)
     return lm_head(cfg, p, h, dtype), None if cache is None else KVCache(*new_cache)

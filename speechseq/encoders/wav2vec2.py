@@ -15,7 +15,7 @@ from speechseq.config import (ACTIVATION, INT, INT_LIST, POSITIVE, REQUIRED, TEX
                               read_fields, require_heads)
 from speechseq.errors import ConfigError, InputError
 from speechseq.layers.core import (activation, block, dense, dropout, fold, layer_drop, layer_norm,
-                                   mlp, multi_head_attention)
+                                   mlp, multi_head_attention, remat as remat_fn)
 from speechseq.checkpoints.table import Rule, dense as dense_rules, norm as norm_rules, rule
 
 Params = Mapping[str, jax.Array]
@@ -279,13 +279,15 @@ _ATTN_PROBS, _ATTN_OUT, _ACT, _MLP_OUT, _LAYERDROP = range(5)  # per layer
 
 
 def encode(cfg: EncoderConfig, p: Params, input_values: jax.Array, attention_mask: jax.Array | None,
-           dtype: jnp.dtype = jnp.float32, rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array | None]:
+           dtype: jnp.dtype = jnp.float32, rng: jax.Array | None = None,
+           remat: str = "none") -> tuple[jax.Array, jax.Array | None]:
     """Audio [B, N] (+ sample mask [B, N]) -> (frames [B, S, output_size], frame mask [B, S] bool or None).
 
     ``rng`` (a ``jax.random`` key) turns on transformers' training-mode regularisation: dropout after the feature
     projection (``feat_proj_dropout``), after the positional embedding, the attention output and the feed-forward
     (``hidden_dropout``), on attention probabilities (``attention_dropout``), after the feed-forward activation
     (``activation_dropout``), and LayerDrop over the transformer layers (``layerdrop``). None: eval mode.
+    ``remat``: the transformer layers' rematerialisation policy (``layers.core.remat``).
     """
     check_audio(cfg, input_values, attention_mask)
     feats = feature_encoder(cfg, p["feature_encoder"], input_values, dtype)
@@ -322,7 +324,7 @@ def encode(cfg: EncoderConfig, p: Params, input_values: jax.Array, attention_mas
 
         return layer_drop(run, h, cfg.layerdrop, fold(lr, _LAYERDROP)), None
 
-    h, _ = jax.lax.scan(layer, h, (p["layers"], jnp.arange(cfg.num_layers)))
+    h, _ = jax.lax.scan(remat_fn(layer, remat), h, (p["layers"], jnp.arange(cfg.num_layers)))
     if cfg.stable_layer_norm:
         h = layer_norm(p["norm"], h, cfg.layer_norm_eps)
     if cfg.add_adapter:

@@ -74,6 +74,23 @@ def layer_drop(fn: Callable[[jax.Array], jax.Array], h: jax.Array, rate: float, 
     return jax.lax.cond(jax.random.bernoulli(rng, rate), lambda h: h, fn, h)
 
 
+REMAT_POLICIES = ("none", "layer", "dots")
+
+
+def remat(fn: Callable, policy: str) -> Callable:
+    """``fn`` (one layer's body) under a rematerialisation policy, by name as MaxText's ``remat_policy``: "none"
+    keeps every activation for the backward pass; "layer" keeps only the layer's inputs and recomputes the rest
+    (``jax.checkpoint``); "dots" also keeps the results of matmuls without batch dimensions (the projections), so
+    only the cheap element-wise work and attention are recomputed."""
+    if policy == "none":
+        return fn
+    if policy == "layer":
+        return jax.checkpoint(fn)
+    if policy == "dots":
+        return jax.checkpoint(fn, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+    raise ConfigError(f"remat: unknown policy {policy!r}; choose one of {list(REMAT_POLICIES)}")
+
+
 def dense(p: Params, x: jax.Array, dtype: jnp.dtype) -> jax.Array:
     """[..., Din] @ kernel [Din, Dout] (+ bias) in ``dtype``; or with ``kernel_t`` [Dout, Din] or ``kernel_p``
     (float32 panels for the CPU decode kernel), see ``out_major``."""
