@@ -61,3 +61,36 @@ def native(request):
         kernels._state.clear()
         kernels._state.update(saved)
         jax.clear_caches()
+
+
+# ---- synthesized speech (espeak-ng) ----------------------------------------------------------------------------------
+
+SPEECH_TEXTS = ("hello world", "the quick brown fox", "speech to text in jax", "a b c", "hello", "text to speech",
+                "the fox in the world", "quick quick brown", "jax in a world of text", "brown fox jumps",
+                "to be or not to be", "speech", "hello jax", "world of speech and text", "the end", "in the box")
+
+
+def synthesize(text: str, path, rate: int | None = None):
+    """``text`` spoken by espeak-ng (en-us, 160 words/min) into the WAV ``path``: espeak's own 22050 Hz mono 16-bit,
+    or resampled to ``rate`` by sox (no dither), a resampler independent of the library's soxr. Skips the test when
+    espeak-ng (or sox, for ``rate``) is not installed. Returns the path."""
+    import subprocess
+    from pathlib import Path
+
+    path = Path(path)
+    if shutil.which("espeak-ng") is None or (rate and shutil.which("sox") is None):
+        pytest.skip("espeak-ng and sox are needed to synthesize speech")
+    raw = path.with_suffix(".espeak.wav") if rate else path
+    subprocess.run(["espeak-ng", "-v", "en-us", "-s", "160", "-w", str(raw), text], check=True)
+    if rate:
+        subprocess.run(["sox", "-D", "-V1", str(raw), "-r", str(rate), "-c", "1", "-b", "16", "-e",
+                        "signed-integer", str(path)], check=True)
+        raw.unlink()
+    return path
+
+
+@pytest.fixture(scope="session")
+def speech_clips(tmp_path_factory):
+    """[(wav path, text)] for ``SPEECH_TEXTS``, synthesized once per test session at 22050 Hz."""
+    folder = tmp_path_factory.mktemp("speech")
+    return [(synthesize(text, folder / f"clip{i:02d}.wav"), text) for i, text in enumerate(SPEECH_TEXTS)]

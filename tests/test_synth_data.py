@@ -1,0 +1,223 @@
+"""examples/synth/make_data.py, the synthesized speech data set of issue 28: manifests, audio, disjoint splits,
+determinism, its one-line errors, and the character tokenizer read alike by speechseq.text and transformers."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "examples" / "synth" / "make_data.py"
+SIZES = ("--train", "12", "--valid", "4", "--test", "4")
+KEYS = {"id", "audio", "text", "voice", "duration"}
+
+
+def _module(name: str):
+    spec = importlib.util.spec_from_file_location(f"synth_{name}", SCRIPT.parent / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+md = _module("make_data")
+HAVE_ESPEAK = shutil.which("espeak-ng") is not None
+HAVE_FORTUNES = md.FORTUNES.is_dir()
+needs_fortunes = pytest.mark.skipif(not HAVE_FORTUNES, reason=f"{md.FORTUNES} missing: sudo apt-get install fortunes")
+needs_both = pytest.mark.skipif(not (HAVE_ESPEAK and HAVE_FORTUNES),
+                                reason=f"espeak-ng or fortunes missing: {md.INSTALL}")
+
+
+def _run(out: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), *args], capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+def _manifests(folder: Path) -> dict[str, list[dict]]:
+    return {name: [json.loads(line) for line in (folder / f"{name}.jsonl").read_text().splitlines()]
+            for name in md.SPLITS}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    if not (HAVE_ESPEAK and HAVE_FORTUNES):
+        pytest.skip(f"espeak-ng or fortunes missing: {md.INSTALL}")
+    out = tmp_path_factory.mktemp("synth") / "data"
+    done = _run(out, *SIZES, "--seed", "3", "--jobs", "2")
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+@needs_both
+def test_manifests_and_audio(dataset):
+    rows = _manifests(dataset)
+    assert {k: len(v) for k, v in rows.items()} == {"train": 12, "valid": 4, "test": 4, "test_voice": 4}
+    assert sorted(p.name for p in dataset.iterdir()) == sorted(
+        [*md.SPLITS, *(f"{s}.jsonl" for s in md.SPLITS), "meta.json", "tokenizer"])  # no scratch files left
+    ids = [r["id"] for split in rows.values() for r in split]
+    assert len(set(ids)) == len(ids)
+    for name, split in rows.items():
+        for r in split:
+            assert set(r) == KEYS
+            assert re.fullmatch(r"[a-z]+('[a-z]+)*( [a-z]+('[a-z]+)*){2,15}", r["text"]), r["text"]
+            base, _, variant = r["voice"].partition("+")
+            assert base in md.TRAIN_VOICES
+            assert (variant == md.HELD_OUT_VARIANT) == (name == "test_voice"), r
+            assert variant in md.TRAIN_VARIANTS or name == "test_voice"
+            info = sf.info(str(dataset / r["audio"]))  # relative to the manifest's folder
+            assert (info.samplerate, info.channels, info.subtype) == (16000, 1, "FLOAT")
+            assert abs(info.frames / 16000 - r["duration"]) < 1e-4
+            assert 0.5 < r["duration"] < 7.0
+            audio, _ = sf.read(str(dataset / r["audio"]), dtype="float32")
+            rms = np.sqrt(np.mean(audio ** 2))
+            assert np.abs(audio).max() <= 1.0 and rms > 3e-3, (r["id"], rms)  # speech, not silence or noise alone
+    saved = json.loads((dataset / "tokenizer" / "tokenizer.json").read_text())
+    assert saved == json.loads(_module("make_tokenizer").build_tokenizer().to_str())
+    meta = json.loads((dataset / "meta.json").read_text())
+    assert meta["splits"]["train"]["utterances"] == 12 and meta["held_out_variant"] == md.HELD_OUT_VARIANT
+
+
+@needs_both
+def test_splits_share_no_sentence(dataset):
+    texts = {name: {r["text"] for r in split} for name, split in _manifests(dataset).items()}
+    assert [len(texts[n]) for n in md.SPLITS] == [4, 4, 4, 12]
+    for i, a in enumerate(md.SPLITS):
+        for b in md.SPLITS[i + 1:]:
+            assert not texts[a] & texts[b], (a, b)
+
+
+@needs_fortunes
+def test_deal_at_full_size():
+    """The default sizes: disjoint sets of distinct sentences, and held-out sets that do not move with --train."""
+    sentences = md.load_sentences()
+    assert len(sentences) == len(set(sentences)) > 8000
+    sizes = {"train": 6000, "valid": 200, "test": 300, "test_voice": 300}
+    sets = md.deal(sentences, sizes, seed=0)
+    assert {k: len(v) for k, v in sets.items()} == sizes
+    seen: set[str] = set()
+    for name in md.SPLITS:
+        assert len(set(sets[name])) == len(sets[name]) and not seen & set(sets[name]), name
+        seen |= set(sets[name])
+    small = md.deal(sentences, {**sizes, "train": 12}, seed=0)
+    assert all(small[n] == sets[n] for n in ("test", "test_voice", "valid")) and small["train"] == sets["train"][:12]
+    assert md.deal(sentences, sizes, seed=1)["test"] != sets["test"]
+    # more training utterances than sentences: train cycles over every remaining sentence with new voices
+    big = md.plan(md.deal(sentences, {**sizes, "train": len(sentences)}, 0), {**sizes, "train": len(sentences)}, 0)
+    train = [u for u in big if u.split == "train"]
+    assert len({u.text for u in train}) == len(sentences) - 800 and len(train) == len(sentences)
+
+
+@needs_both
+def test_same_seed_same_data(dataset, tmp_path):
+    again = tmp_path / "again"
+    assert _run(again, *SIZES, "--seed", "3", "--jobs", "1").returncode == 0
+    first, second = _manifests(dataset), _manifests(again)
+    assert first == second
+    for r in (r for split in first.values() for r in split):
+        assert (dataset / r["audio"]).read_bytes() == (again / r["audio"]).read_bytes(), r["id"]
+    other = tmp_path / "other"
+    assert _run(other, *SIZES, "--seed", "4", "--jobs", "2").returncode == 0
+    assert _manifests(other)["test"] != first["test"]
+
+
+@pytest.mark.skipif(not HAVE_ESPEAK, reason=f"espeak-ng missing: {md.INSTALL}")
+def test_every_voice_and_variant_changes_the_sound(tmp_path):
+    """espeak-ng ignores an unknown variant (and any variant of "en-gb") without a word: each must be heard."""
+    def sound(voice: str) -> bytes:
+        path = tmp_path / "v.wav"
+        subprocess.run(["espeak-ng", "-v", voice, "-w", str(path), "the weather is nice today"], check=True)
+        return path.read_bytes()
+
+    voices = [sound(v) for v in md.TRAIN_VOICES]
+    assert len(set(voices)) == len(voices)
+    variants = [sound(f"en+{v}" if v else "en") for v in (*md.TRAIN_VARIANTS, md.HELD_OUT_VARIANT)]
+    assert len(set(variants)) == len(variants)
+    assert all(sound(f"{v}+m3") != plain for v, plain in zip(md.TRAIN_VOICES, voices))
+
+
+def test_bad_input_is_one_line(tmp_path):
+    exists = tmp_path / "exists"
+    exists.mkdir()
+    cases = [((exists,), "already exists; remove it or choose another --out"),
+             ((tmp_path / "a", "--train", "0"), "--train must be >= 1, got 0"),
+             ((tmp_path / "b", "--min-word-sentences", "0"), "--min-word-sentences must be >= 1, got 0")]
+    if HAVE_ESPEAK and HAVE_FORTUNES:  # with a tool missing, that message comes first
+        for (out, *args), message in cases:
+            done = _run(out, *args)
+            assert done.returncode == 2 and done.stderr.count("\n") == 1 and message in done.stderr, done.stderr
+    env = {**os.environ, "PATH": str(tmp_path)}  # no espeak-ng on it (the script runs by absolute path)
+    done = _run(tmp_path / "c", env=env)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "espeak-ng" in done.stderr and "sudo apt-get install espeak-ng" in done.stderr
+    assert not (tmp_path / "c").exists()
+
+
+@needs_both
+def test_terminated_run_leaves_nothing(tmp_path):
+    """SIGTERM while speaking: status 143, one line, and neither the folder nor its partial folder is left."""
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--out", str(tmp_path / "d"), "--train", "5000",
+                             "--jobs", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not list(tmp_path.glob(".d.partial-*/*/*.wav")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143 and err.strip().splitlines()[-1] == "make_data.py: terminated; nothing written"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_normalise():
+    assert md.normalise('Well-known facts, they say, are "boring"!') == "well known facts they say are boring"
+    assert md.normalise("'Tis the season... to be jolly.") == "tis the season to be jolly"
+    assert md.normalise("It's the dogs' dinner, isn't it?") == "it's the dogs dinner isn't it"
+    for dropped in ("Mr. Smith went home.", "It is 5 o'clock now.", "I don't like IBM much.", "Use e.g. this one.",
+                    "Q: Why not?", "no capital at the start.", "No full stop at the end", "Two words.",
+                    "Plan x is the best one.", " ".join(["word"] * 17) + ".", "Caf\u00e9 au lait is nice."):
+        assert md.normalise(dropped) is None, dropped
+    assert md.split_sentences('Dr. Who is here. He left!  "Why?" she said. Why not?') == [
+        "Dr. Who is here.", "He left!", '"Why?" she said.', "Why not?"]
+
+
+@needs_fortunes
+def test_tokenizer_round_trip(tmp_path):
+    """speechseq.text and transformers read the saved tokenizer alike: same ids, same decoded text, for every
+    sentence the data set can hold, and decoding gives the sentence back."""
+    import transformers
+
+    from speechseq.text import Tokenizer
+
+    _module("make_tokenizer").save_tokenizer(tmp_path / "tok")
+    ours, theirs = Tokenizer.from_pretrained(tmp_path / "tok"), transformers.AutoTokenizer.from_pretrained(
+        tmp_path / "tok")
+    assert (ours.pad_token_id, ours.bos_token_id, ours.eos_token_id) == (0, 2, 3)
+    assert (theirs.pad_token_id, theirs.cls_token_id, theirs.sep_token_id, len(theirs)) == (0, 2, 3, len(ours))
+    sentences = md.load_sentences()
+    ids = theirs(sentences)["input_ids"]
+    unk = ours.unk_token_id
+    for text, expected in zip(sentences, ids):
+        got = ours.encode(text)
+        assert got == expected, text
+        assert got[0] == 2 and got[-1] == 3 and unk not in got and len(got) == len(text) + 2, text
+        assert ours.decode(got, skip_special_tokens=True) == theirs.decode(got, skip_special_tokens=True) == text
+        assert ours.decode(got) == theirs.decode(got)
+    # text outside the alphabet: lowercased by both, the rest [UNK]
+    odd = "Hello, World 42"
+    assert ours.encode(odd) == theirs(odd)["input_ids"] and ours.decode(ours.encode(odd)) == theirs.decode(
+        theirs(odd)["input_ids"])
+    labels = ours.encode_labels(sentences[:3], strip_start_id=2)
+    assert (labels[:, 0] != 2).all() and ((labels == 3).sum(axis=1) == 1).all()
