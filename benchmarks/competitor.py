@@ -1,8 +1,10 @@
 """One competitor of ``decode.py`` in a process of its own: transformers 5 PyTorch, or transformers 4.46 Flax under
 ``jax.jit``, timing one call per request so that ``decode.py`` can interleave its calls with the other systems'.
 
-    python competitor.py pytorch|flax CHECKPOINT_DIR SETTINGS_JSON
+    python competitor.py pytorch|flax|speechseq CHECKPOINT_DIR SETTINGS_JSON
 
+``speechseq`` runs speechseq as ``PYTHONPATH`` finds it (``decode.py --baseline REF``: this tree against a git
+worktree of REF, each in a process of its own, for an A/B of a change in one run).
 ``pytorch`` runs in the main venv (torch==2.13.0, transformers 5); ``flax`` in ``benchmarks/.venv-flax446``
 (transformers==4.46.3, jax==0.4.30, flax==0.8.5), loading the PyTorch checkpoint with ``from_pt=True``.
 ``CHECKPOINT_DIR`` is a ``SpeechEncoderDecoderModel`` checkpoint that also holds ``audio.npy`` [B, N] float32
@@ -75,10 +77,31 @@ def flax_jobs(ckpt: str, settings: dict, audio: np.ndarray) -> tuple[dict, dict]
     return jobs, {"transformers": transformers.__version__, "jax": jax.__version__, "flax": flax.__version__}
 
 
+def speechseq_jobs(ckpt: str, settings: dict, audio: np.ndarray) -> tuple[dict, dict]:
+    """speechseq as ``PYTHONPATH`` finds it (``decode.py --baseline REF`` runs this tree and a worktree of REF)."""
+    import jax
+
+    import speechseq
+    from speechseq import SpeechSeq2Seq
+    from speechseq import model as M
+
+    model = SpeechSeq2Seq.from_pretrained(ckpt)
+    x = jax.device_put(audio)
+
+    def generator(beams: int):
+        return lambda: np.asarray(model.generate(x, max_new_tokens=settings["new_tokens"],
+                                                 **generate_kwargs(settings, beams)))
+
+    jobs = {"encoder": lambda: jax.block_until_ready(M.encode_jit(model.config, model.params, x)) and None,
+            **{str(b): generator(b) for b in settings["beams"]}}
+    return jobs, {"speechseq": os.path.dirname(speechseq.__file__), "jax": jax.__version__}
+
+
 def main() -> None:
     system, ckpt, settings = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
     audio = np.load(os.path.join(ckpt, "audio.npy"))
-    jobs, versions = {"pytorch": pytorch_jobs, "flax": flax_jobs}[system](ckpt, settings, audio)
+    jobs, versions = {"pytorch": pytorch_jobs, "flax": flax_jobs, "speechseq": speechseq_jobs}[system](
+        ckpt, settings, audio)
     print(json.dumps({"ready": True, "versions": versions}), flush=True)
     for line in sys.stdin:
         name = line.strip()

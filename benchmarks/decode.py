@@ -3,6 +3,7 @@
     python benchmarks/decode.py              # wav2vec2-base + bert-base, batch 4, 5 s audio, 32 new tokens
     python benchmarks/decode.py --quick      # tiny model, smoke test (< 1 min)
     python benchmarks/decode.py --skip-flax --repeats 5
+    python benchmarks/decode.py --baseline HEAD~1     # also an A/B of this tree against a git ref, same run
 
 All systems load the same random-weight checkpoint (built once with a fixed seed by transformers and saved to a
 temporary folder), decode the same unpadded float32 audio without an attention mask (transformers 4.46's Flax
@@ -208,8 +209,7 @@ def weight_dots_job(model, rows: int, info: dict):
     import jax
     import jax.numpy as jnp
 
-    from speechseq.decoding.generate import prepare_decoder
-    from speechseq.layers.core import dense
+    from speechseq.decoding.cpu import dense, prepare_decoder
 
     def width(w):  # Din of a weight in either layout
         return w.shape[1]
@@ -261,9 +261,9 @@ class Competitor:
 
     Each competitor gets a process of its own so that no thread pool or allocator state passes between systems."""
 
-    def __init__(self, python: Path, system: str, ckpt: Path, args):
+    def __init__(self, python: Path, system: str, ckpt: Path, args, env: dict | None = None):
         settings = {"new_tokens": args.new_tokens, "beams": args.beams, "start": START, "pad": PAD, "eos": EOS}
-        env = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2"}
+        env = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
         self.name, self.batch, self.new_tokens = system, args.batch, args.new_tokens
         self.stderr = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen([str(python), str(HERE / "competitor.py"), system, str(ckpt), json.dumps(settings)],
@@ -356,7 +356,32 @@ def decoder_step_bytes(params, rows: int, utterances: int, frames: int, max_len:
 # Report
 
 
-names = {"sq": "speechseq", "pt": "transformers 5 PyTorch", "fx": "transformers 4.46 Flax (jit)"}
+names = {"sq": "speechseq", "pt": "transformers 5 PyTorch", "fx": "transformers 4.46 Flax (jit)",
+         "new": "speechseq (this tree, own process)", "base": "speechseq (baseline ref, own process)"}
+
+
+def baseline_worktree(ref: str, folder: Path) -> Path:
+    """A detached git worktree of ``ref`` of this repository in ``folder`` (removed by ``remove_worktree``)."""
+    root = HERE.parent
+    subprocess.run(["git", "-C", str(root), "worktree", "add", "-q", "--detach", str(folder), ref], check=True)
+    return folder
+
+
+def remove_worktree(folder: Path) -> None:
+    subprocess.run(["git", "-C", str(HERE.parent), "worktree", "remove", "--force", str(folder)], check=False)
+
+
+def ab_report(args, new: dict, base: dict) -> str:
+    """This tree against the baseline ref, both in processes of their own, in the same interleaved rounds."""
+    lines = [f"A/B: this tree against {args.baseline} (ratio = baseline / this tree: > 1 means this tree is faster)"]
+    for job in ["encoder", *args.beams]:
+        a, b = new[job], base[job]
+        rounds = [y / x for x, y in zip(a["runs_s"], b["runs_s"])]
+        label = "encoder" if job == "encoder" else strategy_name(job)
+        lines.append(f"  {label:<10} this tree {a['steady_s']:.3f} s (compile {a['compile_s']:.2f}), baseline "
+                     f"{b['steady_s']:.3f} s (compile {b['compile_s']:.2f}): {b['steady_s'] / a['steady_s']:.3f}x"
+                     f" [rounds {min(rounds):.3f}-{max(rounds):.3f}x]")
+    return "\n".join(lines)
 
 
 def strategy_name(beams: int) -> str:
@@ -471,6 +496,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--beams", type=int, nargs="+", default=[1, 4], help="num_beams values to time")
     parser.add_argument("--json", type=Path, help="also write the raw timings here")
+    parser.add_argument("--baseline", metavar="REF", help="also time speechseq at this git ref (a worktree) and this "
+                        "tree, each in a process of its own, in the same rounds: an A/B of a change")
     args = parser.parse_args()
     if args.repeats is None:
         args.repeats = 1 if args.quick else 3
@@ -516,6 +543,10 @@ def main() -> None:
                     procs["fx"] = Competitor(python, "flax", ckpt, args)
                 except (RuntimeError, OSError, json.JSONDecodeError) as err:
                     print(f"[flax] could not start transformers 4.46 Flax ({err}); continuing without it")
+        if args.baseline:
+            worktree = baseline_worktree(args.baseline, Path(tmp) / "baseline")
+            procs["new"] = Competitor(Path(sys.executable), "speechseq", ckpt, args, {"PYTHONPATH": str(HERE.parent)})
+            procs["base"] = Competitor(Path(sys.executable), "speechseq", ckpt, args, {"PYTHONPATH": str(worktree)})
         systems.update({key: proc.jobs(args.beams) for key, proc in procs.items()})
         print(f"[timing] {', '.join(names[k] for k in systems)}: first calls, then {args.repeats} interleaved rounds",
               flush=True)
@@ -530,6 +561,8 @@ def main() -> None:
         finally:
             for proc in procs.values():
                 proc.close()
+            if args.baseline:
+                remove_worktree(Path(tmp) / "baseline")
         sq, pt, fx = res["sq"], res["pt"], res.get("fx")
         pt["versions"] = procs["pt"].versions
         if fx is not None:
@@ -539,6 +572,8 @@ def main() -> None:
     dims = {b: {**decoder_step_bytes(params, args.batch * b, args.batch, frames, 1 + args.new_tokens),
                 "rows": args.batch * b} for b in args.beams}
     text = report(args, machine, sq, pt, fx, dims, extra)
+    if args.baseline:
+        text += "\n\n" + ab_report(args, res["new"], res["base"])
     print()
     print(text)
     print(f"\nload average after: {os.getloadavg()[0]:.2f} (1-minute; {os.cpu_count()} CPUs)")

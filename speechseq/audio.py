@@ -14,7 +14,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import numpy as np
 
@@ -90,6 +90,8 @@ class FeatureExtractor:
 
     Defaults are transformers' own. ``extra`` keeps the other keys of the file so that ``to_dict`` writes them back.
     """
+
+    INPUT_KIND: ClassVar[str] = "waveform"  # it makes input_values (config.INPUT_KINDS)
 
     feature_size: int = 1
     sampling_rate: int = 16000

@@ -15,12 +15,13 @@ import json
 import math
 import os
 from dataclasses import dataclass, field, fields as dataclass_fields
-from typing import Any, Callable, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Mapping, NamedTuple
 
 from speechseq.errors import ConfigError, SpeechSeqError, first_line
 
 
-def _frozen_dict_field() -> Any:
+def hf_dict_field() -> Any:
+    """The ``hf`` field of a config dataclass: the original HF dict, outside equality and hash."""
     return field(default_factory=dict, compare=False, hash=False, repr=False)
 
 
@@ -49,56 +50,38 @@ class _Part:
         return out
 
 
-@dataclass(frozen=True)
-class EncoderConfig(_Part):
-    """Wav2Vec2-family speech encoder (wav2vec2, hubert): raw 16 kHz audio in, frames out.
+# What each encoder takes, by the ``INPUT_KIND`` its family file declares: the keyword it arrives under in the public
+# API (transformers' names), its rank and what it holds (for the one-line errors).
+class InputKind(NamedTuple):
+    name: str  # the keyword: input_values or input_features
+    rank: int
+    description: str
 
-    The regularisation fields (transformers' names and semantics) act only when the apply gets a random key."""
+
+INPUT_KINDS: dict[str, InputKind] = {
+    "waveform": InputKind("input_values", 2, "raw audio [batch, samples]"),
+    "features": InputKind("input_features", 3, "features [batch, frames, features]"),
+}
+
+
+class EncoderConfig(_Part):
+    """What every speech encoder's config has. Each encoder family has its own frozen dataclass subclassing this one,
+    in its own file (``encoders/wav2vec2.py``'s ``Wav2Vec2Config``), with transformers' fields under typed names;
+    code outside the family reads only what is declared here.
+
+    Regularisation fields (dropout, LayerDrop, SpecAugment) act only when the apply gets a random key."""
 
     ROLE: ClassVar[str] = "encoder"
-
-    model_type: str
-    hidden_size: int
     num_layers: int
-    num_heads: int
-    intermediate_size: int
-    hidden_act: str
-    conv_dim: tuple[int, ...]
-    conv_kernel: tuple[int, ...]
-    conv_stride: tuple[int, ...]
-    conv_bias: bool
-    feat_extract_norm: str  # "group" (GroupNorm on the first conv only) or "layer" (LayerNorm on every conv)
-    feat_extract_activation: str
-    feat_proj_layer_norm: bool
-    stable_layer_norm: bool  # pre-norm layers and a final norm (large models) instead of post-norm
-    num_conv_pos_embeddings: int
-    num_conv_pos_embedding_groups: int
-    layer_norm_eps: float
-    add_adapter: bool
-    output_hidden_size: int
-    num_adapter_layers: int
-    adapter_stride: int
-    adapter_kernel_size: int
-    masked_spec_embed: bool  # the checkpoint carries the SpecAugment mask embedding
-    hidden_dropout: float = 0.0  # after the positional conv, after attention, after the feed-forward
-    attention_dropout: float = 0.0  # on attention probabilities
-    activation_dropout: float = 0.0  # after the feed-forward activation
-    feat_proj_dropout: float = 0.0  # after the feature projection
-    layerdrop: float = 0.0  # probability of skipping a transformer layer
-    # SpecAugment (read and written back; not applied yet)
-    apply_spec_augment: bool = True
-    mask_time_prob: float = 0.0
-    mask_time_length: int = 10
-    mask_time_min_masks: int = 2
-    mask_feature_prob: float = 0.0
-    mask_feature_length: int = 10
-    mask_feature_min_masks: int = 0
-    hf: dict = _frozen_dict_field()
 
     @property
     def output_size(self) -> int:
-        """Width of the frames that leave the encoder (after the adapter, when there is one)."""
-        return self.output_hidden_size if self.add_adapter else self.hidden_size
+        """Width of the frames that leave the encoder (what ``enc_to_dec_proj`` projects from)."""
+        return self.hidden_size
+
+    def describe(self) -> str:
+        """One line on the architecture, for ``speechseq inspect`` and the demo."""
+        return f"{self.model_type}: {self.num_layers} layers, hidden {self.hidden_size}, heads {self.num_heads}"
 
 
 @dataclass(frozen=True)
@@ -140,7 +123,7 @@ class DecoderConfig(_Part):
     attention_dropout: float = 0.0  # on attention probabilities (self and cross)
     activation_dropout: float = 0.0  # after the MLP activation
     layerdrop: float = 0.0  # probability of skipping a layer
-    hf: dict = _frozen_dict_field()
+    hf: dict = hf_dict_field()
 
 
 @dataclass(frozen=True)
@@ -152,7 +135,7 @@ class SpeechSeq2SeqConfig:
     decoder_start_token_id: int | None
     pad_token_id: int | None
     eos_token_id: int | tuple[int, ...] | None
-    hf: dict = _frozen_dict_field()
+    hf: dict = hf_dict_field()
 
     @property
     def has_enc_to_dec_proj(self) -> bool:

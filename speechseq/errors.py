@@ -1,5 +1,9 @@
 """User-facing errors: every message is one line naming the file, field or argument and what was expected."""
 
+from __future__ import annotations
+
+import os
+
 
 class SpeechSeqError(ValueError):
     """One-line, user-facing error."""
@@ -22,3 +26,15 @@ def first_line(err: BaseException) -> str:
     the exception of a library (soundfile, orbax, the hub client, tokenizers), whose messages can run to many lines."""
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """A UTF-8 text file (a manifest, a list of files), with one-line ``InputError``s naming it when it is not
+    UTF-8 or cannot be read."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    except OSError as e:
+        raise InputError(f"{path}: cannot read ({e.strerror})") from None

@@ -1,12 +1,15 @@
 """The seq2seq apply as pure functions of ``(params, inputs)`` with the config static: encode, decode, forward, loss.
 
-    enc = encode(cfg, params, input_values, attention_mask)          # EncoderOutput
-    out = forward(cfg, params, input_values, attention_mask, labels=labels)
+    enc = encode(cfg, params, input_values, attention_mask)          # EncoderOutput (or input_features)
+    out = forward(cfg, params, input_values, attention_mask, labels=labels)   # or input_features=...
     jax.jit(forward, static_argnames=("cfg", "dtype"))               # or use the pre-jitted ``forward_jit``
     forward(cfg, params, input_values, attention_mask, labels=labels, rng=jax.random.key(0))  # training mode
 
-``rng=None`` (the default) is transformers' eval mode; a ``jax.random`` key turns on dropout and LayerDrop with the
-rates in the config (the same key gives the same result).
+``rng=None`` (the default) is transformers' eval mode; a ``jax.random`` key turns on dropout, LayerDrop and
+SpecAugment with the settings in the config (the same key gives the same result).
+
+The encoder's input is raw audio ``input_values`` [B, N] or ``input_features`` [B, S, F], by the kind its family
+declares (``registry.Family.input_kind``); ``encoder_input`` picks it and refuses the other in one line.
 
 ``params`` is ``{"encoder": ..., "decoder": ..., "enc_to_dec_proj"?: ...}`` (see ``weight_rules``).
 """
@@ -18,7 +21,7 @@ from typing import Any, Mapping, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from speechseq.config import SpeechSeq2SeqConfig
+from speechseq.config import INPUT_KINDS, InputKind, SpeechSeq2SeqConfig
 from speechseq.decoders import transformer
 from speechseq.errors import InputError
 from speechseq.layers.core import dense, fold
@@ -55,21 +58,39 @@ def weight_rules(cfg: SpeechSeq2SeqConfig) -> list[Rule]:
 _ENCODER, _DECODER = 0, 1
 
 
-def encode(cfg: SpeechSeq2SeqConfig, params: Params, input_values: jax.Array, attention_mask: jax.Array | None = None,
+def input_kind(cfg: SpeechSeq2SeqConfig) -> InputKind:
+    """What the encoder reads: its keyword (``input_values`` or ``input_features``), rank and description."""
+    return INPUT_KINDS[family(cfg.encoder.model_type, "encoder").input_kind]
+
+
+def encoder_input(cfg: SpeechSeq2SeqConfig, input_values: Any = None, input_features: Any = None) -> Any:
+    """The one of ``input_values`` / ``input_features`` the encoder takes (None when it is not given); a one-line
+    ``InputError`` when the other one is given."""
+    want = input_kind(cfg)
+    for name, value in (("input_values", input_values), ("input_features", input_features)):
+        if value is not None and name != want.name:
+            raise InputError(f"{name}: the {cfg.encoder.model_type} encoder takes {want.name} ({want.description})")
+    return input_values if want.name == "input_values" else input_features
+
+
+def encode(cfg: SpeechSeq2SeqConfig, params: Params, inputs: jax.Array, attention_mask: jax.Array | None = None,
            dtype: Any = jnp.float32, rng: jax.Array | None = None, remat: str = "none") -> EncoderOutput:
-    """Audio [B, N] float (+ sample mask [B, N]) -> EncoderOutput (frames [B, S, E], frame mask [B, S]).
-    ``rng``: a ``jax.random`` key for dropout and LayerDrop (training mode), None for eval mode. ``remat``: the
-    layers' rematerialisation policy for the backward pass ("none", "layer", "dots"; ``layers.core.remat``)."""
+    """The encoder's input, whatever its kind (audio [B, N] or features [B, S, F], see ``input_kind``) with its mask
+    -> EncoderOutput (frames [B, S, E], frame mask [B, S]).
+    ``rng``: a ``jax.random`` key for dropout, LayerDrop and SpecAugment (training mode), None for eval mode.
+    ``remat``: the layers' rematerialisation policy for the backward pass ("none", "layer", "dots";
+    ``layers.core.remat``)."""
     apply = family(cfg.encoder.model_type, "encoder").apply
-    hidden, mask = apply(cfg.encoder, params["encoder"], input_values, attention_mask, jnp.dtype(dtype), rng=rng,
+    hidden, mask = apply(cfg.encoder, params["encoder"], inputs, attention_mask, rng=rng, dtype=jnp.dtype(dtype),
                          remat=remat)
     return EncoderOutput(hidden, mask)
 
 
 def with_frame_mask(cfg: SpeechSeq2SeqConfig, encoder_outputs: EncoderOutput | tuple,
                     attention_mask: jax.Array | None) -> EncoderOutput:
-    """Precomputed encoder output as an EncoderOutput whose frame mask [B, S] comes from the sample mask [B, N]
-    when it carries none (transformers derives it so whenever ``attention_mask`` is given)."""
+    """Precomputed encoder output as an EncoderOutput whose frame mask [B, S] comes from the input's mask (samples
+    [B, N] or feature frames) when it carries none (transformers derives it so whenever ``attention_mask`` is
+    given)."""
     if not isinstance(encoder_outputs, EncoderOutput):
         if not isinstance(encoder_outputs, (tuple, list)):
             got = "an array" if hasattr(encoder_outputs, "shape") else type(encoder_outputs).__name__  # maybe traced
@@ -144,19 +165,22 @@ def forward(cfg: SpeechSeq2SeqConfig, params: Params, input_values: jax.Array | 
             attention_mask: jax.Array | None = None, decoder_input_ids: jax.Array | None = None,
             decoder_attention_mask: jax.Array | None = None, labels: jax.Array | None = None,
             encoder_outputs: EncoderOutput | tuple | None = None, dtype: Any = jnp.float32,
-            rng: jax.Array | None = None, remat: str = "none") -> Seq2SeqOutput:
-    """Full model: audio [B, N] (or ``encoder_outputs``) and decoder ids [B, T] or labels [B, T] -> Seq2SeqOutput.
+            rng: jax.Array | None = None, remat: str = "none", input_features: jax.Array | None = None
+            ) -> Seq2SeqOutput:
+    """Full model: audio [B, N] (or features [B, S, F] as ``input_features`` for an encoder that reads them, or
+    ``encoder_outputs``) and decoder ids [B, T] or labels [B, T] -> Seq2SeqOutput.
 
     ``encoder_outputs`` is an EncoderOutput or, as in transformers, a tuple whose first element is the frames
-    [B, S, E] (the rest unused). Without a frame mask of their own they get one from ``attention_mask`` [B, N].
-    ``rng``: a ``jax.random`` key for dropout and LayerDrop (training mode; the encoder and the decoder get keys
-    folded from it), None for eval mode. ``remat``: the layers' rematerialisation policy for the backward pass
-    ("none", "layer" or "dots"; ``layers.core.remat``).
+    [B, S, E] (the rest unused). Without a frame mask of their own they get one from ``attention_mask`` (the
+    input's mask). ``rng``: a ``jax.random`` key for dropout, LayerDrop and SpecAugment (training mode; the encoder
+    and the decoder get keys folded from it), None for eval mode. ``remat``: the layers' rematerialisation policy
+    for the backward pass ("none", "layer" or "dots"; ``layers.core.remat``).
     """
+    inputs = encoder_input(cfg, input_values, input_features)
     if encoder_outputs is None:
-        if input_values is None:
-            raise InputError("input_values: required unless encoder_outputs are given")
-        encoder_outputs = encode(cfg, params, input_values, attention_mask, dtype, fold(rng, _ENCODER), remat)
+        if inputs is None:
+            raise InputError(f"{input_kind(cfg).name}: required unless encoder_outputs are given")
+        encoder_outputs = encode(cfg, params, inputs, attention_mask, dtype, fold(rng, _ENCODER), remat)
     encoder_outputs = with_frame_mask(cfg, encoder_outputs, attention_mask)
     if decoder_input_ids is None:
         if labels is None:

@@ -1,22 +1,48 @@
-"""The one registry of model families: ``model_type`` -> config parser, weight table, base-model prefixes.
+"""The one registry of model families: ``model_type`` -> config parser, weight table, base-model prefixes, apply.
 
 Adding a family is one new file (its config parser and names) plus one line here; nothing else branches on family
 names. ``prefixes`` lists where the base model sits in a standalone checkpoint; the first is the layout inside a
 ``SpeechEncoderDecoderModel`` (bare model for encoders, the causal-LM class for decoders).
+
+An encoder family is a module (or any object) with what ``EncoderFamily`` lists, registered with ``encoder``; its
+``INPUT_KIND`` says what it reads: "waveform" (raw samples, ``input_values``) or "features" (e.g. filterbanks,
+``input_features``), see ``config.INPUT_KINDS``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 from speechseq.decoders import bart, bert, gpt2
 from speechseq.decoders.transformer import decode, weight_rules as decoder_rules
 from speechseq.encoders import wav2vec2
-from speechseq.config import HFField
+from speechseq.config import INPUT_KINDS, EncoderConfig, HFField
 from speechseq.errors import ConfigError
 from speechseq.checkpoints.table import Rule
+
+
+class EncoderFamily(Protocol):
+    """What an encoder family's file provides (``encoders/wav2vec2.py`` is one)."""
+
+    INPUT_KIND: str  # "waveform" or "features" (a key of config.INPUT_KINDS)
+    Config: type[EncoderConfig]  # its frozen config class
+    FIELDS: tuple[HFField, ...]  # the config fields stored under one HF key each
+
+    def parse_config(self, hf: dict, where: str) -> EncoderConfig:
+        """A HF config dict -> its config; one-line ``ConfigError``s naming ``where`` and the field."""
+
+    def weight_rules(self, cfg: Any) -> list[Rule]:
+        """The weight table (names relative to the bare model, ``{base}`` for its prefix)."""
+
+    def encode(self, cfg: Any, params: Any, inputs: Any, mask: Any, *, rng: Any = None, dtype: Any = ...,
+               remat: str = "none") -> tuple[Any, Any]:
+        """Inputs of its kind (+ their mask, or None) -> (frames [B, S, cfg.output_size], frame mask [B, S] bool or
+        None). ``rng``: a ``jax.random`` key for training-mode regularisation, None for eval mode."""
+
+    def frame_mask(self, cfg: Any, mask: Any, num_frames: int) -> Any:
+        """The input's mask -> the mask [B, num_frames] of the frames ``encode`` returns (for precomputed frames)."""
 
 
 @dataclass(frozen=True)
@@ -26,22 +52,30 @@ class Family:
     parse_config: Callable[[dict, str], Any]
     weight_rules: Callable[[Any], list[Rule]]
     prefixes: tuple[str, ...]
-    # encoders: encode(cfg, p, audio, mask, dtype, rng=None); decoders: decode(cfg, p, ids, ..., rng=None)
+    # encoders: encode(cfg, p, inputs, mask, *, rng=None, dtype, remat); decoders: decode(cfg, p, ids, ..., rng=None)
     apply: Callable[..., Any]
-    # encoders: frame_mask(cfg, sample mask [B, N], S) -> mask [B, S] of the frames `apply` returns, for
-    # precomputed frames given with a sample mask; decoders: None
+    # encoders: frame_mask(cfg, input mask, S) -> mask [B, S] of the frames `apply` returns, for precomputed frames
+    # given with the input's mask; decoders: None
     frame_mask: Callable[..., Any] | None = None
     # the config fields stored under one HF key each: parse_config reads them, the config's to_dict writes them back
     fields: tuple[HFField, ...] = ()
+    input_kind: str | None = None  # encoders: "waveform" or "features" (config.INPUT_KINDS)
+    config_class: type | None = None  # encoders: the family's config class
+
+
+def encoder(name: str, module: EncoderFamily, prefixes: tuple[str, ...]) -> Family:
+    """The registry entry of an encoder family (``module``: see ``EncoderFamily``)."""
+    if module.INPUT_KIND not in INPUT_KINDS:
+        raise ValueError(f"{name}: INPUT_KIND {module.INPUT_KIND!r} is not one of {sorted(INPUT_KINDS)}")
+    return Family(name, "encoder", module.parse_config, module.weight_rules, prefixes, module.encode,
+                  module.frame_mask, module.FIELDS, module.INPUT_KIND, module.Config)
 
 
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
-        Family("wav2vec2", "encoder", wav2vec2.parse_config, wav2vec2.weight_rules, ("", "wav2vec2."), wav2vec2.encode,
-               wav2vec2.frame_mask, wav2vec2.FIELDS),
-        Family("hubert", "encoder", wav2vec2.parse_config, wav2vec2.weight_rules, ("", "hubert."), wav2vec2.encode,
-               wav2vec2.frame_mask, wav2vec2.FIELDS),
+        encoder("wav2vec2", wav2vec2, ("", "wav2vec2.")),
+        encoder("hubert", wav2vec2, ("", "hubert.")),
         Family("bert", "decoder", bert.parse_config, partial(decoder_rules, n=bert.BERT_NAMES), ("bert.", ""), decode,
                fields=bert.FIELDS),
         Family("roberta", "decoder", bert.parse_config, partial(decoder_rules, n=bert.ROBERTA_NAMES),

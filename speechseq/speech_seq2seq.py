@@ -223,30 +223,43 @@ class SpeechSeq2Seq:
 
     # -- compute ---------------------------------------------------------------------------------------------------
 
-    def encode(self, input_values: Any, attention_mask: Any = None) -> M.EncoderOutput:
-        """Audio [B, N] -> EncoderOutput (frames [B, S, E], frame mask [B, S])."""
-        return M.encode_jit(self.config, self.params, _array(input_values, "input_values", finite=True),
+    def _inputs(self, input_values: Any, input_features: Any, required: bool = True) -> jax.Array | None:
+        """The encoder's input as an array: ``input_values`` (audio [B, N]) or ``input_features`` ([B, S, F]) by
+        the kind the encoder reads, checked on the host; one line for the other kind, or (``required``) none."""
+        kind = M.input_kind(self.config)
+        x = _array(M.encoder_input(self.config, input_values, input_features), kind.name, finite=True)
+        if x is None and required:
+            raise InputError(f"{kind.name}: required ({kind.description})")
+        if x is not None and x.ndim != kind.rank:  # the batch is read before the encoder's own checks run
+            raise InputError(f"{kind.name}: expected rank {kind.rank}: {kind.description}, got shape "
+                             f"{tuple(x.shape)}")
+        return x
+
+    def encode(self, input_values: Any = None, attention_mask: Any = None, *,
+               input_features: Any = None) -> M.EncoderOutput:
+        """Audio [B, N] (or ``input_features`` [B, S, F], for an encoder that reads features) -> EncoderOutput
+        (frames [B, S, E], frame mask [B, S])."""
+        return M.encode_jit(self.config, self.params, self._inputs(input_values, input_features),
                             _array(attention_mask, "attention_mask", integer=True), self.dtype)
 
     def __call__(self, input_values: Any = None, attention_mask: Any = None, decoder_input_ids: Any = None,
                  decoder_attention_mask: Any = None, labels: Any = None,
                  encoder_outputs: M.EncoderOutput | tuple | None = None, input_features: Any = None,
                  rng: Any = None) -> M.Seq2SeqOutput:
-        """Logits [B, T, V] (and the loss when ``labels`` [B, T] are given, -100 ignored). ``rng``: a ``jax.random``
-        key turns on dropout and LayerDrop (training mode); None is eval mode."""
-        if input_features is not None:
-            raise InputError(f"input_features: the {self.config.encoder.model_type} encoder reads raw audio; "
-                             "pass input_values [batch, samples]")
-        if input_values is None and encoder_outputs is None:
-            raise InputError("input_values: required unless encoder_outputs are given")
+        """Logits [B, T, V] (and the loss when ``labels`` [B, T] are given, -100 ignored) from audio
+        ``input_values`` [B, N], or ``input_features`` [B, S, F] for an encoder that reads features, or
+        ``encoder_outputs``. ``rng``: a ``jax.random`` key turns on dropout, LayerDrop and SpecAugment (training
+        mode); None is eval mode."""
+        x = self._inputs(input_values, input_features, required=False)
+        if x is None and encoder_outputs is None:
+            raise InputError(f"{M.input_kind(self.config).name}: required unless encoder_outputs are given")
         vocab = self.config.decoder.vocab_size
-        x = _array(input_values, "input_values", finite=True)
         ids = _token_ids(decoder_input_ids, "decoder_input_ids", vocab)
         labels = _token_ids(labels, "labels", vocab)
         ids_mask = _array(decoder_attention_mask, "decoder_attention_mask", integer=True)
         # shapes that jit would only report as a broadcasting error, or under another argument's name
         frames = encoder_outputs[0] if isinstance(encoder_outputs, (tuple, list)) else None
-        batch = x.shape[0] if x is not None and x.ndim == 2 else (getattr(frames, "shape", None) or (None,))[0]
+        batch = x.shape[0] if x is not None else (getattr(frames, "shape", None) or (None,))[0]
         _check_batch("decoder_input_ids", ids, batch)
         _check_batch("labels", labels, batch)
         if ids is not None and labels is not None and ids.shape != labels.shape:
@@ -256,8 +269,11 @@ class SpeechSeq2Seq:
         if ids_mask is not None and tokens is not None and ids_mask.shape != tokens.shape:
             raise InputError(f"decoder_attention_mask: expected shape {tuple(tokens.shape)} like "
                              f"{'decoder_input_ids' if ids is not None else 'labels'}, got {tuple(ids_mask.shape)}")
-        return M.forward_jit(self.config, self.params, x, _array(attention_mask, "attention_mask", integer=True), ids,
-                             ids_mask, labels, encoder_outputs, self.dtype, rng)
+        inputs = {M.input_kind(self.config).name: x}
+        return M.forward_jit(self.config, self.params, attention_mask=_array(attention_mask, "attention_mask",
+                                                                              integer=True),
+                             decoder_input_ids=ids, decoder_attention_mask=ids_mask, labels=labels,
+                             encoder_outputs=encoder_outputs, dtype=self.dtype, rng=rng, **inputs)
 
     # -- export ----------------------------------------------------------------------------------------------------
 
@@ -304,17 +320,16 @@ class SpeechSeq2Seq:
                          f"{gen.max_length} tokens would", device, InputError)
         return gen
 
-    def generate(self, input_values: Any, attention_mask: Any = None, *, seed: int = 0, key: Any = None,
-                 return_dict: bool = False, **kwargs: Any):
+    def generate(self, input_values: Any = None, attention_mask: Any = None, *, input_features: Any = None,
+                 seed: int = 0, key: Any = None, return_dict: bool = False, **kwargs: Any):
         """Greedy, beam or sampled decoding with transformers' keywords; one compiled program per shape bucket.
+        The input is audio ``input_values`` [B, N], or ``input_features`` [B, S, F] for an encoder that reads
+        features (``model.generate(**processor(audio))`` passes either).
 
         Returns int32 sequences [batch * num_return_sequences, length] (column 0 the start token, pad after EOS),
         or with ``return_dict=True`` a dict with ``sequences`` and ``sequences_scores`` (beam search).
         """
-        x = _array(input_values, "input_values", finite=True)
-        if x is None or x.ndim != 2:  # the batch is needed below; the encoder's own check would come after compiling
-            raise InputError("input_values: expected rank 2 [batch, samples], got "
-                             + ("None" if x is None else f"shape {tuple(x.shape)}"))
+        x = self._inputs(input_values, input_features)
         gen = self.generation_config(batch=x.shape[0], device=next(iter(x.devices())), **kwargs)
         mask = _array(attention_mask, "attention_mask", integer=True)
         if gen.do_sample and key is None:

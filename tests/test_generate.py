@@ -17,6 +17,7 @@ import transformers as T
 
 import hf_factory as F
 from speechseq import InputError, SpeechSeq2Seq
+from speechseq.decoding.cpu import CpuPlan
 from speechseq.decoding.generate import TRACES
 
 LENGTHS = (1600, 1100, 1400)  # padded batch of three lengths
@@ -344,7 +345,8 @@ def test_first_call_compiles_generate_once_beside_the_layout(pair):
     finally:
         jax.monitoring.unregister_event_duration_listener(listen)
     assert (len(compiled), TRACES["generate"] - traces) == (1, 1)
-    assert list(model.decode_layouts.made()) == [kernels.available()]  # 6 rows: the kernel's layout if it builds
+    # 6 rows: the CPU plan, its weights packed for the kernel if it builds
+    assert list(model.decode_layouts.made()) == [CpuPlan(packed=kernels.available())]
     pure = generate_jit(model.config, model.params, jnp.asarray(X), jnp.asarray(MASK), model.generation_config(**kwargs))
     np.testing.assert_array_equal(got, np.asarray(pure.sequences)[:, :int(pure.length)])
 
@@ -358,6 +360,7 @@ def jitted_parts():
 
     from speechseq import model as M
     from speechseq.decoders import transformer
+    from speechseq.decoding import cpu
 
     def encode_cross(cfg, p, x, mask, dtype):  # -> (stacked cross K/V of every layer, frame-level encoder mask,
         enc = M.encode(cfg, p, x, mask, dtype)  # encoder frames projected for the decoder)
@@ -366,24 +369,26 @@ def jitted_parts():
 
     return (jax.jit(encode_cross, static_argnums=(0, 4)),
             jax.jit(transformer.decode, static_argnums=0, static_argnames="dtype"),
-            jax.jit(transformer.decode_cross_kv, static_argnums=(0, 3)))
+            jax.jit(cpu.decode_cross_kv, static_argnums=(0, 3)),
+            jax.jit(cpu.decode_step, static_argnums=0, static_argnames="dtype"))
 
 
 @pytest.mark.parametrize("dec", ["bert", "gpt2", "bart"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_decode_step_layout_matches_teacher_forced_pass(pair, dec, dtype, native):
-    """One-token steps over the decode layout (``prepare_decoder``, head-major caches) give the logits of the
-    teacher-forced pass over stored params, in float32 and in bfloat16 (weights cast once, to the compute dtype),
-    with the CPU kernel's weight dots and with XLA's; so do steps over the stored (stacked) params with a stacked
-    cache."""
+    """One-token steps of the CPU plan (``decoding.cpu``: its own weight layout, per-layer caches) give the logits of
+    the teacher-forced pass over stored params, in float32 and in bfloat16 (weights cast once, to the compute
+    dtype), with the CPU kernel's weight dots and with XLA's; so do the model's own steps (the XLA plan) over the
+    stored (stacked) params with a stacked cache."""
     import jax.numpy as jnp
 
     from speechseq.decoders import transformer
-    from speechseq.decoding.generate import prepare_decoder
+    from speechseq.decoding import cpu
+    from speechseq.decoding.cpu import prepare_decoder
 
     p = pair("w2v-group", dec)
     cfg, params, dt = p.ours.config, p.ours.params, jnp.dtype(dtype)
-    encode_cross, decode, decode_cross_kv = jitted_parts()
+    encode_cross, decode, decode_cross_kv, decode_step = jitted_parts()
     cross, enc_mask, frames = encode_cross(cfg, params, jnp.asarray(X), jnp.asarray(MASK), dt)
     ids = np.array([[START, 5, 7, 9, 3], [START, 2, 2, 8, 1], [START, 9, 4, 4, 6]], np.int32)
     want = np.asarray(decode(cfg.decoder, params["decoder"], ids, cross, enc_mask, dtype=dt)[0])
@@ -394,42 +399,54 @@ def test_decode_step_layout_matches_teacher_forced_pass(pair, dec, dtype, native
     kernels = [x for lp in dec_p["layers"] for x in (lp["self_attn"]["qkv"][key], lp["mlp"]["wi"][key])]
     assert {x.dtype for x in kernels + [dec_p["head"][key]]} == {dt}
     tol = (1e-5 if dtype == "float32" else 3e-2) * np.abs(want).max()
-    layouts = [(dec_p, decode_cross_kv(cfg.decoder, dec_p["layers"], frames, dt), True),
-               (params["decoder"], cross, False)]
-    for weights, kv, per_layer in layouts:
-        cache = transformer.init_cache(cfg.decoder, len(ids), 8, dt, per_layer=per_layer)
+    plans = {"cpu": (dec_p, decode_cross_kv(cfg.decoder, dec_p["layers"], frames, dt),
+                     cpu.init_cache(cfg.decoder, len(ids), 8, dt)),
+             "xla": (params["decoder"], cross, transformer.init_cache(cfg.decoder, len(ids), 8, dt))}
+    for name, (weights, kv, cache) in plans.items():
         for t in range(ids.shape[1]):
-            got, cache = decode(cfg.decoder, weights, ids[:, t:t + 1], kv, enc_mask, cache=cache,
-                                start=jnp.int32(t), dtype=dt)
+            if name == "cpu":
+                got, cache = decode_step(cfg.decoder, weights, ids[:, t:t + 1], kv, enc_mask, cache,
+                                         jnp.int32(t), dtype=dt)
+            else:
+                got, cache = decode(cfg.decoder, weights, ids[:, t:t + 1], kv, enc_mask, cache=cache,
+                                    start=jnp.int32(t), dtype=dt)
             np.testing.assert_allclose(np.asarray(got[:, 0]), want[:, t], rtol=0, atol=tol,
-                                       err_msg=f"step {t}, {'decode layout' if per_layer else 'stacked'}")
+                                       err_msg=f"step {t}, {name} plan")
 
 
+@pytest.mark.parametrize("plan", ["cpu", "xla"])
 @pytest.mark.parametrize("dec", ["bert", "gpt2", "bart"])
-def test_grouped_cache_follows_reordered_beams(pair, dec):
+def test_grouped_cache_follows_reordered_beams(pair, dec, plan):
     """Beam search's grouped cache (``decode(cache_rows=)``): beams are reordered at every step by reordering only
     the table of which slot holds each position's keys, never the cache; each row's logits still equal the
-    teacher-forced pass over that row's own history."""
+    teacher-forced pass over that row's own history. Both decode plans."""
     import jax.numpy as jnp
 
     from speechseq.decoders import transformer
-    from speechseq.decoding.generate import prepare_decoder
+    from speechseq.decoding import cpu
 
     p = pair("w2v-group", dec)
     cfg, params = p.ours.config, p.ours.params
-    encode_cross, decode, decode_cross_kv = jitted_parts()
+    encode_cross, decode, decode_cross_kv, decode_step = jitted_parts()
     cross, enc_mask, frames = encode_cross(cfg, params, jnp.asarray(X), jnp.asarray(MASK), jnp.dtype(jnp.float32))
     B, G, Tmax, steps = len(X), 3, 8, 6
     rng = np.random.default_rng(0)
     seqs = np.full((B * G, 1), START, np.int32)
-    cache = transformer.init_cache(cfg.decoder, B, Tmax, jnp.float32, per_layer=True, groups=G)
     holders = jnp.zeros((B * G, Tmax), jnp.int32)
     own = np.arange(B * G, dtype=np.int32) % G
-    dec_p = prepare_decoder(cfg, params)
-    kv = decode_cross_kv(cfg.decoder, dec_p["layers"], frames, jnp.dtype(jnp.float32))
+    if plan == "cpu":
+        cache = cpu.init_cache(cfg.decoder, B, Tmax, jnp.float32, groups=G)
+        dec_p = cpu.prepare_decoder(cfg, params)
+        kv = decode_cross_kv(cfg.decoder, dec_p["layers"], frames, jnp.dtype(jnp.float32))
+    else:
+        cache = transformer.init_cache(cfg.decoder, B, Tmax, jnp.float32, groups=G)
     for t in range(steps):
-        got, cache = decode(cfg.decoder, dec_p, seqs[:, -1:], kv, enc_mask, cache=cache, start=jnp.int32(t),
-                            cache_rows=holders)
+        if plan == "cpu":
+            got, cache = decode_step(cfg.decoder, dec_p, seqs[:, -1:], kv, enc_mask, cache, jnp.int32(t),
+                                     dtype=jnp.dtype(jnp.float32), cache_rows=holders)
+        else:
+            got, cache = decode(cfg.decoder, params["decoder"], seqs[:, -1:], cross, enc_mask, cache=cache,
+                                start=jnp.int32(t), cache_rows=holders)
         # the teacher-forced pass over every row's history, padded to one shape (causal: position t sees 0..t)
         padded = np.pad(seqs, ((0, 0), (0, steps - seqs.shape[1])), constant_values=PAD)
         want = np.asarray(decode(cfg.decoder, params["decoder"], padded, cross, enc_mask)[0])
@@ -477,7 +494,7 @@ def test_generate_matches_transformers_with_either_weight_dots(pair, dec, mode, 
     assert np.all(seqs[:, 0] == START)
     # the model's cached decode layout is the one for the dots asked for (a layout made while the kernel was on
     # would send the "xla" run through the kernel)
-    head = p.ours.decode_layouts.made()[native == "kernel"]["head"]
+    head = p.ours.decode_layouts.made()[CpuPlan(packed=native == "kernel")]["head"]
     assert ("kernel_p" if native == "kernel" else "kernel_t") in head
 
 
@@ -485,7 +502,7 @@ def test_many_rows_keep_xlas_layout(pair, monkeypatch):
     """Steps of more than ``kernels.MAX_ROWS`` rows (batch x beams) keep the weights in XLA's layout, where XLA's
     GEMM beats the kernel; few rows get the kernel's. Both give transformers' tokens, and the model keeps both."""
     from speechseq import kernels
-    from speechseq.decoding.generate import prepare_decoder
+    from speechseq.decoding.cpu import prepare_decoder
 
     if not kernels.available():
         pytest.skip(kernels.status())
@@ -496,6 +513,52 @@ def test_many_rows_keep_xlas_layout(pair, monkeypatch):
     heads = {n: prepare_decoder(model.config, model.params, rows=n)["head"] for n in (None, rows - 1, rows)}
     assert ["kernel_p" in h for h in heads.values()] == [True, True, False]
     assert_parity(p._replace(ours=model), **BEAM)  # rows > MAX_ROWS
-    assert list(model.decode_layouts.made()) == [False]
+    assert list(model.decode_layouts.made()) == [CpuPlan(packed=False)]
     assert_parity(p._replace(ours=model))  # greedy: len(LENGTHS) rows
-    assert list(model.decode_layouts.made()) == [False, True]
+    assert list(model.decode_layouts.made()) == [CpuPlan(packed=False), CpuPlan(packed=True)]
+
+
+# -- the decode plans -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("enc", ["w2v-group", "hubert"])
+@pytest.mark.parametrize("dec", ["bert", "roberta", "gpt2", "bart", "mbart"])
+@pytest.mark.parametrize("mode", ["greedy", "beam"])
+def test_xla_plan_matches_transformers(pair, enc, dec, mode, monkeypatch):
+    """The accelerator plan (``decoding.plan.XlaPlan``: the model's own decoder, layers under ``lax.scan``, no
+    weight copy), forced on CPU, gives transformers' tokens and beam scores for every encoder x decoder pair."""
+    from speechseq.decoding.plan import XlaPlan
+
+    monkeypatch.setenv("SPEECHSEQ_DECODE_PLAN", "xla")
+    p = pair(enc, dec)
+    model = SpeechSeq2Seq(p.ours.config, p.ours.params)  # no decode layout yet
+    assert_parity(p._replace(ours=model), **(BEAM if mode == "beam" else {}))
+    (plan, layout), = model.decode_layouts.made().items()
+    assert plan == XlaPlan() and layout is model.params["decoder"]  # the params themselves, not a copy
+
+
+def test_xla_plan_compile_time_does_not_grow_with_depth(pair, monkeypatch):
+    """Under the XLA plan a 24-layer decoder's ``generate`` program compiles within 1.3x of a 6-layer one's: the
+    layers are one ``lax.scan`` body, compiled once. (The CPU plan unrolls them: its compile grows with depth.)"""
+    import dataclasses
+    import time
+
+    import jax
+    import jax.numpy as jnp
+
+    from speechseq.decoding.generate import generate_jit
+    from speechseq.decoding.plan import XlaPlan
+
+    p = pair("w2v-group", "bert")
+    gen = p.ours.generation_config(**settings(p, **BEAM))
+    times: dict[int, list[float]] = {6: [], 24: []}
+    for _ in range(2):
+        for layers in times:
+            cfg = p.ours.config
+            cfg = dataclasses.replace(cfg, decoder=dataclasses.replace(cfg.decoder, num_layers=layers))
+            model = SpeechSeq2Seq.from_config(cfg)
+            jax.clear_caches()
+            start = time.perf_counter()
+            generate_jit.lower(model.config, model.params, jnp.asarray(X), jnp.asarray(MASK), gen, None,
+                               model.dtype, model.params["decoder"], XlaPlan()).compile()
+            times[layers].append(time.perf_counter() - start)
+    assert min(times[24]) <= 1.3 * min(times[6]), times

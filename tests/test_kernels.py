@@ -65,7 +65,7 @@ def test_out_major_packs_only_what_dense_can_cut(monkeypatch):
     dtypes and widths keep the [Dout, Din] layout; ``dense`` gives the same numbers either way."""
     import jax.numpy as jnp
 
-    from speechseq.layers.core import dense, out_major
+    from speechseq.decoding.cpu import dense, out_major
 
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.standard_normal((4, 1, 24), dtype=np.float32))
@@ -122,10 +122,10 @@ def test_attend_matches_numpy(B, T, N, H, S, masking):
 
 def test_attend_takes_only_what_it_computes_alike():
     """float32 q, k, v of rank 4 and a mask shared by the heads; other dtypes and per-head masks stay with XLA, and
-    ``layers.core.attention`` gives the same numbers either way."""
+    the CPU plan's attention (``decoding.cpu.attention``) gives the same numbers either way."""
     import jax.numpy as jnp
 
-    from speechseq.layers.core import attention
+    from speechseq.decoding.cpu import attention
 
     rng = np.random.default_rng(5)
     q = jnp.asarray(rng.standard_normal((2, 4, 3, 16), dtype=np.float32))
@@ -135,8 +135,8 @@ def test_attend_takes_only_what_it_computes_alike():
     assert kernels.attend_fits(q, k, v, mask) and kernels.attend_fits(q, k, v, mask[0, 0])
     assert not kernels.attend_fits(q, k, v, jnp.broadcast_to(mask, (2, 3, 4, 9)))  # per head
     assert not kernels.attend_fits(q.astype(jnp.bfloat16), k, v, mask)
-    got = attention(q, k, v, mask, 0.25, layout="bnhs")
-    xla = attention(q, k, v, mask, 0.25, layout="bnhs", kernel=False)
+    got = attention(q, k, v, mask, 0.25)
+    xla = attention(q, k, v, mask, 0.25, kernel=False)
     np.testing.assert_allclose(np.asarray(got), np.asarray(xla), rtol=1e-5, atol=1e-6)
 
 

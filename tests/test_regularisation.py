@@ -33,7 +33,7 @@ def sigma(p: float, n: int) -> float:
 
 def config_dict(enc: str, dec: str, rate: float = 0.0, layerdrop: float = 0.0, dec_hidden: int = 20, **dec_kw) -> dict:
     """A speech-encoder-decoder config dict of the factory's tiny models with every dropout rate of the encoder and
-    the decoder (under each family's HF names) set to ``rate`` and LayerDrop to ``layerdrop``."""
+    the decoder (under each family's HF names) set to ``rate``, LayerDrop to ``layerdrop``, SpecAugment off."""
     cfg = T.SpeechEncoderDecoderConfig.from_encoder_decoder_configs(
         F.any_encoder_config(enc), F.decoder_config(dec, dec_hidden)).to_dict()
     cfg.update(decoder_start_token_id=0, pad_token_id=1)
@@ -41,6 +41,7 @@ def config_dict(enc: str, dec: str, rate: float = 0.0, layerdrop: float = 0.0, d
         for f in family(cfg[part]["model_type"], part).fields:
             if "drop" in f.attr:
                 cfg[part][f.key] = layerdrop if f.attr == "layerdrop" else rate
+    cfg["encoder"]["apply_spec_augment"] = False  # dropout and LayerDrop only: SpecAugment in test_spec_augment
     cfg["decoder"].update(dec_kw)
     return cfg
 

@@ -21,11 +21,13 @@ import pytest
 import hf_factory as F
 
 CHILD = textwrap.dedent("""
-    import sys
+    import itertools, sys
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
     from speechseq import SpeechSeq2Seq, model as M
-    from speechseq.decoding.generate import generate_jit, prepare_decoder
+    from speechseq.decoding.cpu import CpuPlan
+    from speechseq.decoding.generate import generate_jit
+    from speechseq.decoding.plan import XlaPlan
 
     assert jax.device_count() == 4, jax.devices()
     model = SpeechSeq2Seq.from_pretrained(sys.argv[1])
@@ -42,7 +44,7 @@ CHILD = textwrap.dedent("""
     }
     assert meshes["explicit"].axis_types == (jax.sharding.AxisType.Explicit,), meshes["explicit"].axis_types
     params = model.params
-    dec = prepare_decoder(model.config, model.params)
+    plans = {plan: plan.prepare(model.config, model.params, model.dtype, None) for plan in (CpuPlan(), XlaPlan())}
     cases = {
         "greedy": dict(max_new_tokens=8),
         "beam": dict(max_new_tokens=8, num_beams=3, num_return_sequences=2, length_penalty=0.7,
@@ -52,17 +54,18 @@ CHILD = textwrap.dedent("""
     key = jax.random.key(3)
     tokens = dict(eos_token_id=2, pad_token_id=1, decoder_start_token_id=0)
     one_device = {}
-    for name, kw in cases.items():
+    for (name, kw), (plan, dec) in itertools.product(cases.items(), plans.items()):
         gen = model.generation_config(**tokens, **kw)
         k = key if gen.do_sample else None
-        one = generate_jit(model.config, params, jnp.asarray(x), jnp.asarray(mask), gen, k, model.dtype, dec)
+        one = generate_jit(model.config, params, jnp.asarray(x), jnp.asarray(mask), gen, k, model.dtype, dec, plan)
         a = np.asarray(one.sequences)
-        one_device[name] = a[:, :int(one.length)]
+        one_device[name, plan.name] = a[:, :int(one.length)]
         for kind, mesh in meshes.items():
             batch, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
             sharded = generate_jit(model.config, jax.device_put(params, replicated), jax.device_put(x, batch),
-                                   jax.device_put(mask, batch), gen, k, model.dtype, jax.device_put(dec, replicated))
-            where = f"{name}, {kind} mesh"
+                                   jax.device_put(mask, batch), gen, k, model.dtype, jax.device_put(dec, replicated),
+                                   plan)
+            where = f"{name}, {plan.name} plan, {kind} mesh"
             devices = len(sharded.sequences.sharding.device_set)
             assert devices == 4, f"{where}: sequences on {devices} device(s)"
             assert not sharded.sequences.sharding.is_fully_replicated, f"{where}: sequences replicated, not sharded"
@@ -71,7 +74,7 @@ CHILD = textwrap.dedent("""
             assert int(one.length) == int(sharded.length), where
             diff = float(np.abs(np.asarray(one.scores) - np.asarray(sharded.scores)).max())
             assert diff <= 1e-5, f"{where}: scores differ by {diff}"
-        print(name, "ok", a.shape, "distinct rows", len({tuple(r) for r in a}))
+        print(name, "ok", plan.name, a.shape, "distinct rows", len({tuple(r) for r in a}))
 
     # the teacher-forced loss and its gradient (a data-parallel training step's work)
     labels = rng.integers(3, 60, size=(8, 6)).astype(np.int32)
@@ -96,7 +99,7 @@ CHILD = textwrap.dedent("""
         m.params = jax.device_put(m.params, replicated)
         xs, ms = jax.device_put(x, batch), jax.device_put(mask, batch)
         seqs = m.generate(xs, attention_mask=ms, **tokens, **cases["beam"])
-        assert np.array_equal(seqs, one_device["beam"]), f"object generate, {kind} mesh: tokens differ"
+        assert np.array_equal(seqs, one_device["beam", "cpu"]), f"object generate, {kind} mesh: tokens differ"
         logits = m(xs, attention_mask=ms, decoder_input_ids=jax.device_put(ids, batch)).logits
         assert not logits.sharding.is_fully_replicated, f"object forward, {kind} mesh: logits not sharded"
         diff = float(np.abs(np.asarray(logits) - want_logits).max())

@@ -168,11 +168,9 @@ def describe(src: str | os.PathLike) -> dict:
 def describe_config(cfg: SpeechSeq2SeqConfig) -> dict:
     """The model's architecture from its config alone: the ``encoder``, ``decoder`` and ``enc_to_dec_proj`` entries
     of ``describe`` (also what the demo prints for the config it builds)."""
-    enc, dec = cfg.encoder, cfg.decoder
+    dec = cfg.decoder
     return {
-        "encoder": f"{enc.model_type}: {enc.num_layers} layers, hidden {enc.hidden_size}, heads {enc.num_heads}"
-                   + (f", adapter {enc.num_adapter_layers} x stride {enc.adapter_stride} -> {enc.output_hidden_size}"
-                      if enc.add_adapter else ""),
+        "encoder": cfg.encoder.describe(),  # each encoder family says what matters in its own config
         "decoder": f"{dec.model_type}: {dec.num_layers} layers, hidden {dec.hidden_size}, heads {dec.num_heads}, "
                    f"vocab {dec.vocab_size}, {dec.max_positions - dec.position_offset} positions, "
                    f"{'tied' if dec.tie_word_embeddings else 'untied'} output embeddings",

@@ -57,14 +57,9 @@ MANIFEST_KEYS = ("audio", "path", "file", "audio_filepath")
 
 def _manifest(path: Path) -> list[Path]:
     """A list of audio paths: one per line (txt), first column (tsv/csv), or "audio"/"path"/"file" key (jsonl)."""
-    from speechseq.errors import InputError
+    from speechseq.errors import InputError, read_text
 
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise InputError(f"{path}: not UTF-8 text (byte {e.start}); save the list as UTF-8") from None
-    except OSError as e:
-        raise InputError(f"{path}: cannot read ({e.strerror})") from None
+    text = read_text(path)
     out = []
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip() or line.startswith("#"):

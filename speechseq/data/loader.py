@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import sys
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -325,8 +326,8 @@ class Loader:
                 if track:
                     self._epoch, self._batch = batch_spec.epoch, batch_spec.index + 1
                 yield batch
-        finally:
-            if pool is not None:
+        finally:  # (a generator dropped at interpreter exit finds the thread pool's modules already torn down)
+            if pool is not None and not sys.is_finalizing():
                 pool.shutdown(wait=False, cancel_futures=True)
 
     def _probe(self, samples: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:

@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from speechseq.errors import InputError
+from speechseq.errors import InputError, read_text
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".opus")
 # field names other tools write (NeMo: audio_filepath; Common Voice: path, sentence), tried when the defaults are absent
@@ -64,12 +64,7 @@ def read_manifest(path: str | os.PathLike, *, audio_key: str = "audio", text_key
     suffix = path.suffix.lower()
     if suffix not in (".jsonl", ".json", ".csv", ".tsv"):
         raise InputError(f"{path}: unknown manifest type {suffix!r} (expected .jsonl, .csv, .tsv or a folder)")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise InputError(f"{path}: not UTF-8 text (byte {e.start})") from None
-    except OSError as e:
-        raise InputError(f"{path}: cannot read ({e.strerror})") from None
+    text = read_text(path)
     rows = _json_rows(path, text) if suffix in (".jsonl", ".json") else _table_rows(path, text, suffix == ".tsv")
     out = []
     for line, row in rows:

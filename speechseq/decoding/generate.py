@@ -15,11 +15,9 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from speechseq import kernels
 from speechseq import model as M
 from speechseq.config import SpeechSeq2SeqConfig
-from speechseq.decoders import transformer
-from speechseq.decoding import search
+from speechseq.decoding import plan as decode_plan, search
 from speechseq.decoding.config import GenerationConfig
 from speechseq.layers.core import explicit_axes
 
@@ -28,28 +26,40 @@ TRACES = {"generate": 0}  # how many times ``generate`` was traced (compiled); t
 
 def generate(cfg: SpeechSeq2SeqConfig, params: Any, input_values: jax.Array, attention_mask: jax.Array | None,
              gen: GenerationConfig, key: jax.Array | None = None, dtype: Any = jnp.float32,
-             decoder_params: Any = None) -> search.SearchResult:
+             decoder_params: Any = None, plan: Any = None) -> search.SearchResult:
     """Audio [B, N] (+ mask) -> SearchResult: sequences [B * num_return_sequences, max_length], scores, length.
 
-    Pure: jit it with ``cfg``, ``gen`` and ``dtype`` static (``generate_jit`` does). ``decoder_params`` is
-    ``prepare_decoder(cfg, params, dtype)``, computed once and passed to every call to save rearranging the decoder
-    weights per call (a copy of the decoder weights in memory); without it each call does that itself.
+    Pure: jit it with ``cfg``, ``gen``, ``dtype`` and ``plan`` static (``generate_jit`` does). ``plan``: how the
+    decoder runs (``decoding.plan``; None: ``plan.choose`` for the platform of ``input_values``). ``decoder_params``
+    is ``plan.prepare(cfg, params, dtype, rows)``, made once and passed to every call to save rearranging the
+    decoder weights per call (``DecodeLayouts`` keeps it); without it each call does that itself.
 
     Shard it by passing sharded arrays (e.g. audio and mask split over a ``"data"`` mesh axis, params replicated):
     the result rows follow the audio's batch sharding. Meshes with explicit axes (``jax.make_mesh``'s default) run
     the search with those axes in auto mode, since its state is made inside the program.
     """
     TRACES["generate"] += 1
+    if plan is None:
+        plan = decode_plan.choose(platform_of(input_values), input_values.shape[0] * group_size(gen))
     explicit = explicit_axes(input_values)
     if not explicit:
-        return _generate(cfg, params, input_values, attention_mask, gen, key, dtype, decoder_params)
+        return _generate(cfg, params, input_values, attention_mask, gen, key, dtype, decoder_params, plan)
     sharding = jax.typeof(input_values).sharding
     batch_axis = sharding.spec[0] if sharding.spec else None
     out = search.SearchResult(*(jax.sharding.NamedSharding(sharding.mesh, spec)
                                 for spec in (jax.P(batch_axis, None), jax.P(batch_axis), jax.P())))
-    run = jax.sharding.auto_axes(lambda p, x, m, k, d: _generate(cfg, p, x, m, gen, k, dtype, d), axes=explicit,
-                                 out_sharding=out)
+    run = jax.sharding.auto_axes(lambda p, x, m, k, d: _generate(cfg, p, x, m, gen, k, dtype, d, plan),
+                                 axes=explicit, out_sharding=out)
     return run(params, input_values, attention_mask, key, decoder_params)
+
+
+def platform_of(x: Any) -> str:
+    """The platform ("cpu", "gpu", "tpu") of array ``x``'s devices; JAX's default backend for numpy input or a
+    tracer."""
+    try:
+        return next(iter(x.devices())).platform
+    except Exception:  # numpy, tracers, ...
+        return jax.default_backend()
 
 
 def group_size(gen: GenerationConfig) -> int:
@@ -73,29 +83,27 @@ def memory_estimate(cfg: SpeechSeq2SeqConfig, gen: GenerationConfig, batch: int,
 
 
 def _generate(cfg: SpeechSeq2SeqConfig, params: Any, input_values: jax.Array, attention_mask: jax.Array | None,
-              gen: GenerationConfig, key: jax.Array | None, dtype: Any, decoder_params: Any) -> search.SearchResult:
+              gen: GenerationConfig, key: jax.Array | None, dtype: Any, decoder_params: Any,
+              plan: Any) -> search.SearchResult:
     dtype = jnp.dtype(dtype)
     enc_out = M.encode(cfg, params, input_values, attention_mask, dtype)
     enc = M.project(cfg, params, enc_out.last_hidden_state, dtype)
     batch = input_values.shape[0]
     group = group_size(gen)
     rows = batch * group
-    dec_cfg = cfg.decoder
     if decoder_params is None:  # the barrier keeps XLA from folding the new layout back into the step's dots
-        dec_p = jax.lax.optimization_barrier(prepare_decoder(cfg, params, dtype, rows))
+        dec_p = jax.lax.optimization_barrier(plan.prepare(cfg, params, dtype, rows))
     else:
         dec_p = decoder_params
-    cross = transformer.decode_cross_kv(dec_cfg, dec_p["layers"], enc, dtype)
+    cross = plan.cross(cfg, dec_p, enc, dtype)
 
-    def step(last: jax.Array, position: jax.Array, cache: transformer.KVCache,
-             holders: jax.Array | None = None) -> tuple[jax.Array, Any]:
-        logits, cache = transformer.decode(dec_cfg, dec_p, last[:, None], cross, enc_out.attention_mask,
-                                           cache=cache, start=position, dtype=dtype, cache_rows=holders)
+    def step(last: jax.Array, position: jax.Array, cache: Any, holders: jax.Array | None = None) -> tuple:
+        logits, cache = plan.step(cfg, dec_p, last[:, None], cross, enc_out.attention_mask, cache, position, dtype,
+                                  holders)
         return logits[:, 0], cache
 
     if gen.num_beams == 1:  # greedy or sampling: rows never change places
-        return search.sample(gen, step, transformer.init_cache(dec_cfg, rows, gen.max_length, dtype, per_layer=True),
-                             rows, key)
+        return search.sample(gen, step, plan.init_cache(cfg, rows, gen.max_length, dtype), rows, key)
 
     # beam search: a grouped cache that stays in place; reordering beams reorders only the table of which beam slot
     # holds each position's keys (``decode(cache_rows=)``)
@@ -110,32 +118,9 @@ def _generate(cfg: SpeechSeq2SeqConfig, params: Any, input_values: jax.Array, at
         cache, holders = state
         return cache, holders[idx]
 
-    cache = transformer.init_cache(dec_cfg, batch, gen.max_length, dtype, per_layer=True, groups=group)
+    cache = plan.init_cache(cfg, batch, gen.max_length, dtype, groups=group)
     holders = jnp.zeros((rows, gen.max_length), jnp.int32)
     return search.beam_search(gen, beam_step, reorder, (cache, holders), batch, key)
-
-
-@partial(jax.jit, static_argnames=("dtype", "rows"))
-def _prepare_layer(layers: Any, i: jax.Array, dtype: Any, rows: int | None) -> dict:
-    return transformer.prepare_layer(jax.tree.map(lambda x: x[i], layers), dtype, rows)
-
-
-def prepare_decoder(cfg: SpeechSeq2SeqConfig, params: Any, dtype: Any = jnp.float32, rows: int | None = None) -> dict:
-    """The decoder's weights laid out for one-token decode steps, for ``generate(decoder_params=)``: a list of
-    per-layer params (``transformer.prepare_layer``) and the rest (``transformer.prepare_head``).
-
-    ``rows``: the steps' rows (batch x beams, or x ``num_return_sequences``), where known. Float32 weights on CPU are
-    packed for ``speechseq.kernels``' dot up to ``kernels.MAX_ROWS`` rows (None: assumed few), and kept in XLA's
-    layout for more, where XLA's GEMM is faster; a program given the other layout still gives the same numbers.
-
-    Called outside ``jit``, it runs one small compiled program per layer (compiled once for all layers) and the rest
-    op by op (a tied output projection already in ``dtype`` is the embedding table itself, not a copy, unless it is
-    packed for the CPU kernel of ``speechseq.kernels``); inside ``generate`` it is part of that program.
-    """
-    dtype, p = jnp.dtype(dtype), params["decoder"]
-    rows = None if rows is None or rows <= kernels.MAX_ROWS else kernels.MAX_ROWS + 1  # one layout per side
-    layers = [_prepare_layer(p["layers"], jnp.int32(i), dtype, rows) for i in range(cfg.decoder.num_layers)]
-    return {**transformer.prepare_head(p, dtype, rows), "layers": layers}
 
 
 # XLA CPU's LLVM at optimisation level 1 instead of its default 3, for ``generate``'s program only. Its kernels are
@@ -166,11 +151,7 @@ class PlatformJit:
         self._jits: dict[str, Callable] = {}
 
     def _jit(self, args: tuple, kwargs: dict) -> Callable:
-        x = args[self._index] if len(args) > self._index else kwargs.get(self._name)
-        try:
-            platform = next(iter(x.devices())).platform
-        except Exception:  # numpy, tracers, ...
-            platform = jax.default_backend()
+        platform = platform_of(args[self._index] if len(args) > self._index else kwargs.get(self._name))
         if platform not in self._jits:
             self._jits[platform] = jax.jit(self._fn, static_argnames=self._static,
                                            compiler_options=compiler_options(platform))
@@ -183,4 +164,4 @@ class PlatformJit:
         return self._jit(args, kwargs).lower(*args, **kwargs)
 
 
-generate_jit = PlatformJit(generate, ("cfg", "gen", "dtype"), "input_values")
+generate_jit = PlatformJit(generate, ("cfg", "gen", "dtype", "plan"), "input_values")

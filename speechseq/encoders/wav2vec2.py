@@ -1,21 +1,24 @@
 """The wav2vec2 family of speech encoders (wav2vec2, hubert): conv feature encoder, positional conv, transformer, adapter.
 
-HuBERT is a config variant: no adapter, optional norm before the feature projection.
+HuBERT is a config variant: no adapter, optional norm before the feature projection, SpecAugment time spans over
+the padded length. The module is an encoder family as ``registry.EncoderFamily`` describes it.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Mapping
 
 import jax
 import jax.numpy as jnp
 
-from speechseq.config import (ACTIVATION, INT, INT_LIST, POSITIVE, REQUIRED, TEXT, EncoderConfig, HFField, number, numbers,
-                              read_fields, require_heads)
+from speechseq.config import (ACTIVATION, INT, INT_LIST, POSITIVE, REQUIRED, TEXT, EncoderConfig, HFField, number,
+                              hf_dict_field, numbers, read_fields, require_heads)
 from speechseq.errors import ConfigError, InputError
 from speechseq.layers.core import (activation, block, dense, dropout, fold, layer_drop, layer_norm,
                                    mlp, multi_head_attention, remat as remat_fn)
+from speechseq.layers.spec_augment import apply_masks, spec_augment_masks
 from speechseq.checkpoints.table import Rule, dense as dense_rules, norm as norm_rules, rule
 
 Params = Mapping[str, jax.Array]
@@ -24,6 +27,70 @@ TORCH_NORM_EPS = 1e-5  # nn.LayerNorm / nn.GroupNorm default, used where transfo
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Config
+
+INPUT_KIND = "waveform"  # raw 16 kHz samples [B, N] (input_values)
+
+
+@dataclass(frozen=True)
+class Wav2Vec2Config(EncoderConfig):
+    """Wav2Vec2-family speech encoder (wav2vec2, hubert): raw 16 kHz audio in, frames out.
+
+    The regularisation fields (transformers' names and semantics) act only when the apply gets a random key."""
+
+    model_type: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    hidden_act: str
+    conv_dim: tuple[int, ...]
+    conv_kernel: tuple[int, ...]
+    conv_stride: tuple[int, ...]
+    conv_bias: bool
+    feat_extract_norm: str  # "group" (GroupNorm on the first conv only) or "layer" (LayerNorm on every conv)
+    feat_extract_activation: str
+    feat_proj_layer_norm: bool
+    stable_layer_norm: bool  # pre-norm layers and a final norm (large models) instead of post-norm
+    num_conv_pos_embeddings: int
+    num_conv_pos_embedding_groups: int
+    layer_norm_eps: float
+    add_adapter: bool
+    output_hidden_size: int
+    num_adapter_layers: int
+    adapter_stride: int
+    adapter_kernel_size: int
+    masked_spec_embed: bool  # the checkpoint carries the SpecAugment mask embedding
+    # time spans drawn within each row's real length (wav2vec2); HuBERT's model passes no attention mask to its
+    # SpecAugment, so its spans range over the padded length
+    spec_augment_lengths: bool = True
+    hidden_dropout: float = 0.0  # after the positional conv, after attention, after the feed-forward
+    attention_dropout: float = 0.0  # on attention probabilities
+    activation_dropout: float = 0.0  # after the feed-forward activation
+    feat_proj_dropout: float = 0.0  # after the feature projection
+    layerdrop: float = 0.0  # probability of skipping a transformer layer
+    # SpecAugment after the feature projection (``layers.spec_augment``): time spans take masked_spec_embed,
+    # feature channels are zeroed
+    apply_spec_augment: bool = True
+    mask_time_prob: float = 0.0
+    mask_time_length: int = 10
+    mask_time_min_masks: int = 2
+    mask_feature_prob: float = 0.0
+    mask_feature_length: int = 10
+    mask_feature_min_masks: int = 0
+    hf: dict = hf_dict_field()
+
+    @property
+    def output_size(self) -> int:
+        """Width of the frames that leave the encoder (after the adapter, when there is one)."""
+        return self.output_hidden_size if self.add_adapter else self.hidden_size
+
+    def describe(self) -> str:
+        adapter = (f", adapter {self.num_adapter_layers} x stride {self.adapter_stride} -> {self.output_hidden_size}"
+                   if self.add_adapter else "")
+        return super().describe() + adapter
+
+
+Config = Wav2Vec2Config  # the family's config class (registry)
 
 # Typed fields under transformers' own names and defaults (Wav2Vec2Config, HubertConfig): read and written back.
 # final_dropout is left in ``hf``: only the CTC / classification heads apply it, not the bare model seq2seq uses.
@@ -64,7 +131,7 @@ FIELDS = (
 )
 
 
-def parse_config(hf: dict, where: str) -> EncoderConfig:
+def parse_config(hf: dict, where: str) -> Wav2Vec2Config:
     mt = hf["model_type"]
     for key, bad in (("adapter_attn_dim", None), ("conv_pos_batch_norm", False)):
         if hf.get(key, bad) != bad:
@@ -81,10 +148,11 @@ def parse_config(hf: dict, where: str) -> EncoderConfig:
     if hidden % groups:  # the positional conv is grouped over the width
         raise ConfigError(f"{where}: hidden_size {hidden} is not divisible by num_conv_pos_embedding_groups {groups}")
     fields = read_fields(hf, FIELDS, where)  # the checks above come first, with their own messages
-    return EncoderConfig(
+    return Wav2Vec2Config(
         model_type=mt,
         # transformers makes the mask embedding whenever either SpecAugment probability is above 0
         masked_spec_embed=max(fields["mask_time_prob"], fields["mask_feature_prob"]) > 0,
+        spec_augment_lengths=mt != "hubert",
         **fields,
         hf=hf,
     )
@@ -94,7 +162,7 @@ def parse_config(hf: dict, where: str) -> EncoderConfig:
 # Weight table (names relative to Wav2Vec2Model / HubertModel; ``{base}`` is "" or "wav2vec2." / "hubert.")
 
 
-def weight_rules(cfg: EncoderConfig) -> list[Rule]:
+def weight_rules(cfg: Wav2Vec2Config) -> list[Rule]:
     D, L, F = cfg.hidden_size, cfg.num_layers, cfg.intermediate_size
     K, G = cfg.num_conv_pos_embeddings, cfg.num_conv_pos_embedding_groups
     out: list[Rule] = []
@@ -148,7 +216,7 @@ def weight_rules(cfg: EncoderConfig) -> list[Rule]:
 # Lengths and masks, exactly as transformers computes them
 
 
-def receptive_field(cfg: EncoderConfig) -> int:
+def receptive_field(cfg: Wav2Vec2Config) -> int:
     """Fewest samples that give one frame."""
     n = 1
     for k, s in reversed(list(zip(cfg.conv_kernel, cfg.conv_stride))):
@@ -156,7 +224,7 @@ def receptive_field(cfg: EncoderConfig) -> int:
     return n
 
 
-def output_lengths(cfg: EncoderConfig, lengths: jax.Array, with_adapter: bool) -> jax.Array:
+def output_lengths(cfg: Wav2Vec2Config, lengths: jax.Array, with_adapter: bool) -> jax.Array:
     """Frames produced from ``lengths`` samples (HF counts adapter convs with kernel 1, whatever their kernel)."""
     for k, s in zip(cfg.conv_kernel, cfg.conv_stride):
         lengths = (lengths - k) // s + 1
@@ -166,7 +234,7 @@ def output_lengths(cfg: EncoderConfig, lengths: jax.Array, with_adapter: bool) -
     return lengths
 
 
-def frame_mask(cfg: EncoderConfig, attention_mask: jax.Array, num_frames: int,
+def frame_mask(cfg: Wav2Vec2Config, attention_mask: jax.Array, num_frames: int,
                with_adapter: bool | None = None) -> jax.Array:
     """Sample mask [B, N] -> frame mask [B, S] bool (transformers' ``_get_feature_vector_attention_mask``).
 
@@ -190,24 +258,25 @@ def _conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int | tuple = 0
                                         feature_group_count=groups)
 
 
-CHUNK_BYTES = 32 * 2**20  # feature_encoder's budget for the first conv's output of one window (CPU)
+CHUNK_BYTES = 32 * 2**20  # feature_encoder's budget for the first conv's output of one window
 
 
-def feature_encoder(cfg: EncoderConfig, p: Params, audio: jax.Array, dtype: jnp.dtype) -> jax.Array:
+def feature_encoder(cfg: Wav2Vec2Config, p: Params, audio: jax.Array, dtype: jnp.dtype) -> jax.Array:
     """Raw audio [B, N] -> conv features [B, S, C].
 
-    With per-frame layer norms (``feat_extract_norm="layer"``) a frame depends only on its receptive field, so on
-    CPU long audio runs through the conv stack in overlapping windows of whole frames, one after another
-    (``lax.map``): the first conv's output (B x N/5 x 512 values, the encoder's largest tensor, 131 MB for four
-    5 s clips) then never exists whole, which measured 10-15% faster for the conv stack on 2 cores (fewer page
-    faults and DRAM passes for its norm and activation). Frames are the same up to float rounding.
+    With per-frame layer norms (``feat_extract_norm="layer"``) a frame depends only on its receptive field, so
+    long audio runs through the conv stack in overlapping windows of whole frames, one after another (``lax.map``):
+    the first conv's output (B x N/5 x 512 values, the encoder's largest tensor, 131 MB for four 5 s clips) then
+    never exists whole, which measured 10-15% faster for the conv stack on 2 CPU cores (fewer page faults and DRAM
+    passes for its norm and activation) and bounds the memory on any device. Frames are the same up to float
+    rounding.
     """
     B, N = audio.shape
     hop, field = math.prod(cfg.conv_stride), receptive_field(cfg)
     frames = output_lengths(cfg, N, with_adapter=False)
     frame_bytes = B * (hop // cfg.conv_stride[0]) * cfg.conv_dim[0] * jnp.dtype(dtype).itemsize
     windows = -(-frames // max(1, CHUNK_BYTES // frame_bytes))
-    if cfg.feat_extract_norm != "layer" or windows < 2 or jax.default_backend() != "cpu":
+    if cfg.feat_extract_norm != "layer" or windows < 2:
         return _conv_stack(cfg, p, audio, dtype)
     per = -(-frames // windows)  # frames per window
     width = (per - 1) * hop + field  # samples per window
@@ -217,7 +286,7 @@ def feature_encoder(cfg: EncoderConfig, p: Params, audio: jax.Array, dtype: jnp.
     return jnp.moveaxis(out, 0, 1).reshape(B, windows * per, -1)[:, :frames]
 
 
-def _conv_stack(cfg: EncoderConfig, p: Params, audio: jax.Array, dtype: jnp.dtype) -> jax.Array:
+def _conv_stack(cfg: Wav2Vec2Config, p: Params, audio: jax.Array, dtype: jnp.dtype) -> jax.Array:
     """Raw audio [B, N] -> conv features [B, S, C], in one piece."""
     act = activation(cfg.feat_extract_activation)
     h = audio[:, :, None].astype(dtype)
@@ -237,7 +306,7 @@ def _conv_stack(cfg: EncoderConfig, p: Params, audio: jax.Array, dtype: jnp.dtyp
     return h
 
 
-def positional_conv(cfg: EncoderConfig, p: Params, h: jax.Array) -> jax.Array:
+def positional_conv(cfg: Wav2Vec2Config, p: Params, h: jax.Array) -> jax.Array:
     """Weight-normed grouped conv over time, [B, S, D] -> [B, S, D]."""
     v = p["weight_v"].astype(jnp.float32)
     w = p["weight_g"] * v * jax.lax.rsqrt(jnp.sum(jnp.square(v), axis=(1, 2), keepdims=True))
@@ -248,7 +317,7 @@ def positional_conv(cfg: EncoderConfig, p: Params, h: jax.Array) -> jax.Array:
     return activation(cfg.feat_extract_activation)(y)
 
 
-def adapter(cfg: EncoderConfig, p: Params, h: jax.Array, dtype: jnp.dtype) -> jax.Array:
+def adapter(cfg: Wav2Vec2Config, p: Params, h: jax.Array, dtype: jnp.dtype) -> jax.Array:
     """[B, S, D] -> [B, S', output_hidden_size]: optional projection, then strided GLU convs."""
     if "proj" in p:
         h = layer_norm(p["proj_norm"], dense(p["proj"], h, dtype), TORCH_NORM_EPS)
@@ -258,7 +327,7 @@ def adapter(cfg: EncoderConfig, p: Params, h: jax.Array, dtype: jnp.dtype) -> ja
     return h
 
 
-def check_audio(cfg: EncoderConfig, input_values: jax.Array, attention_mask: jax.Array | None) -> None:
+def check_audio(cfg: Wav2Vec2Config, input_values: jax.Array, attention_mask: jax.Array | None) -> None:
     """Static checks on shapes and dtypes, raised at trace time as one-line errors."""
     if input_values.ndim != 2:
         raise InputError(f"input_values: expected rank 2 [batch, samples], got shape {tuple(input_values.shape)}")
@@ -274,17 +343,37 @@ def check_audio(cfg: EncoderConfig, input_values: jax.Array, attention_mask: jax
 
 
 # Fixed ids of the random sites (``fold``): the same key gives the same masks at the same place.
-_FEAT_PROJ, _POS, _LAYERS = 0, 1, 2  # encoder-wide
+_FEAT_PROJ, _POS, _LAYERS, _SPEC_AUGMENT = 0, 1, 2, 3  # encoder-wide
 _ATTN_PROBS, _ATTN_OUT, _ACT, _MLP_OUT, _LAYERDROP = range(5)  # per layer
 
 
-def encode(cfg: EncoderConfig, p: Params, input_values: jax.Array, attention_mask: jax.Array | None,
-           dtype: jnp.dtype = jnp.float32, rng: jax.Array | None = None,
+def spec_augment(cfg: Wav2Vec2Config, p: Params, h: jax.Array, mask: jax.Array | None,
+                 rng: jax.Array | None) -> jax.Array:
+    """SpecAugment on the projected features [B, S, D] (frame mask [B, S] or None) in training mode (a key and
+    ``apply_spec_augment``): time spans take ``masked_spec_embed``, feature channels are zeroed
+    (``layers.spec_augment``, as transformers' ``_mask_hidden_states``)."""
+    if rng is None or not cfg.apply_spec_augment:
+        return h
+    if cfg.mask_time_prob > 0 and not cfg.masked_spec_embed:  # only a dataclasses.replace can make this config
+        raise ConfigError(f"{cfg.model_type}: mask_time_prob {cfg.mask_time_prob} needs the masked_spec_embed weight, "
+                          "which this config was made without (masked_spec_embed=False); parse it from a config "
+                          "dict that sets mask_time_prob")
+    lengths = mask.sum(-1) if mask is not None and cfg.spec_augment_lengths else None
+    time, feature = spec_augment_masks(
+        rng, h.shape, lengths, mask_time_prob=cfg.mask_time_prob, mask_time_length=cfg.mask_time_length,
+        mask_time_min_masks=cfg.mask_time_min_masks, mask_feature_prob=cfg.mask_feature_prob,
+        mask_feature_length=cfg.mask_feature_length, mask_feature_min_masks=cfg.mask_feature_min_masks)
+    return apply_masks(h, time, feature, p.get("masked_spec_embed"))
+
+
+def encode(cfg: Wav2Vec2Config, p: Params, input_values: jax.Array, attention_mask: jax.Array | None, *,
+           rng: jax.Array | None = None, dtype: jnp.dtype = jnp.float32,
            remat: str = "none") -> tuple[jax.Array, jax.Array | None]:
     """Audio [B, N] (+ sample mask [B, N]) -> (frames [B, S, output_size], frame mask [B, S] bool or None).
 
     ``rng`` (a ``jax.random`` key) turns on transformers' training-mode regularisation: dropout after the feature
-    projection (``feat_proj_dropout``), after the positional embedding, the attention output and the feed-forward
+    projection (``feat_proj_dropout``), SpecAugment after it (``apply_spec_augment``, ``mask_time_*``,
+    ``mask_feature_*``), dropout after the positional embedding, the attention output and the feed-forward
     (``hidden_dropout``), on attention probabilities (``attention_dropout``), after the feed-forward activation
     (``activation_dropout``), and LayerDrop over the transformer layers (``layerdrop``). None: eval mode.
     ``remat``: the transformer layers' rematerialisation policy (``layers.core.remat``).
@@ -294,9 +383,9 @@ def encode(cfg: EncoderConfig, p: Params, input_values: jax.Array, attention_mas
     fp = p["feature_projection"]
     h = layer_norm(fp["norm"], feats, cfg.layer_norm_eps) if cfg.feat_proj_layer_norm else feats
     h = dropout(dense(fp["proj"], h, dtype), cfg.feat_proj_dropout, fold(rng, _FEAT_PROJ))
-    mask = None
-    if attention_mask is not None:
-        mask = frame_mask(cfg, attention_mask, h.shape[1], with_adapter=False)
+    mask = None if attention_mask is None else frame_mask(cfg, attention_mask, h.shape[1], with_adapter=False)
+    h = spec_augment(cfg, p, h, mask, fold(rng, _SPEC_AUGMENT))
+    if mask is not None:
         h = jnp.where(mask[:, :, None], h, 0)
     h = h + positional_conv(cfg, p["pos_conv"], h)
     if not cfg.stable_layer_norm:

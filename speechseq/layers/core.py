@@ -12,7 +12,6 @@ from typing import Callable, Mapping
 import jax
 import jax.numpy as jnp
 
-from speechseq import kernels
 from speechseq.errors import ConfigError
 
 Params = Mapping[str, jax.Array]
@@ -92,42 +91,34 @@ def remat(fn: Callable, policy: str) -> Callable:
 
 
 def dense(p: Params, x: jax.Array, dtype: jnp.dtype) -> jax.Array:
-    """[..., Din] @ kernel [Din, Dout] (+ bias) in ``dtype``; or with ``kernel_t`` [Dout, Din] or ``kernel_p``
-    (float32 panels for the CPU decode kernel), see ``out_major``."""
-    if "kernel_p" in p:  # as many outputs as the bias has (a kernel without one fills whole panels)
-        y = kernels.panel_dot(x.astype(jnp.float32), p["kernel_p"], p["bias"].shape[0] if "bias" in p else None)
-    elif "kernel_t" in p:
-        y = out_major_dot(x.astype(dtype), p["kernel_t"].astype(dtype))
-    else:
-        y = jnp.dot(x.astype(dtype), p["kernel"].astype(dtype))
+    """[..., Din] @ kernel [Din, Dout] (+ bias) in ``dtype``."""
+    y = jnp.dot(x.astype(dtype), p["kernel"].astype(dtype))
     if "bias" in p:
         y = y + p["bias"].astype(dtype)
     return y
 
 
-def out_major_dot(x: jax.Array, w_t: jax.Array) -> jax.Array:
-    """x [..., Din] times a weight stored [Dout, Din] -> [..., Dout], as ``w_t @ x^T`` for a few rows of x.
+def heads(p: Params, x: jax.Array, num_heads: int, dtype: jnp.dtype) -> jax.Array:
+    """A projection straight into head-major order: x [B, T, Din] @ kernel [Din, N*H] (+ bias) -> [B, N, T, H].
 
-    For the few rows of a decode step XLA CPU's dot streams a weight at about 25 GB/s in this orientation against
-    about 18 GB/s for ``x @ W``. The barriers keep XLA from folding the two tiny transposes into the dot's layouts,
-    which would select a slow dot kernel (or copy the weight) instead.
-    """
-    rows = x.reshape(-1, x.shape[-1])
-    y = jax.lax.optimization_barrier(w_t @ jax.lax.optimization_barrier(rows.T)).T
-    return y.reshape(*x.shape[:-1], w_t.shape[0])
-
-
-def out_major(p: Params, dtype: jnp.dtype, rows: int | None = None) -> dict:
-    """A dense layer's params for decode steps of ``rows`` rows (None: unknown, few): the kernel stored [Dout, Din]
-    in ``dtype`` (``kernel_t``), or, where ``speechseq.kernels`` runs (float32 on CPU, ``kernels.use_for``), packed
-    for it (``kernel_p`` [ceil(Dout / 16), Din, 16]), if a bias or a Dout that is a multiple of 16 tells ``dense``
-    how many outputs there are."""
-    w_t = p["kernel"].T.astype(dtype)
-    use = kernels.use_for(w_t, rows) and ("bias" in p or w_t.shape[0] % kernels.PANEL == 0)
-    q = {"kernel_p": kernels.pack(w_t)} if use else {"kernel_t": w_t}
+    The dot writes the head-major result itself, so the attention dots that follow are canonical batched matmuls
+    over (B, N) with no transpose between (on 2 CPU cores as fast as XLA's best layout for a base-size encoder's
+    self-attention, forward and gradient, where sequence-major q/k/v with the transposes left to XLA ran ~2x slower
+    forward)."""
+    kernel = p["kernel"].astype(dtype)
+    y = jnp.einsum("btd,dnh->bnth", x.astype(dtype), kernel.reshape(kernel.shape[0], num_heads, -1))
     if "bias" in p:
-        q["bias"] = p["bias"]
-    return q
+        y = y + p["bias"].astype(dtype).reshape(num_heads, 1, -1)
+    return y
+
+
+def merge_heads(p: Params, x: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """The output projection of head-major attention: x [B, N, T, H] @ kernel [N*H, Dout] (+ bias) -> [B, T, Dout]."""
+    N, H = x.shape[1], x.shape[3]
+    y = jnp.einsum("bnth,nhd->btd", x.astype(dtype), p["kernel"].astype(dtype).reshape(N, H, -1))
+    if "bias" in p:
+        y = y + p["bias"].astype(dtype)
+    return y
 
 
 def layer_norm(p: Params, x: jax.Array, eps: float) -> jax.Array:
@@ -140,71 +131,34 @@ def layer_norm(p: Params, x: jax.Array, eps: float) -> jax.Array:
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, scale: float | jax.Array,
-              layout: str = "bsnh", transpose_q: bool = False, kernel: bool = True, dropout_rate: float = 0.0,
+              layout: str = "bnsh", groups: int = 1, dropout_rate: float = 0.0,
               rng: jax.Array | None = None) -> jax.Array:
-    """Scaled dot-product attention.
+    """Scaled dot-product attention, head-major.
 
-    q [B, T, N, H]; k and v [B, S, N, H] (``layout="bsnh"``), head-major [B, N, S, H] (``"bnsh"``), or ``"bnhs"``:
-    k transposed [B, N, H, S] and v [B, N, S, H] (the decode step's cross-attention K/V, ``decode_cross_kv``, and its
-    self-attention cache, ``init_cache``: the scores dot then reads K row-major, which XLA CPU's batched few-row dots
-    need; measured on 2 CPU cores, cross-attention 10-25% less time for beam search's 4 query rows per utterance and
-    neutral for 1, beam-4 self-attention scores ~4x cheaper).
-    mask bool broadcastable to [B, N, T, S] (True = attend). Returns [B, T, N, H]. Scores and softmax in float32; a
-    fully masked row is uniform, as in transformers.
-
-    In the ``"bnhs"`` layout, float32 on one CPU device, ``speechseq.kernels.attend`` does it (``kernel``, unless
-    told not to: it reads each (batch, head)'s K and V once, at about the machine's streaming rate; per-op profile
-    of the decode benchmark, cross-attention 4-6 ms a step where XLA's dots and reductions took 8-10 ms). Otherwise
-    on CPU one query row per (batch, head) in the ``"bnhs"`` layout (greedy decode steps) is computed as
-    multiply-and-reduce (``_attend_one_query``: same numbers up to float rounding, far less compile time);
-    sequence-major keys are moved head-major first, and ``transpose_q`` moves q to [B, N, T, H], so that
-    both dots are canonical batched matmuls over (B, N): 3x faster for the encoder's self-attention, and faster for
-    decode-step attention with several query rows per utterance (beam search). Other
-    backends keep XLA's own layout choice for sequence-major keys.
-
-    With ``rng``, the probabilities [B, N, T, S] get ``dropout(dropout_rate)`` (transformers' attention dropout);
-    that always takes the batched-dot path.
+    q [B*G, N, T, H]; k [B, N, S, H] (``layout="bnsh"``) or transposed [B, N, H, S] (``"bnhs"``, the layout of the
+    decode step's self-attention cache, ``decoders.transformer.init_cache``); v [B, N, S, H]. ``groups`` G > 1:
+    G consecutive query rows share one row of keys and values (beams or samples of one utterance), with no copy of
+    K/V per row. mask bool (True = attend) broadcastable to [B, N, T, S], or to [B, G, N, T, S] when grouped.
+    Returns [B*G, N, T, H]. Scores and softmax in float32; a fully masked row is uniform, as in transformers. With
+    ``rng``, the probabilities get ``dropout(dropout_rate)`` (transformers' attention dropout).
     """
-    if layout not in ("bsnh", "bnsh", "bnhs"):
-        raise ValueError(f"attention: layout must be 'bsnh', 'bnsh' or 'bnhs', got {layout!r}")
-    fused = rng is None or dropout_rate == 0  # the kernel and the one-row path have no dropout
-    if layout == "bnhs" and kernel and fused and kernels.attend_fits(q, k, v, mask):
-        return kernels.attend(q, k, v, mask, scale)
-    if layout == "bnhs" and q.shape[1] == 1 and fused and jax.default_backend() == "cpu":
-        return _attend_one_query(q, k, v, mask, scale)
-    if layout == "bsnh" and jax.default_backend() == "cpu":
-        # the barriers stop XLA from folding the transposes into the dots (slower kernels on CPU)
-        k, v = jax.lax.optimization_barrier((jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)))
-        layout = "bnsh"
-        transpose_q = True
-    qo = "bnth" if transpose_q else "btnh"
-    if transpose_q:
-        q = jax.lax.optimization_barrier(jnp.swapaxes(q, 1, 2))
-    scores = jnp.einsum(f"{qo},{layout}->bnts", q, k, preferred_element_type=jnp.float32) * scale
+    if layout not in ("bnsh", "bnhs"):
+        raise ValueError(f"attention: layout must be 'bnsh' or 'bnhs', got {layout!r}")
+    B, N, T, H = k.shape[0], q.shape[1], q.shape[2], q.shape[3]
+    ks = "bnsh" if layout == "bnsh" else "bnhs"
+    if groups == 1:
+        scores = jnp.einsum(f"bnth,{ks}->bnts", q, k, preferred_element_type=jnp.float32) * scale
+    else:
+        scores = jnp.einsum(f"bgnth,{ks}->bgnts", q.reshape(B, groups, N, T, H), k,
+                            preferred_element_type=jnp.float32) * scale
+        if mask is not None and mask.ndim == 4:  # the same for every row of a group
+            mask = mask[:, None]
     if mask is not None:
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = dropout(jax.nn.softmax(scores, axis=-1).astype(v.dtype), dropout_rate, rng)
-    out = jnp.einsum(f"bnts,{'bnsh' if layout == 'bnhs' else layout}->{qo}", probs, v)
-    return jnp.swapaxes(jax.lax.optimization_barrier(out), 1, 2) if transpose_q else out
-
-
-def _attend_one_query(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
-                      scale: float | jax.Array) -> jax.Array:
-    """``attention`` for one query row per (batch, head) and ``layout="bnhs"`` (greedy and sampling decode steps), as
-    multiply-and-reduce instead of dots: q [B, 1, N, H], k [B, N, H, S], v [B, N, S, H] -> [B, 1, N, H].
-
-    XLA CPU passes a dot with one row to no library and compiles each one as a kernel of its own: 4 per layer, 48
-    for a 12-layer decoder, 0.5-1 s of a greedy program's compile on 2 cores. XLA CPU hands these reductions to
-    YNNPACK (library calls, nothing compiled per layer), and per step they take what the 1-row dots took (per-op
-    profile of the decode benchmark's greedy step: ~10.4 ms for 12 layers of cross- and self-attention, either way).
-    """
-    f32 = jnp.float32
-    qh = q[:, 0].astype(f32)  # [B, N, H]
-    scores = jnp.sum(qh[..., None] * k.astype(f32), axis=2) * scale  # [B, N, S]
-    if mask is not None:
-        scores = jnp.where(mask[..., 0, :] if mask.ndim >= 2 else mask, scores, jnp.finfo(f32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).astype(f32)
-    return jnp.sum(probs[..., None] * v.astype(f32), axis=2).astype(v.dtype)[:, None]  # [B, 1, N, H]
+    if groups == 1:
+        return jnp.einsum("bnts,bnsh->bnth", probs, v)
+    return jnp.einsum("bgnts,bnsh->bgnth", probs, v).reshape(B * groups, N, T, H)
 
 
 def explicit_axes(x: jax.Array) -> tuple[str, ...]:
@@ -232,14 +186,12 @@ def multi_head_attention(p: Params, x: jax.Array, kv: jax.Array, mask: jax.Array
                          dtype: jnp.dtype, scale: float | jax.Array | None = None, dropout_rate: float = 0.0,
                          rng: jax.Array | None = None) -> jax.Array:
     """Project queries from x [B, T, D] and keys/values from kv [B, S, Dkv], attend, project out: [B, T, D].
-    ``dropout_rate`` and ``rng``: dropout on the attention probabilities (see ``attention``)."""
-    q = split_heads(dense(p["q"], x, dtype), num_heads)
-    k = split_heads(dense(p["k"], kv, dtype), num_heads)
-    v = split_heads(dense(p["v"], kv, dtype), num_heads)
+    mask broadcastable to [B, N, T, S]; ``dropout_rate`` and ``rng``: dropout on the attention probabilities (see
+    ``attention``)."""
+    q, k, v = (heads(p[n], y, num_heads, dtype) for n, y in (("q", x), ("k", kv), ("v", kv)))
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    out = attention(q, k, v, mask, scale, dropout_rate=dropout_rate, rng=rng)
-    return dense(p["o"], out.reshape(*out.shape[:2], -1), dtype)
+    return merge_heads(p["o"], attention(q, k, v, mask, scale, dropout_rate=dropout_rate, rng=rng), dtype)
 
 
 def mlp(p: Params, x: jax.Array, act: str, dtype: jnp.dtype, dropout_rate: float = 0.0,
