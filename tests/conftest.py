@@ -70,10 +70,10 @@ SPEECH_TEXTS = ("hello world", "the quick brown fox", "speech to text in jax", "
                 "to be or not to be", "speech", "hello jax", "world of speech and text", "the end", "in the box")
 
 
-def synthesize(text: str, path, rate: int | None = None):
-    """``text`` spoken by espeak-ng (en-us, 160 words/min) into the WAV ``path``: espeak's own 22050 Hz mono 16-bit,
-    or resampled to ``rate`` by sox (no dither), a resampler independent of the library's soxr. Skips the test when
-    espeak-ng (or sox, for ``rate``) is not installed. Returns the path."""
+def synthesize(text: str, path, rate: int | None = None, voice: str = "en-us", speed: int = 160):
+    """``text`` spoken by espeak-ng (``voice``, ``speed`` words/min) into the WAV ``path``: espeak's own 22050 Hz mono
+    16-bit, or resampled to ``rate`` by sox (no dither), a resampler independent of the library's soxr. Skips the test
+    when espeak-ng (or sox, for ``rate``) is not installed. Returns the path."""
     import subprocess
     from pathlib import Path
 
@@ -81,7 +81,7 @@ def synthesize(text: str, path, rate: int | None = None):
     if shutil.which("espeak-ng") is None or (rate and shutil.which("sox") is None):
         pytest.skip("espeak-ng and sox are needed to synthesize speech")
     raw = path.with_suffix(".espeak.wav") if rate else path
-    subprocess.run(["espeak-ng", "-v", "en-us", "-s", "160", "-w", str(raw), text], check=True)
+    subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), "-w", str(raw), text], check=True)
     if rate:
         subprocess.run(["sox", "-D", "-V1", str(raw), "-r", str(rate), "-c", "1", "-b", "16", "-e",
                         "signed-integer", str(path)], check=True)

@@ -13,10 +13,10 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from speechseq.cli import convert, inspect, transcribe
+from speechseq.cli import convert, evaluate, inspect, train, transcribe
 from speechseq.errors import SpeechSeqError
 
-COMMANDS = (transcribe, convert, inspect)  # each module adds its subcommands: add_parser(sub), run(args) -> status
+COMMANDS = (transcribe, convert, inspect, train, evaluate)  # each: add_parser(sub), run(args) -> status
 
 
 def _cache_dir(arg: str | None) -> str:

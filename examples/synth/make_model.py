@@ -1,0 +1,77 @@
+"""The untrained recogniser that ``examples/synth/train.toml`` trains: a small wav2vec2-style encoder (layer-norm
+conv feature encoder, stable layer norm, SpecAugment) joined to a 3-layer BERT-style character decoder, randomly
+initialised, saved with the data set's character tokenizer, a feature extractor and its generation settings.
+
+    python examples/synth/make_model.py data/synth/tokenizer data/synth/init
+
+The folder is a complete checkpoint (``speechseq train`` fine-tunes it with ``model.init``); it is written whole or
+not at all, and an existing folder is never replaced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ENCODER = dict(
+    model_type="wav2vec2", hidden_size=192, num_hidden_layers=6, num_attention_heads=4, intermediate_size=768,
+    hidden_act="gelu", conv_dim=[64, 64, 96, 96, 128, 128, 128], conv_kernel=[10, 3, 3, 3, 3, 2, 2],
+    conv_stride=[5, 2, 2, 2, 2, 2, 2], conv_bias=True, feat_extract_norm="layer", do_stable_layer_norm=True,
+    num_conv_pos_embeddings=64, num_conv_pos_embedding_groups=16, feat_proj_layer_norm=True,
+    hidden_dropout=0.1, attention_dropout=0.1, activation_dropout=0.0, feat_proj_dropout=0.0, layerdrop=0.05,
+    apply_spec_augment=True, mask_time_prob=0.05, mask_time_length=5, mask_time_min_masks=2, mask_feature_prob=0.0,
+)
+DECODER = dict(
+    model_type="bert", hidden_size=192, num_hidden_layers=3, num_attention_heads=4, intermediate_size=768,
+    max_position_embeddings=128, type_vocab_size=2, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
+    is_decoder=True, add_cross_attention=True, tie_word_embeddings=True,
+)
+FEATURES = dict(feature_extractor_type="Wav2Vec2FeatureExtractor", feature_size=1, sampling_rate=16000,
+                padding_value=0.0, do_normalize=True, return_attention_mask=True, padding_side="right")
+
+
+def make_model(tokenizer_dir: Path, out: Path, seed: int = 0) -> Path:
+    """Writes the untrained checkpoint into ``out`` (which must not exist) and returns it."""
+    from speechseq import SpeechSeq2Seq
+    from speechseq.checkpoints.storage import atomic_dir, check_destination, write_json
+    from speechseq.errors import InputError
+
+    vocab = json.loads((tokenizer_dir / "tokenizer.json").read_text())["model"]["vocab"]
+    ids = {token: vocab[token] for token in ("[PAD]", "[CLS]", "[SEP]")}
+    config = {"model_type": "speech-encoder-decoder", "is_encoder_decoder": True,
+              "encoder": ENCODER, "decoder": {**DECODER, "vocab_size": len(vocab), "pad_token_id": ids["[PAD]"]},
+              "decoder_start_token_id": ids["[CLS]"], "eos_token_id": ids["[SEP]"], "pad_token_id": ids["[PAD]"]}
+    check_destination(out, force=False)
+    if not (tokenizer_dir / "tokenizer_config.json").exists():
+        raise InputError(f"{tokenizer_dir}: no tokenizer_config.json (make it with examples/synth/make_tokenizer.py)")
+    model = SpeechSeq2Seq.from_config(config, seed=seed)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            (tmp / name).write_bytes((tokenizer_dir / name).read_bytes())
+        write_json(tmp / "preprocessor_config.json", FEATURES)
+        write_json(tmp / "generation_config.json", {"decoder_start_token_id": ids["[CLS]"], "eos_token_id": ids["[SEP]"],
+                                                    "pad_token_id": ids["[PAD]"], "max_length": 100})
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("tokenizer", type=Path, help="the data set's tokenizer folder (data/synth/tokenizer)")
+    parser.add_argument("out", type=Path, help="the checkpoint folder to write (must not exist)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    from speechseq.errors import SpeechSeqError
+
+    try:
+        print(make_model(args.tokenizer, args.out, args.seed))
+    except SpeechSeqError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,536 @@
+"""`speechseq train` and `speechseq evaluate`: the config file, checkpoints (keep last N and the best, a failed save),
+the loop (exact resume after kill -9, a NaN loss, Ctrl-C), the final model in both layouts, and a tiny model that
+learns a few synthesized sentences."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import hf_factory as F
+from conftest import synthesize
+from speechseq.cli import main
+from speechseq.errors import SpeechSeqError
+from speechseq.training.config import TrainConfig, load_config, parse_config, to_toml
+
+ROOT = Path(__file__).resolve().parents[1]
+SENTENCES = ("open the door", "good morning", "thank you")
+VOICES = ("en-us", "en-gb", "en-gb-scotland", "en-029", "en-gb-x-rp", "en-us+f2", "en-gb-x-gbclan", "en-us+m3")
+
+
+# ---- fixtures: speech, a tiny model with a character tokenizer, configs ---------------------------------------------
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """SENTENCES x VOICES spoken by espeak-ng (each under 1 s), and manifests: train.jsonl (all 24), small.jsonl (8)
+    and valid.jsonl (3, one per sentence)."""
+    folder = tmp_path_factory.mktemp("corpus")
+    rows = []
+    for i, text in enumerate(SENTENCES):
+        for j, voice in enumerate(VOICES):
+            name = f"s{i}-v{j}.wav"
+            synthesize(text, folder / name, voice=voice, speed=200)
+            rows.append({"id": f"s{i}-v{j}", "audio": name, "text": text})
+
+    def manifest(name, chosen):
+        (folder / name).write_text("".join(json.dumps(r) + "\n" for r in chosen))
+        return folder / name
+
+    manifest("train.jsonl", rows)
+    manifest("small.jsonl", rows[::3])
+    manifest("valid.jsonl", rows[::len(VOICES)])
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_init(tmp_path_factory):
+    """A random tiny wav2vec2 + BERT checkpoint (transformers' layout) whose decoder reads the character tokenizer of
+    examples/synth/make_tokenizer.py: [PAD]=0 (pad), [CLS]=2 (decoder start), [SEP]=3 (end), 32 ids."""
+    import torch
+    import transformers as T
+
+    sys.path.insert(0, str(ROOT / "examples" / "synth"))
+    try:
+        from make_tokenizer import save_tokenizer
+    finally:
+        sys.path.pop(0)
+    path = tmp_path_factory.mktemp("tiny-init")
+    save_tokenizer(path)
+    T.Wav2Vec2FeatureExtractor(return_attention_mask=True, do_normalize=True).save_pretrained(path)
+    # hf_factory's tiny wav2vec2 (stable layer norm) and BERT, wider and with fewer frames per second (stride 80),
+    # dropout and SpecAugment on
+    enc = F.any_encoder_config("w2v-layer-stable", hidden_size=32, num_attention_heads=4, intermediate_size=64,
+                               conv_dim=(16, 32, 32), conv_kernel=(10, 4, 4), conv_stride=(5, 4, 4),
+                               num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=2, hidden_dropout=0.1,
+                               mask_time_prob=0.05)
+    dec = F.decoder_config("bert", hidden=32)
+    for key, value in dict(vocab_size=32, num_attention_heads=4, intermediate_size=64, max_position_embeddings=64,
+                           hidden_dropout_prob=0.1, pad_token_id=0, bos_token_id=2, eos_token_id=3).items():
+        setattr(dec, key, value)
+    cfg = T.SpeechEncoderDecoderConfig.from_encoder_decoder_configs(enc, dec)
+    cfg.decoder_start_token_id, cfg.pad_token_id, cfg.eos_token_id = 2, 0, 3
+    torch.manual_seed(0)
+    T.SpeechEncoderDecoderModel(cfg).save_pretrained(path)
+    return path
+
+
+def write_config(path: Path, sections: dict) -> Path:
+    """A config file as `speechseq train --print-config` writes one (to_toml), from a dict of sections."""
+    path.write_text(to_toml(parse_config(sections, str(path), validate=False)))
+    return path
+
+
+def one_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def run_cli(capsys, *argv):
+    code = main(["-q", *map(str, argv)])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+# ---- the config file ------------------------------------------------------------------------------------------------
+
+def test_print_config_lists_every_setting_with_its_default_and_reads_back(capsys):
+    code, out, err = run_cli(capsys, "train", "--print-config")
+    assert code == 0, err
+    import tomllib
+
+    data = tomllib.loads(out)
+    assert parse_config(data, validate=False) == TrainConfig()
+    defaults = TrainConfig()
+    for section in data:
+        for f in dataclasses.fields(getattr(defaults, section)):
+            assert f.name in data[section], f"{section}.{f.name} missing from --print-config"
+    # every setting carries its doc as a comment line above it
+    section, previous = None, ""
+    for line in out.splitlines():
+        if line.startswith("["):
+            section = line.strip("[]")
+        elif not line.startswith("#") and " = " in line:
+            assert previous.startswith("# "), (section, line)
+        previous = line
+
+
+def test_config_file_and_overrides(tmp_path, capsys):
+    path = tmp_path / "run.toml"
+    path.write_text('[model]\nencoder = "enc"\ndecoder = "dec"\noverrides = {decoder_dropout = 0.1}\n'
+                    '[data]\ntrain = "train.jsonl"\nmax_audio_seconds = 12\n[optim]\nlearning_rate = 1e-3\n'
+                    '[train]\nsteps = 300\n')
+    cfg = load_config(path, ["optim.learning_rate=3e-4", "model.overrides.encoder_add_adapter=true",
+                             "data.max_audio_seconds=none", "optim.freeze=['feature_encoder']", "eval.task=translate",
+                             "model.decoder=some/dir"])
+    assert cfg.optim.learning_rate == 3e-4 and isinstance(cfg.data.max_audio_seconds, type(None))
+    assert cfg.model.overrides == {"decoder_dropout": 0.1, "encoder_add_adapter": True}
+    assert cfg.model.decoder == "some/dir" and cfg.optim.freeze == ("feature_encoder",)
+    assert cfg.optim.total_steps == 300  # the schedule ends with the run unless set
+    assert load_config(path, ["optim.total_steps=1000"]).optim.total_steps == 1000
+    assert cfg.eval.task == "translate" and cfg.train.steps == 300 and cfg.step == TrainConfig().step
+
+
+@pytest.mark.parametrize("text, overrides, message", [
+    ("[optim]\nlearnig_rate = 1e-3\n", [], "run.toml: unknown key 'optim.learnig_rate' (did you mean "
+                                           "'optim.learning_rate'?)"),
+    ("[optimizer]\n", [], "run.toml: unknown section [optimizer] (did you mean 'optim'?)"),
+    ("[train]\nsteps = \"ten\"\n", [], "run.toml: train.steps should be an integer, got a string \"ten\""),
+    ("[train]\nsteps = 0\n", [], "run.toml: train.steps should be an integer >= 1, got 0"),
+    ("[optim]\nschedule = \"cosin\"\n", [], "run.toml: optim.schedule: unknown schedule 'cosin'"),
+    ("[eval]\ntask = \"transcrib\"\n", [], "run.toml: eval.task should be one of \"transcribe\", \"translate\", got "
+                                          "\"transcrib\" (did you mean 'transcribe'?)"),
+    ("", ["optim.learning_rate=-1"], "--set: optim.learning_rate should be a finite number >= 0, got -1"),
+    ("", ["log.progres=false"], "--set: unknown key 'log.progres' (did you mean 'log.progress'?)"),
+    ("", ["steps=3"], "--set steps=3: expected section.key=value"),
+    ("[model\n", [], "run.toml: not valid TOML"),
+    ("[model]\ninit = \"x\"\nencoder = \"y\"\n[data]\ntrain = \"t\"\n", [], "run.toml: set model.init (a checkpoint to "
+                                                                            "fine-tune) or model.encoder and "
+                                                                            "model.decoder (a warm start), not both"),
+])
+def test_config_mistakes_are_one_line(tmp_path, capsys, text, overrides, message):
+    path = tmp_path / "run.toml"
+    path.write_text(text)
+    argv = ["train", path] + [a for o in overrides for a in ("--set", o)]
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 2
+    line = one_line(err)
+    assert line.startswith(f"speechseq: error: {message.replace('run.toml', str(path))}"), line
+
+
+def test_example_config_is_a_valid_run(monkeypatch):
+    cfg = load_config(ROOT / "examples" / "train_config.toml")  # validated: a runnable config
+    assert cfg.model.encoder and cfg.model.decoder and cfg.data.train and cfg.data.valid
+
+
+# ---- metrics ------------------------------------------------------------------------------------------------------
+
+def test_text_metrics_and_a_missing_extra(monkeypatch):
+    from speechseq import metrics
+
+    # one substituted word of 3 + one inserted of 2: 2 edits / 5 reference words; characters: 1 + 2 ("x", " y")
+    out = metrics.text_metrics(["a b c", "d e"], ["a x c", "d e y"], task="translate")
+    assert out["wer"] == pytest.approx(2 / 5) and out["cer"] == pytest.approx(3 / 8) and 0 <= out["bleu"] < 100
+    assert metrics.wer(["Hello, World!"], ["hello world"]) == 1.0
+    assert metrics.wer(["Hello, World!"], ["hello world"], normalize=True) == 0.0
+    assert metrics.normalize("It's  \"fine\" -- REALLY.") == "it's fine really"
+    monkeypatch.setitem(sys.modules, "jiwer", None)  # as if not installed
+    with pytest.raises(SpeechSeqError) as e:
+        metrics.wer(["a"], ["a"])
+    assert str(e.value) == "jiwer is not installed (word error rate); pip install 'speechseq[train]' installs it"
+
+
+# ---- checkpoints -----------------------------------------------------------------------------------------------------
+
+def small_state(value: float):
+    import jax.numpy as jnp
+
+    from speechseq.training import TrainState
+
+    params = {"w": jnp.full((3, 4), value, jnp.float32), "b": jnp.arange(4, dtype=jnp.float32) * value}
+    return TrainState(jnp.int32(int(value)), params, ({"mu": params},), jnp.array([7, int(value)], jnp.uint32))
+
+
+def leaves_equal(a, b) -> bool:
+    import jax
+
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    return jax.tree.structure(a) == jax.tree.structure(b) and all(
+        np.asarray(x).dtype == np.asarray(y).dtype and np.array_equal(np.asarray(x), np.asarray(y))
+        for x, y in zip(la, lb))
+
+
+def test_checkpoints_keep_the_last_and_the_best(tmp_path):
+    from speechseq.training.checkpoint import Checkpoints
+
+    wer = {1: 0.5, 2: 0.2, 3: None, 4: 0.3, 5: None, 6: 0.4}  # None: no evaluation at that step
+    ckpt = Checkpoints(tmp_path / "c", keep_last=2, best_metric="wer", best_mode="min")
+    for step, w in wer.items():
+        ckpt.save(step, small_state(step), {"data": {"step": step}}, None if w is None else {"wer": w, "loss": 9.0})
+    ckpt.wait()
+    assert ckpt.steps() == [2, 5, 6]  # the last two, and the best (lowest WER) however old
+    ckpt.close()
+    ckpt = Checkpoints(tmp_path / "c", keep_last=2, best_metric="wer", best_mode="min")  # the next run's manager
+    state, meta = ckpt.restore(2, small_state(0))
+    assert leaves_equal(state, small_state(2)) and meta == {"data": {"step": 2}}
+    ckpt.save(7, small_state(7), {}, {"wer": 0.1})
+    ckpt.wait()
+    assert ckpt.steps() == [6, 7]  # a better one replaces the old best
+    ckpt.close()
+    ckpt = Checkpoints(tmp_path / "m", keep_last=1, best_metric="bleu", best_mode="max")
+    for step, bleu in ((1, 30.0), (2, 10.0), (3, 20.0)):
+        ckpt.save(step, small_state(step), {}, {"bleu": bleu})
+    ckpt.wait()
+    assert ckpt.steps() == [1, 3]  # BLEU: the highest is the best
+    ckpt.close()
+
+
+FAILING_RUN = """
+import errno, sys
+sys.path.insert(0, {tests!r})
+import orbax.checkpoint as ocp
+from test_training_loop import small_state
+from speechseq.training.checkpoint import Checkpoints
+
+ckpt = Checkpoints({folder!r}, keep_last=1)
+ckpt.save(1, small_state(1), {{"data": 1}})
+ckpt.wait()
+
+async def disk_full(self, *args, **kwargs):  # where the JSON file is written, in orbax's background thread
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+ocp.JsonCheckpointHandler._save_fn = disk_full
+try:
+    ckpt.save(2, small_state(2), {{"data": 2}})
+    ckpt.wait()
+except Exception as e:
+    print(type(e).__name__, e)
+"""
+
+
+def test_a_failed_save_leaves_the_previous_checkpoint_intact(tmp_path):
+    """A run whose disk is full while it writes checkpoint 2: one line saying so and what is intact; checkpoint 1 as
+    it was, kept and restorable by the next run, whose first save removes the failed one's temporary folder."""
+    from speechseq.training.checkpoint import Checkpoints
+
+    folder = tmp_path / "c"
+    done = subprocess.run([sys.executable, "-c", FAILING_RUN.format(tests=str(ROOT / "tests"), folder=str(folder))],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    message = done.stdout.strip()
+    assert message.startswith(f"CheckpointError {folder}: saving ") and "\n" not in message
+    assert message.endswith("failed ([Errno 28] No space left on device); the previous checkpoint (step 1) is intact")
+    ckpt = Checkpoints(folder, keep_last=1)
+    assert ckpt.steps() == [1]
+    state, meta = ckpt.restore(1, small_state(0))
+    assert leaves_equal(state, small_state(1)) and meta == {"data": 1}
+    ckpt.save(3, small_state(3), {"data": 3})
+    ckpt.wait()
+    assert ckpt.steps() == [3] and sorted(p.name for p in folder.iterdir()) == ["3"]
+    ckpt.close()
+
+
+# ---- a tiny model learns; its final model in both layouts; evaluate --------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained(corpus, tiny_init, tmp_path_factory):
+    """`speechseq train`: the tiny model on all 24 utterances until its training WER is 0, evaluated on the training
+    set itself at the end. Deterministic (seeded init, data order and steps; no dropout)."""
+    folder = tmp_path_factory.mktemp("learn")
+    cfg = write_config(folder / "learn.toml", {
+        "model": {"init": str(tiny_init)},
+        "data": {"train": str(corpus / "train.jsonl"), "valid": str(corpus / "train.jsonl"), "batch_size": 8,
+                 "num_workers": 2},
+        "optim": {"learning_rate": 4e-3, "warmup_steps": 10},
+        "step": {"dropout": False},
+        "train": {"steps": 160, "eval_every": 0, "save_every": 80, "log_every": 10, "seed": 0,
+                  "output_dir": str(folder / "run")},
+        "eval": {"batch_size": 8, "max_new_tokens": 20},
+    })
+    t0 = time.perf_counter()
+    code = main(["-q", "train", str(cfg)])
+    assert code == 0
+    return folder / "run", time.perf_counter() - t0
+
+
+def test_a_tiny_model_learns(trained):
+    out, seconds = trained
+    from speechseq.training.loop import read_metrics
+
+    rows = read_metrics(out / "metrics.jsonl")
+    train = [r for r in rows if r["split"] == "train"]
+    valid = [r for r in rows if r["split"] == "valid"]
+    assert [r["step"] for r in train] == list(range(10, 161, 10))
+    assert train[-1]["loss"] < train[0]["loss"] / 20, [r["loss"] for r in train]
+    assert len(valid) == 1 and valid[0]["step"] == 160 and valid[0]["utterances"] == 24
+    assert valid[0]["wer"] == 0.0 and valid[0]["cer"] == 0.0, (valid, seconds)
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list((out / "tb").glob("events.out.tfevents.*"))
+    assert load_config(out / "config.toml").train.steps == 160
+
+
+def test_final_model_loads_in_transformers_with_the_same_logits(trained, corpus):
+    import torch
+    import transformers as T
+
+    from speechseq import SpeechSeq2Seq
+    from speechseq.audio import load_audio
+    from speechseq.checkpoints import storage
+    from speechseq.checkpoints.table import flatten
+
+    out, _ = trained
+    ours = SpeechSeq2Seq.from_pretrained(out / "model")  # speechseq layout: orbax params
+    assert storage.is_speechseq(out / "model") and not storage.is_speechseq(out / "model-hf")
+    # the final model is the last step's params, bit for bit
+    from speechseq.training import init_state
+    from speechseq.training.checkpoint import Checkpoints
+
+    cfg = load_config(out / "config.toml")
+    ckpt = Checkpoints(out / "checkpoints")
+    state, _ = ckpt.restore(160, init_state(ours.config, ours.params, cfg.optim, 0))
+    ckpt.close()
+    final = flatten(ours.params)
+    assert all(np.array_equal(np.asarray(v), final[k]) for k, v in flatten(state.params).items())
+    ref = T.SpeechEncoderDecoderModel.from_pretrained(out / "model-hf").eval()
+    audio = [load_audio(corpus / f"s{i}-v{i}.wav") for i in range(3)]
+    n = max(len(a) for a in audio)
+    x = np.stack([np.pad(a, (0, n - len(a))) for a in audio]).astype(np.float32)
+    mask = np.stack([np.arange(n) < len(a) for a in audio]).astype(np.int32)
+    ids = np.array([[2, 10, 11, 12, 4, 13], [2, 14, 15, 4, 16, 17], [2, 20, 21, 22, 23, 4]])
+    with torch.no_grad():
+        want = ref(input_values=torch.from_numpy(x), attention_mask=torch.from_numpy(mask),
+                   decoder_input_ids=torch.from_numpy(ids)).logits.numpy()
+    got = np.asarray(ours(x, mask, decoder_input_ids=ids).logits)
+    assert np.abs(got - want).max() < 1e-4 * max(1.0, np.abs(want).max())
+    # the tokenizer and feature extractor travel with both layouts
+    for folder in ("model", "model-hf"):
+        assert {"tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"} <= {
+            p.name for p in (out / folder).iterdir()}
+    assert T.AutoTokenizer.from_pretrained(out / "model-hf").decode([20, 21, 10, 19, 4, 25]) == "open t"
+
+
+def test_evaluate_command(trained, corpus, tmp_path, capsys, monkeypatch):
+    out, _ = trained
+    monkeypatch.chdir(tmp_path)
+    manifest = corpus / "valid.jsonl"
+    before = manifest.read_bytes()
+    code, stdout, err = run_cli(capsys, "evaluate", "--model", out / "model", manifest, "--batch-size", 2)
+    assert code == 0, err
+    summary = dict(line.split(None, 1) for line in stdout.splitlines())
+    assert summary["utterances"] == "3" and summary["skipped"] == "0"
+    assert float(summary["wer"]) == 0.0 and float(summary["cer"]) == 0.0
+    assert float(summary["audio_seconds"]) > 1.5 and float(summary["real_time_factor"]) > 0
+    rows = [json.loads(line) for line in (tmp_path / "valid.hyps.jsonl").read_text().splitlines()]
+    assert [r["reference"] for r in rows] == [r["hypothesis"] for r in rows]
+    assert sorted(r["reference"] for r in rows) == sorted(SENTENCES)
+    assert set(rows[0]) == {"id", "audio", "reference", "hypothesis", "audio_seconds"}
+    # the default output is not replaced; an input never is; a named file is
+    code, _, err = run_cli(capsys, "evaluate", "--model", out / "model", manifest)
+    assert code == 2 and "valid.hyps.jsonl already exists" in one_line(err)
+    code, _, err = run_cli(capsys, "evaluate", "--model", out / "model", manifest, "--output", manifest)
+    assert code == 2 and "is one of the inputs" in one_line(err)
+    assert manifest.read_bytes() == before
+    (tmp_path / "named.jsonl").write_text("old\n")
+    code, stdout, err = run_cli(capsys, "evaluate", "--model", out / "model", manifest, "--output", "named.jsonl",
+                                "--task", "translate", "--num-beams", "2")
+    assert code == 0, err
+    assert "bleu" in stdout and len((tmp_path / "named.jsonl").read_text().splitlines()) == 3
+
+
+def test_resume_refuses_other_settings_and_a_fresh_run_refuses_an_earlier_one(trained, capsys):
+    out, _ = trained
+    cfg = out / "config.toml"
+    code, _, err = run_cli(capsys, "train", cfg, "--set", "train.steps=170", "--set", "optim.learning_rate=1e-3",
+                           "--resume")
+    assert code == 2
+    assert "--resume: optim.learning_rate is 0.001 but the run in" in one_line(err)
+    code, _, err = run_cli(capsys, "train", cfg)
+    assert code == 2 and "holds an earlier run (checkpoints); pass --resume" in one_line(err)
+
+
+# ---- stopping: kill -9 and resume, a NaN loss, Ctrl-C ----------------------------------------------------------------
+
+def run_sections(tiny_init, corpus, out: Path, **changes) -> dict:
+    """A short run on 8 utterances, 2 per batch (several epochs), dropout and SpecAugment on, evaluated every 5
+    steps, a checkpoint every 2, every step logged."""
+    sections = {
+        "model": {"init": str(tiny_init)},
+        "data": {"train": str(corpus / "small.jsonl"), "valid": str(corpus / "valid.jsonl"), "batch_size": 2,
+                 "num_workers": 2},
+        "optim": {"learning_rate": 2e-3, "warmup_steps": 2, "weight_decay": 0.01},
+        "train": {"steps": 12, "eval_every": 5, "save_every": 2, "keep_last": 2, "log_every": 1, "seed": 5,
+                  "output_dir": str(out)},
+        "eval": {"batch_size": 4, "max_new_tokens": 6},
+        "log": {"data_order": True, "plot": False},
+    }
+    for key, value in changes.items():
+        section, name = key.split("__")
+        sections[section][name] = value
+    return sections
+
+
+def start(config: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "speechseq.cli", "-q", "train", str(config), *extra],
+                            cwd=config.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def lines(path: Path) -> int:
+    try:
+        return path.read_bytes().count(b"\n")
+    except FileNotFoundError:
+        return 0
+
+
+def complete_checkpoints(out: Path) -> list[str]:
+    """Steps whose checkpoint orbax has finished (renamed from its temporary folder)."""
+    try:
+        return [n for n in os.listdir(out / "checkpoints") if n.isdigit()]
+    except FileNotFoundError:
+        return []
+
+
+def wait_for(p: subprocess.Popen, ready, what: str, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if p.poll() is not None:
+            raise AssertionError(f"the run ended before {what}: {p.communicate()}")
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def final_state(out: Path, tiny_init: Path):
+    from speechseq import SpeechSeq2Seq
+    from speechseq.training import init_state
+    from speechseq.training.checkpoint import Checkpoints
+
+    cfg = load_config(out / "config.toml")
+    model = SpeechSeq2Seq.from_pretrained(tiny_init)
+    ckpt = Checkpoints(out / "checkpoints")
+    try:
+        return ckpt.restore(ckpt.latest_step(), init_state(model.config, model.params, cfg.optim, cfg.train.seed))
+    finally:
+        ckpt.close()
+
+
+def test_exact_resume_after_kill_9(tiny_init, corpus, tmp_path):
+    """A run killed with SIGKILL at a random step (after its first checkpoint) and resumed with --resume ends with
+    the params, optimizer state, metrics.jsonl, data order and kept checkpoints of a run never stopped."""
+    whole = write_config(tmp_path / "whole.toml", run_sections(tiny_init, corpus, tmp_path / "whole"))
+    cut = write_config(tmp_path / "cut.toml", run_sections(tiny_init, corpus, tmp_path / "cut"))
+    seed = random.randrange(1 << 30)
+    kill_at = random.Random(seed).randint(3, 11)  # steps done when killed; the first checkpoint is step 2's
+    reference = start(whole)
+    p = start(cut)
+    order = tmp_path / "cut" / "data_order.jsonl"
+    wait_for(p, lambda: lines(order) >= kill_at and complete_checkpoints(tmp_path / "cut"), f"step {kill_at}")
+    p.send_signal(signal.SIGKILL)
+    p.communicate()
+    killed_after = lines(order)
+    assert killed_after < 12, f"the run finished before the kill (seed {seed})"
+    resumed = start(cut, "--resume")
+    out, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err
+    assert "no checkpoint" not in err  # it continued from one
+    out_ref, err_ref = reference.communicate(timeout=600)
+    assert reference.returncode == 0, err_ref
+    assert json.loads(out.splitlines()[-1]) == json.loads(out_ref.splitlines()[-1])
+    a, b = tmp_path / "whole", tmp_path / "cut"
+    why = f"killed after {killed_after} steps (seed {seed})"
+    for name in ("metrics.jsonl", "data_order.jsonl"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), (name, why)
+    assert lines(b / "data_order.jsonl") == 12
+    assert sorted(os.listdir(a / "checkpoints")) == sorted(os.listdir(b / "checkpoints")), why
+    (state_a, meta_a), (state_b, meta_b) = final_state(a, tiny_init), final_state(b, tiny_init)
+    assert int(state_a.step) == 12 and leaves_equal(state_a, state_b), why
+    assert meta_a["data"] == meta_b["data"]
+    assert (a / "model-hf" / "model.safetensors").read_bytes() == (b / "model-hf" / "model.safetensors").read_bytes()
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_init, corpus, tmp_path, capsys):
+    """A learning rate of 1e30 sends the weights to ~1e30 in one step, so step 2's loss is NaN: one line, exit 2,
+    checkpoint 1 kept as it was and nothing after it, no final model."""
+    sections = run_sections(tiny_init, corpus, tmp_path / "nan", optim__learning_rate=1e30,
+                            optim__schedule="constant", optim__warmup_steps=0, optim__max_grad_norm="none",
+                            train__save_every=1, data__valid="")
+    sections["log"].update(tensorboard=False)
+    code, _, err = run_cli(capsys, "train", write_config(tmp_path / "nan.toml", sections))
+    assert code == 2
+    line = one_line(err)
+    assert line.startswith("speechseq: error: loss is nan at step 2: training stopped; the last good checkpoint is "
+                           "step 1 in "), line
+    out = tmp_path / "nan"
+    assert sorted(os.listdir(out / "checkpoints")) == ["1"]
+    state, meta = final_state(out, tiny_init)
+    assert int(state.step) == 1 and meta["data"]["batch"] == 1
+    assert not (out / "model").exists() and not (out / "model-hf").exists()
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
+def test_ctrl_c_saves_nothing_partial_and_exits_with_one_line(tiny_init, corpus, tmp_path):
+    cfg = write_config(tmp_path / "int.toml", run_sections(tiny_init, corpus, tmp_path / "int", train__steps=200,
+                                                           data__valid=""))
+    p = start(cfg)
+    wait_for(p, lambda: complete_checkpoints(tmp_path / "int"), "a checkpoint")
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130
+    assert one_line(err) == "speechseq: interrupted"
+    folder = tmp_path / "int" / "checkpoints"
+    steps = sorted(int(n) for n in os.listdir(folder))  # only whole checkpoints: no orbax temporary folder
+    assert steps and all(s % 2 == 0 for s in steps)
+    from speechseq.training.checkpoint import Checkpoints
+
+    ckpt = Checkpoints(folder)
+    assert ckpt.steps() == steps
+    ckpt.close()
+    assert not (tmp_path / "int" / "model").exists()
