@@ -182,8 +182,9 @@ def check_batch(batch: Batch, accum_steps: int = 1) -> dict[str, Any]:
     return out
 
 
-def make_train_step(model_cfg: SpeechSeq2SeqConfig, optim: OptimConfig,
-                    step: StepConfig = StepConfig()) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+def make_train_step(model_cfg: SpeechSeq2SeqConfig, optim: OptimConfig, step: StepConfig = StepConfig(), *,
+                    shardings: tuple[Any, Any, Any] | None = None
+                    ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """``train_step(state, batch) -> (state, metrics)``: loss and gradient of the trainable params (``loss_and_grad``;
     dropout from ``fold_in(state.rng, state.step)`` unless ``step.dropout`` is False), torch's ``clip_grad_norm_``
     and AdamW with the Trainer's schedule (``optim.optimizer``); frozen params pass through bit for bit.
@@ -191,7 +192,11 @@ def make_train_step(model_cfg: SpeechSeq2SeqConfig, optim: OptimConfig,
     Jitted with ``state`` donated (do not reuse a state after passing it). Metrics (float32 / int32 scalars):
     "loss" (token-weighted mean, label smoothing included), "tokens" (label tokens), "grad_norm" (global norm
     before clipping, as the Trainer logs it), "learning_rate" (the rate this step used). The jitted function
-    itself (arrays in, no checks) is the returned function's ``jitted`` attribute, e.g. to ``lower`` it."""
+    itself (arrays in, no checks) is the returned function's ``jitted`` attribute, e.g. to ``lower`` it.
+
+    ``shardings``: (state, batch, metrics) shardings for ``jax.jit``'s ``in_shardings`` / ``out_shardings``, to run
+    the step on a device mesh (``speechseq.sharding.make_sharded_train_step`` derives them); None leaves placement
+    to the inputs."""
     tx = optimizer(model_cfg, optim)
     rate = learning_rate_schedule(optim)
 
@@ -209,7 +214,9 @@ def make_train_step(model_cfg: SpeechSeq2SeqConfig, optim: OptimConfig,
                    "learning_rate": rate(state.step)}
         return TrainState(state.step + 1, params, opt_state, state.rng), metrics
 
-    jitted = jax.jit(train_step, donate_argnums=0)
+    placement = {} if shardings is None else dict(in_shardings=shardings[:2],
+                                                  out_shardings=(shardings[0], shardings[2]))
+    jitted = jax.jit(train_step, donate_argnums=0, **placement)
 
     def run(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         return jitted(state, check_batch(batch, step.accum_steps))
