@@ -118,6 +118,9 @@ class DecoderConfig(_Part):
     pad_token_id: int | None
     bos_token_id: int | None
     eos_token_id: int | tuple[int, ...] | None
+    # XGLM, TrOCR: positions from fairseq's fixed sinusoidal table (not a weight; sin | cos halves, the pad row zero)
+    sinusoidal_positions: bool = False
+    embed_norm_before_positions: bool = False  # Blenderbot-small: embed_norm on the token embeddings, then + positions
     embed_dropout: float | None = None  # after the embeddings; None: hidden_dropout (BERT, BART)
     hidden_dropout: float = 0.0  # after the attention output and MLP output projections
     attention_dropout: float = 0.0  # on attention probabilities (self and cross)

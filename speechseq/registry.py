@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, Protocol
 
-from speechseq.decoders import bart, bert, gpt2
+from speechseq.decoders import bart, bert, blenderbot_small, electra, gpt2, marian, trocr, xglm
 from speechseq.decoders.transformer import decode, weight_rules as decoder_rules
 from speechseq.encoders import wav2vec2
 from speechseq.config import INPUT_KINDS, EncoderConfig, HFField
@@ -86,6 +86,21 @@ FAMILIES: dict[str, Family] = {
                ("model.decoder.", "decoder.", ""), decode, fields=bart.FIELDS),
         Family("mbart", "decoder", bart.parse_config, partial(decoder_rules, n=bart.NAMES),
                ("model.decoder.", "decoder.", ""), decode, fields=bart.FIELDS),
+        Family("marian", "decoder", marian.parse_config, partial(decoder_rules, n=marian.NAMES),
+               ("model.decoder.", "decoder.", ""), decode, fields=marian.FIELDS),
+        Family("pegasus", "decoder", marian.parse_config, partial(decoder_rules, n=marian.NAMES),
+               ("model.decoder.", "decoder.", ""), decode, fields=marian.PEGASUS_FIELDS),
+        Family("xlm-roberta", "decoder", bert.parse_config, partial(decoder_rules, n=bert.ROBERTA_NAMES),
+               ("roberta.", ""), decode, fields=bert.ROBERTA_FIELDS),
+        Family("electra", "decoder", electra.parse_config, partial(decoder_rules, n=electra.NAMES), ("electra.", ""),
+               decode, fields=electra.FIELDS),
+        Family("blenderbot-small", "decoder", blenderbot_small.parse_config,
+               partial(decoder_rules, n=blenderbot_small.NAMES), ("model.decoder.", "decoder.", ""), decode,
+               fields=blenderbot_small.FIELDS),
+        Family("trocr", "decoder", trocr.parse_config, partial(decoder_rules, n=trocr.NAMES), ("model.decoder.", ""),
+               decode, fields=trocr.FIELDS),
+        Family("xglm", "decoder", xglm.parse_config, partial(decoder_rules, n=xglm.NAMES), ("model.", ""), decode,
+               fields=xglm.FIELDS),
     )
 }
 

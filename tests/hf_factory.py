@@ -54,10 +54,51 @@ def decoder_config(name: str, hidden: int = 20, tie: bool = True):
                    encoder_attention_heads=2, encoder_ffn_dim=24, max_position_embeddings=40, dropout=0.0,
                    attention_dropout=0.0, activation_dropout=0.0, scale_embedding=name != "bart",
                    tie_word_embeddings=tie, decoder_start_token_id=2, forced_eos_token_id=None, **DEC_COMMON)
+    if name in MORE_DECODERS:
+        return MORE_DECODERS[name](hidden, tie)
     raise KeyError(name)
 
 
 DECODERS = ["bert", "roberta", "gpt2", "gpt2-scaled", "bart", "bart-scaled", "mbart"]
+
+# The decoder families of issue 30 (tests/test_more_decoders.py): name -> config builder (hidden, tie)
+_SEQ2SEQ_DEC = dict(decoder_layers=2, decoder_attention_heads=2, decoder_ffn_dim=24, encoder_layers=2,
+                    encoder_attention_heads=2, encoder_ffn_dim=24, max_position_embeddings=40, dropout=0.0,
+                    attention_dropout=0.0, activation_dropout=0.0, decoder_start_token_id=2,
+                    forced_eos_token_id=None, **DEC_COMMON)
+
+
+def _BERT_DEC(hidden: int, tie: bool) -> dict:
+    return dict(hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24,
+                max_position_embeddings=40, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                tie_word_embeddings=tie, **DEC_COMMON)
+
+
+
+def _TROCR(tie: bool) -> dict:
+    return dict(decoder_layers=2, decoder_attention_heads=2, decoder_ffn_dim=24, max_position_embeddings=40,
+                dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, tie_word_embeddings=tie,
+                activation_function="relu", **DEC_COMMON)
+
+
+MORE_DECODERS = {
+    "marian": lambda hidden, tie: T.MarianConfig(d_model=hidden, scale_embedding=True, tie_word_embeddings=tie,
+                                                 **_SEQ2SEQ_DEC),
+    "pegasus": lambda hidden, tie: T.PegasusConfig(d_model=hidden, scale_embedding=True, tie_word_embeddings=tie,
+                                                   **_SEQ2SEQ_DEC),
+    "blenderbot-small": lambda hidden, tie: T.BlenderbotSmallConfig(d_model=hidden, scale_embedding=True,
+                                                                    tie_word_embeddings=tie, **_SEQ2SEQ_DEC),
+    "xglm": lambda hidden, tie: T.XGLMConfig(d_model=hidden, num_layers=2, attention_heads=2, ffn_dim=24,
+                                             max_position_embeddings=40, dropout=0.0, attention_dropout=0.0,
+                                             activation_dropout=0.0, tie_word_embeddings=tie, **DEC_COMMON),
+    # learned positions with an embedding norm; sinusoidal (padding-aware) positions, scaled, without the norm
+    "trocr": lambda hidden, tie: T.TrOCRConfig(d_model=hidden, layernorm_embedding=True, **_TROCR(tie)),
+    "trocr-sinusoidal": lambda hidden, tie: T.TrOCRConfig(d_model=hidden, use_learned_position_embeddings=False,
+                                                          layernorm_embedding=False, scale_embedding=True,
+                                                          **_TROCR(tie)),
+    "xlm-roberta": lambda hidden, tie: T.XLMRobertaConfig(**_BERT_DEC(hidden, tie)),
+    "electra": lambda hidden, tie: T.ElectraConfig(embedding_size=hidden, hidden_act="relu", **_BERT_DEC(hidden, tie)),
+}
 
 
 def perturb(model: torch.nn.Module, seed: int = 0, scale: float = 0.1) -> torch.nn.Module:

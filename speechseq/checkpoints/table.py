@@ -34,7 +34,7 @@ class Rule:
     shape: tuple[int, ...] = ()  # JAX layout of each path, leading layer axis included when stacked
     axes: Axes = ()  # logical axis names, one per dim of ``shape``
     layout: str = "identity"
-    init: str = "normal"  # "normal" | "zeros" | "ones" | "conv" | "weight_g"
+    init: str = "normal"  # "normal" | "zeros" | "ones" | "conv" | "weight_g" | "sinusoidal"
     split_axis: int = -1
 
     @property
@@ -243,6 +243,15 @@ def flatten(tree: Mapping, prefix: str = "") -> dict[str, object]:
     return flat
 
 
+def _sinusoidal_positions(shape: tuple[int, ...]) -> np.ndarray:
+    """Marian's and Pegasus' fixed position table [rows, dim] (their ``create_weight``, in float64 then float32):
+    sin of the even-indexed angles in the first half, cos of the odd-indexed ones in the second."""
+    rows, dim = shape
+    j = np.arange(dim)
+    angles = np.arange(rows)[:, None] / np.power(10000, 2 * (j // 2) / dim)[None, :]
+    return np.concatenate([np.sin(angles[:, 0::2]), np.cos(angles[:, 1::2])], axis=1).astype(np.float32)
+
+
 def init_params(rules: Sequence[Rule], seed: int, std: float = 0.02,
                 only: Iterable[str] | None = None) -> dict[str, np.ndarray]:
     """Random float32 params for every path (or only the paths in ``only``), as transformers initialises them."""
@@ -255,6 +264,7 @@ def init_params(rules: Sequence[Rule], seed: int, std: float = 0.02,
         "normal": lambda s: rng.normal(0.0, std, s).astype(np.float32),
         # kaiming-normal over fan-in = k * in_channels; layout [..., k, in, out]
         "conv": lambda s: rng.normal(0.0, np.sqrt(2.0 / (s[-3] * s[-2])), s).astype(np.float32),
+        "sinusoidal": _sinusoidal_positions,
     }
     for r in rules:
         for p in r.paths:

@@ -3,18 +3,21 @@
 Families differ only in flags (``DecoderConfig``) and in the HF names of the same tensors (``DecoderNames``).
 Parameter tree::
 
-    embed/tokens [V, D], embed/positions [P, D], embed/token_type [Tt, D]?, embed/norm?
+    embed/tokens [V, D], embed/positions [P, D]? (absent: sinusoidal), embed/token_type [Tt, D]?, embed/norm?
     layers/{self_attn,cross_attn}/{q,k,v,o}/{kernel,bias}, layers/{self,cross,mlp}_norm, layers/mlp/{wi,wo}  (stacked L)
     final_norm?, head/transform?, head/transform_norm?, head/kernel [D, V] (untied only), head/bias [V]?
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from speechseq.config import DecoderConfig
 from speechseq.errors import InputError
@@ -50,6 +53,7 @@ class DecoderNames:
     spare_head_bias: str | None = None  # BERT's second bias tensor, unused when untied; kept for round trips
     torch_linear: bool = True  # False: GPT-2 Conv1D, weight already [in, out]
     extra_token_names: tuple[str, ...] = ()  # other names the token table is stored under (shared embeddings)
+    positions_init: str = "normal"  # how a position table the checkpoint lacks starts (Marian's: "sinusoidal")
 
 
 def weight_rules(cfg: DecoderConfig, n: DecoderNames) -> list[Rule]:
@@ -57,11 +61,13 @@ def weight_rules(cfg: DecoderConfig, n: DecoderNames) -> list[Rule]:
     lin = n.torch_linear
     out = [
         rule((n.tokens, *n.extra_token_names), "embed/tokens", (V, D), ("vocab", "embed")),
-        rule(n.positions, "embed/positions", (cfg.max_positions, D), (None, "embed")),
     ]
+    if not cfg.sinusoidal_positions:  # a fixed sinusoidal table is computed, not stored
+        out.append(rule(n.positions, "embed/positions", (cfg.max_positions, D), (None, "embed"),
+                        init=n.positions_init))
     if n.token_type:
         out.append(rule(n.token_type, "embed/token_type", (cfg.type_vocab_size, D), (None, "embed")))
-    if n.embed_norm:
+    if n.embed_norm and cfg.embed_norm:  # TrOCR's is optional
         out += norm_rules(n.embed_norm, "embed/norm", D)
 
     def attention(names: tuple[str, ...], path: str) -> list[Rule]:
@@ -118,15 +124,39 @@ def positions(cfg: DecoderConfig, input_ids: jax.Array, start: int | jax.Array =
     return jnp.broadcast_to(steps + cfg.position_offset, input_ids.shape)
 
 
+@functools.lru_cache(maxsize=8)
+def sinusoidal_table(rows: int, dim: int, padding_idx: int | None) -> np.ndarray:
+    """fairseq's (tensor2tensor's) fixed position table [rows, dim] float32, as transformers builds it for XGLM,
+    TrOCR and Speech2Text: sin of all frequencies, then cos, a zero column when ``dim`` is odd, row ``padding_idx``
+    zero. Computed in float32 in torch's order so the rows equal transformers' buffer."""
+    half = dim // 2
+    freq = np.exp(np.arange(half, dtype=np.float32) * np.float32(-math.log(10000) / (half - 1)))
+    angles = np.arange(rows, dtype=np.float32)[:, None] * freq[None, :]
+    table = np.concatenate([np.sin(angles), np.cos(angles)] + ([np.zeros((rows, 1), np.float32)] if dim % 2 else []),
+                           axis=1)
+    if padding_idx is not None and padding_idx < rows:
+        table[padding_idx] = 0.0
+    return table
+
+
 def embed(cfg: DecoderConfig, p: Params, input_ids: jax.Array, pos: jax.Array, dtype: jnp.dtype,
           rng: jax.Array | None = None) -> jax.Array:
     """Token ids [B, T] and position rows [B, T] -> [B, T, D]; with ``rng``, the embedding dropout after the norm."""
-    h = embedding_lookup(p["tokens"], input_ids) * cfg.embed_scale + embedding_lookup(p["positions"], pos)
-    if "token_type" in p:
-        h = h + p["token_type"][0]
-    h = h.astype(dtype)
-    if cfg.embed_norm:
-        h = layer_norm(p["norm"], h, cfg.layer_norm_eps)
+    table = p.get("positions")
+    if cfg.sinusoidal_positions:
+        # padding-aware positions (TrOCR's sinusoidal ones) reach row pad_token_id + max tokens, past max_positions
+        rows = cfg.max_positions + (cfg.pad_token_id + 1 - cfg.position_offset if cfg.padding_aware_positions else 0)
+        table = jnp.asarray(sinusoidal_table(rows, cfg.hidden_size, cfg.pad_token_id))
+    h, pos_h = embedding_lookup(p["tokens"], input_ids) * cfg.embed_scale, embedding_lookup(table, pos)
+    if cfg.embed_norm_before_positions:  # Blenderbot-small: the norm sees the token embeddings only
+        h = layer_norm(p["norm"], h.astype(dtype), cfg.layer_norm_eps) + pos_h.astype(dtype)
+    else:
+        h = h + pos_h
+        if "token_type" in p:
+            h = h + p["token_type"][0]
+        h = h.astype(dtype)
+        if cfg.embed_norm:
+            h = layer_norm(p["norm"], h, cfg.layer_norm_eps)
     return dropout(h, cfg.hidden_dropout if cfg.embed_dropout is None else cfg.embed_dropout, rng)
 
 

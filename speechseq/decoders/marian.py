@@ -1,0 +1,65 @@
+"""Marian and Pegasus decoders (``MarianForCausalLM``, ``PegasusForCausalLM``, the decoders of ``MarianMTModel`` and
+``PegasusForConditionalGeneration``): BART's names without the embedding norm, optional sqrt(d_model) embedding
+scale, positions from a sinusoidal table that starts at row 0; Marian is post-norm, Pegasus pre-norm with a final
+norm.
+
+The sinusoidal table is a frozen ``nn.Embedding`` weight that the causal-LM classes (and so a
+``SpeechEncoderDecoderModel``) store in their checkpoints; it is read and written like a learned table, and made
+(``checkpoints.table``'s "sinusoidal" init) where a checkpoint lacks it or a model starts from a config."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from speechseq.config import DecoderConfig, HFField, read_fields, require_heads
+from speechseq.decoders import bart
+from speechseq.decoders.transformer import DecoderNames
+from speechseq.errors import ConfigError
+
+# a table the checkpoint lacks (MarianMTModel does not save it) starts as the sinusoid transformers computes
+NAMES: DecoderNames = dataclasses.replace(bart.NAMES, embed_norm=None, positions_init="sinusoidal")
+
+
+def _fields(**defaults) -> tuple[HFField, ...]:
+    """BART's fields with other defaults, and a position table without offset rows."""
+    out = []
+    for f in bart.FIELDS:
+        if f.attr == "max_positions":
+            f = HFField("max_positions", "max_position_embeddings", 1024, f.limits)
+        out.append(dataclasses.replace(f, default=defaults[f.attr]) if f.attr in defaults else f)
+    return tuple(out)
+
+
+# MarianConfig / PegasusConfig names and defaults
+FIELDS = _fields(pad_token_id=58100, bos_token_id=None, eos_token_id=0)
+PEGASUS_FIELDS = _fields(pad_token_id=0, bos_token_id=None, eos_token_id=1)
+
+
+def parse_config(hf: dict, where: str) -> DecoderConfig:
+    mt = hf["model_type"]
+    pegasus = mt == "pegasus"
+    hidden, _ = require_heads(hf, "d_model", "decoder_attention_heads", where)  # the divisibility check
+    fields = read_fields(hf, PEGASUS_FIELDS if pegasus else FIELDS, where)
+    dec_vocab = hf.get("decoder_vocab_size")
+    if dec_vocab is not None and dec_vocab != fields["vocab_size"]:
+        raise ConfigError(f"{where}: decoder_vocab_size {dec_vocab} differs from vocab_size {fields['vocab_size']}; "
+                          "only a decoder whose token table and LM head have the same size is supported")
+    return DecoderConfig(
+        model_type=mt,
+        position_offset=0,
+        padding_aware_positions=False,
+        type_vocab_size=0,
+        embed_scale=math.sqrt(hidden) if hf.get("scale_embedding", False) else 1.0,
+        embed_norm=False,
+        pre_norm=pegasus,
+        final_norm=pegasus,
+        layer_norm_eps=1e-5,  # nn.LayerNorm's default: no config key for it
+        attn_scale=True,
+        attn_scale_by_layer=False,
+        head_transform=False,
+        head_act="gelu",
+        head_bias=False,
+        **fields,
+        hf=hf,
+    )
