@@ -382,7 +382,10 @@ def _grouped_conv_kernel_grad(x: jax.Array, ct: jax.Array, size: int, padding: t
 
     def row(k: jax.Array) -> jax.Array:  # [Cin/G, G, O]
         window = jax.lax.dynamic_slice_in_dim(xg, k, T, 2)  # [G, B, T, Cin/G]
-        return jnp.einsum("gbtc,gbto->cgo", window, cg, preferred_element_type=jnp.float32)
+        # per utterance, then summed: a contraction over the batch axis itself would have no defined output
+        # sharding when the batch is sharded over a mesh with explicit axes
+        per_row = jnp.einsum("gbtc,gbto->gbco", window, cg, preferred_element_type=jnp.float32)
+        return jnp.transpose(per_row.sum(axis=1), (1, 0, 2))
 
     return jax.lax.map(row, jnp.arange(size)).reshape(size, -1, Cout)
 
