@@ -97,11 +97,10 @@ def speechseq_jobs(ckpt: str, settings: dict, audio: np.ndarray) -> tuple[dict, 
     return jobs, {"speechseq": os.path.dirname(speechseq.__file__), "jax": jax.__version__}
 
 
-def main() -> None:
-    system, ckpt, settings = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-    audio = np.load(os.path.join(ckpt, "audio.npy"))
-    jobs, versions = {"pytorch": pytorch_jobs, "flax": flax_jobs, "speechseq": speechseq_jobs}[system](
-        ckpt, settings, audio)
+def serve(jobs: dict, versions: dict, describe=None) -> None:
+    """The protocol: prints {"ready": true, "versions": versions}, then runs ``jobs[name]()`` for each request line
+    and prints {"job": name, "s": seconds, **describe(result)} (``describe`` only for a result that is not None),
+    until an empty line or the end of input."""
     print(json.dumps({"ready": True, "versions": versions}), flush=True)
     for line in sys.stdin:
         name = line.strip()
@@ -110,9 +109,17 @@ def main() -> None:
         t = time.perf_counter()
         out = jobs[name]()
         reply = {"job": name, "s": time.perf_counter() - t}
-        if out is not None:
-            reply.update(shape=list(out.shape), eos_count=int((out[:, 1:] == settings["eos"]).sum()))
+        if out is not None and describe is not None:
+            reply.update(describe(out))
         print(json.dumps(reply), flush=True)
+
+
+def main() -> None:
+    system, ckpt, settings = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    audio = np.load(os.path.join(ckpt, "audio.npy"))
+    jobs, versions = {"pytorch": pytorch_jobs, "flax": flax_jobs, "speechseq": speechseq_jobs}[system](
+        ckpt, settings, audio)
+    serve(jobs, versions, lambda out: {"shape": list(out.shape), "eos_count": int((out[:, 1:] == settings["eos"]).sum())})
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ import datetime
 import json
 import os
 import platform
+import select
 import statistics
 import subprocess
 import sys
@@ -65,12 +66,16 @@ def model_configs(quick: bool) -> tuple[dict, dict]:
     return enc, dec
 
 
-def build_checkpoint(directory: Path, quick: bool, batch: int, samples: int):
-    """Random-weight SpeechEncoderDecoderModel (seed 0) saved to ``directory``, plus the audio as audio.npy."""
+def build_checkpoint(directory: Path, quick: bool, batch: int, samples: int, encoder: dict | None = None,
+                     decoder: dict | None = None):
+    """Random-weight SpeechEncoderDecoderModel (seed 0) saved to ``directory``, plus the audio as audio.npy.
+    ``encoder`` / ``decoder``: Wav2Vec2Config / BertConfig keyword arguments that replace ``model_configs``' ones."""
     import torch
     import transformers as T
 
     enc, dec = model_configs(quick)
+    enc.update(encoder or {})
+    dec.update(decoder or {})
     cfg = T.SpeechEncoderDecoderConfig.from_encoder_decoder_configs(
         T.Wav2Vec2Config(**enc),
         T.BertConfig(**dec, is_decoder=True, add_cross_attention=True, pad_token_id=PAD, eos_token_id=EOS))
@@ -107,22 +112,24 @@ def cpu_ticks() -> tuple[int, int] | None:
     return fields[7], sum(fields)
 
 
-def interleaved(systems: dict[str, dict], repeats: int) -> dict:
+def interleaved(systems: dict[str, dict], repeats: int, first: dict[str, dict] | None = None) -> dict:
     """Times every system's jobs in rounds: each job's first call (compiles), then ``repeats`` rounds in which each
     job runs once per system, back to back. Interleaving gives every system the same share of the machine's
     slow and fast minutes (on a shared VM the same call varies by 2x within minutes), where timing one system
     after the other would compare different minutes.
 
-    ``systems``: name -> {job: callable that blocks until done}. Returns name -> {job: {"compile_s", "steady_s",
-    "runs_s"}, "steal": fraction of CPU time the hypervisor took during that system's timed calls, or None}.
+    ``systems``: name -> {job: callable that blocks until done}. ``first``: name -> {job: seconds} of first calls
+    the caller already made (then none is made here). Returns name -> {job: {"compile_s", "steady_s", "runs_s"},
+    "steal": fraction of CPU time the hypervisor took during that system's timed calls, or None}.
     """
     jobs = list(dict.fromkeys(job for sys_jobs in systems.values() for job in sys_jobs))
-    first = {name: {} for name in systems}
-    for name, sys_jobs in systems.items():
-        for job, fn in sys_jobs.items():
-            t = time.perf_counter()
-            fn()
-            first[name][job] = time.perf_counter() - t
+    if first is None:
+        first = {name: {} for name in systems}
+        for name, sys_jobs in systems.items():
+            for job, fn in sys_jobs.items():
+                t = time.perf_counter()
+                fn()
+                first[name][job] = time.perf_counter() - t
     runs = {name: {job: [] for job in sys_jobs} for name, sys_jobs in systems.items()}
     ticks = {name: [0, 0] for name in systems}
     for _ in range(repeats):
@@ -256,22 +263,24 @@ def flax_python(skip_build: bool) -> Path | None:
     return python
 
 
-class Competitor:
-    """``competitor.py`` for one system in its own process, answering one timed call per request (see its docstring).
+class Worker:
+    """A benchmark process answering one timed call per request line (``competitor.serve``'s protocol), so that its
+    calls interleave with other systems' (``interleaved``). ``argv`` starts it; it must print the ready line first.
 
-    Each competitor gets a process of its own so that no thread pool or allocator state passes between systems."""
+    Each system gets a process of its own so that no thread pool or allocator state passes between systems."""
 
-    def __init__(self, python: Path, system: str, ckpt: Path, args, env: dict | None = None):
-        settings = {"new_tokens": args.new_tokens, "beams": args.beams, "start": START, "pad": PAD, "eos": EOS}
+    def __init__(self, name: str, argv: list[str], env: dict | None = None, timeout: float | None = None):
         env = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
-        self.name, self.batch, self.new_tokens = system, args.batch, args.new_tokens
+        self.name = name
         self.stderr = tempfile.TemporaryFile(mode="w+")
-        self.proc = subprocess.Popen([str(python), str(HERE / "competitor.py"), system, str(ckpt), json.dumps(settings)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True,
-                                     env=env)
-        self.versions = self._read()["versions"]
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
+                                     text=True, env=env)
+        self.versions = self._read(timeout)["versions"]
 
-    def _read(self) -> dict:
+    def _read(self, timeout: float | None = None) -> dict:
+        if timeout is not None and not select.select([self.proc.stdout], [], [], timeout)[0]:
+            self.proc.kill()
+            raise TimeoutError(f"the {self.name} process gave no answer within {timeout:g} s; stopped it")
         line = self.proc.stdout.readline()
         if not line:
             self.proc.wait()
@@ -280,10 +289,31 @@ class Competitor:
             raise RuntimeError(f"the {self.name} process ended (exit {self.proc.returncode}). Last output:\n{tail}")
         return json.loads(line)
 
-    def call(self, job: str) -> None:
+    def request(self, job: str, timeout: float | None = None) -> dict:
+        """Runs ``job`` in the process and returns its reply ({"job", "s", ...}); ``timeout``: seconds to wait
+        before stopping the process (TimeoutError)."""
         self.proc.stdin.write(f"{job}\n")
         self.proc.stdin.flush()
-        reply = self._read()
+        return self._read(timeout)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=60)
+        self.stderr.close()
+
+
+class Competitor(Worker):
+    """``competitor.py`` for one decoding system in its own process."""
+
+    def __init__(self, python: Path, system: str, ckpt: Path, args, env: dict | None = None):
+        settings = {"new_tokens": args.new_tokens, "beams": args.beams, "start": START, "pad": PAD, "eos": EOS}
+        self.batch, self.new_tokens = args.batch, args.new_tokens
+        super().__init__(system, [str(python), str(HERE / "competitor.py"), system, str(ckpt), json.dumps(settings)],
+                         env)
+
+    def call(self, job: str) -> None:
+        reply = self.request(job)
         if job != "encoder":
             check(f"{self.name} num_beams={job}", reply["shape"], reply["eos_count"], self.batch, self.new_tokens)
 
@@ -291,12 +321,6 @@ class Competitor:
         jobs = {b: (lambda b=b: self.call(str(b))) for b in beams}
         jobs["encoder"] = lambda: self.call("encoder")
         return jobs
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.stdin.close()
-            self.proc.wait(timeout=60)
-        self.stderr.close()
 
 
 # ----------------------------------------------------------------------------------------------------------------------

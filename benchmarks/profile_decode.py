@@ -90,7 +90,12 @@ def shapes_of(hlo_dir: Path) -> dict[str, str]:
     dumps = sorted(hlo_dir.glob("*jit_generate*after_optimizations.txt"), key=lambda f: f.stat().st_mtime)
     if not dumps:
         raise SystemExit(f"{hlo_dir}: XLA dumped no optimized generate program (XLA_FLAGS overridden?)")
-    found = re.findall(r"^\s*(?:ROOT )?%(\S+) = (\S+) ", dumps[-1].read_text(), re.M)
+    return op_shapes(dumps[-1].read_text())
+
+
+def op_shapes(hlo_text: str) -> dict[str, str]:
+    """Op name -> output shape in an optimized HLO module's text (``compiled.as_text()`` or an XLA dump)."""
+    found = re.findall(r"^\s*(?:ROOT )?%(\S+) = (\S+) ", hlo_text, re.M)
     return {n: shape if not shape.startswith("(") else shape.rstrip(",") + ", ...)" for n, shape in found}
 
 
