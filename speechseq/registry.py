@@ -17,7 +17,7 @@ from typing import Any, Callable, Protocol
 
 from speechseq.decoders import bart, bert, blenderbot_small, electra, gpt2, marian, trocr, xglm
 from speechseq.decoders.transformer import decode, weight_rules as decoder_rules
-from speechseq.encoders import wav2vec2
+from speechseq.encoders import data2vec_audio, unispeech, unispeech_sat, wav2vec2, wavlm
 from speechseq.config import INPUT_KINDS, EncoderConfig, HFField
 from speechseq.errors import ConfigError
 from speechseq.checkpoints.table import Rule
@@ -76,6 +76,10 @@ FAMILIES: dict[str, Family] = {
     for f in (
         encoder("wav2vec2", wav2vec2, ("", "wav2vec2.")),
         encoder("hubert", wav2vec2, ("", "hubert.")),
+        encoder("unispeech", unispeech, ("", "unispeech.")),
+        encoder("unispeech-sat", unispeech_sat, ("", "unispeech_sat.")),
+        encoder("data2vec-audio", data2vec_audio, ("", "data2vec_audio.")),
+        encoder("wavlm", wavlm, ("", "wavlm.")),
         Family("bert", "decoder", bert.parse_config, partial(decoder_rules, n=bert.BERT_NAMES), ("bert.", ""), decode,
                fields=bert.FIELDS),
         Family("roberta", "decoder", bert.parse_config, partial(decoder_rules, n=bert.ROBERTA_NAMES),

@@ -293,3 +293,29 @@ def one_torch_thread():
         yield
     finally:
         torch.set_num_threads(before)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The encoder families of issue 30 (tests/test_more_encoders.py): name -> (config class, kwargs over ENC_BASE).
+# WavLM with few buckets (16 over 40 frames) so that ~80 frames reach the exact, log-spaced and capped buckets.
+
+MORE_ENCODERS = {
+    "unispeech": (T.UniSpeechConfig, dict(feat_extract_norm="group", do_stable_layer_norm=False)),
+    "unispeech-sat": (T.UniSpeechSatConfig, dict(feat_extract_norm="layer", do_stable_layer_norm=True, conv_bias=True,
+                                                 mask_time_prob=0.0)),  # SAT keeps masked_spec_embed regardless
+    # an even kernel (4) drops a frame after each positional conv; 3 of them
+    "data2vec-audio": (T.Data2VecAudioConfig, dict(num_conv_pos_embeddings=3, conv_pos_kernel_size=4, conv_bias=True)),
+    "data2vec-audio-adapter": (T.Data2VecAudioConfig, dict(num_conv_pos_embeddings=2, conv_pos_kernel_size=5,
+                                                           add_adapter=True, output_hidden_size=20,
+                                                           num_adapter_layers=2)),
+    "wavlm": (T.WavLMConfig, dict(feat_extract_norm="group", do_stable_layer_norm=False, num_buckets=16,
+                                  max_bucket_distance=40)),
+    "wavlm-stable": (T.WavLMConfig, dict(feat_extract_norm="layer", do_stable_layer_norm=True, conv_bias=True,
+                                         num_buckets=16, max_bucket_distance=40)),
+}
+
+
+def more_encoder_config(name: str, **overrides):
+    """The transformers config of a MORE_ENCODERS variant, with optional field overrides."""
+    cls, kw = MORE_ENCODERS[name]
+    return cls(**{**ENC_BASE, **kw, **overrides})

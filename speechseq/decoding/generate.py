@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import inspect
 import os
-from functools import partial
 from typing import Any, Callable
 
 import jax

@@ -1,7 +1,9 @@
 """The wav2vec2 family of speech encoders (wav2vec2, hubert): conv feature encoder, positional conv, transformer, adapter.
 
 HuBERT is a config variant: no adapter, optional norm before the feature projection, SpecAugment time spans over
-the padded length. The module is an encoder family as ``registry.EncoderFamily`` describes it.
+the padded length. UniSpeech(-SAT), Data2VecAudio and WavLM are variants in files of their own that reuse this one's
+functions (``parse_config``'s table, ``encode``'s positional embedding and attention). The module is an encoder
+family as ``registry.EncoderFamily`` describes it.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import partial
-from typing import Mapping
+from typing import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -64,6 +66,8 @@ class Wav2Vec2Config(EncoderConfig):
     # time spans drawn within each row's real length (wav2vec2); HuBERT's model passes no attention mask to its
     # SpecAugment, so its spans range over the padded length
     spec_augment_lengths: bool = True
+    # LayerDrop may skip the first layer (WavLM's first layer makes the position bias, so transformers never skips it)
+    layerdrop_first_layer: bool = True
     hidden_dropout: float = 0.0  # after the positional conv, after attention, after the feed-forward
     attention_dropout: float = 0.0  # on attention probabilities
     activation_dropout: float = 0.0  # after the feed-forward activation
@@ -132,7 +136,11 @@ FIELDS = (
 )
 
 
-def parse_config(hf: dict, where: str) -> Wav2Vec2Config:
+def parse_config(hf: dict, where: str, *, table: tuple[HFField, ...] = FIELDS, fixed: Mapping | None = None,
+                 cls: type[Wav2Vec2Config] = Wav2Vec2Config) -> Wav2Vec2Config:
+    """A HF config dict -> ``cls``. Variants of the family (``encoders/unispeech.py``, ``data2vec_audio.py``,
+    ``wavlm.py``) pass their own field ``table`` and the values their transformers class fixes (``fixed``, e.g.
+    no adapter), which then also win over the derived ones."""
     mt = hf["model_type"]
     for key, bad in (("adapter_attn_dim", None), ("conv_pos_batch_norm", False)):
         if hf.get(key, bad) != bad:
@@ -148,15 +156,16 @@ def parse_config(hf: dict, where: str) -> Wav2Vec2Config:
     groups = number(hf, "num_conv_pos_embedding_groups", where, 16)
     if hidden % groups:  # the positional conv is grouped over the width
         raise ConfigError(f"{where}: hidden_size {hidden} is not divisible by num_conv_pos_embedding_groups {groups}")
-    fields = read_fields(hf, FIELDS, where)  # the checks above come first, with their own messages
-    return Wav2Vec2Config(
+    fields = read_fields(hf, table, where)  # the checks above come first, with their own messages
+    values = dict(
         model_type=mt,
         # transformers makes the mask embedding whenever either SpecAugment probability is above 0
         masked_spec_embed=max(fields["mask_time_prob"], fields["mask_feature_prob"]) > 0,
         spec_augment_lengths=mt != "hubert",
         **fields,
-        hf=hf,
     )
+    values.update(fixed or {})
+    return cls(**values, hf=hf)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -273,7 +282,7 @@ def feature_encoder(cfg: Wav2Vec2Config, p: Params, audio: jax.Array, dtype: jnp
     rounding. Differentiated, it runs whole (``_windowed_conv_stack``).
     """
     B, N = audio.shape
-    hop, field = math.prod(cfg.conv_stride), receptive_field(cfg)
+    hop = math.prod(cfg.conv_stride)
     frames = output_lengths(cfg, N, with_adapter=False)
     frame_bytes = B * (hop // cfg.conv_stride[0]) * cfg.conv_dim[0] * jnp.dtype(dtype).itemsize
     windows = -(-frames // max(1, CHUNK_BYTES // frame_bytes))
@@ -442,9 +451,24 @@ def spec_augment(cfg: Wav2Vec2Config, p: Params, h: jax.Array, mask: jax.Array |
     return apply_masks(h, time, feature, p.get("masked_spec_embed"))
 
 
+# One layer's self-attention as ``encode`` calls it: (the layer's "attn" params, x [B, S, D], key mask [B, 1, 1, S]
+# bool or None, dropout key or None) -> [B, S, D], before the residual's dropout.
+SelfAttention = Callable[[Params, jax.Array, jax.Array | None, jax.Array | None], jax.Array]
+
+
+def self_attention(cfg: Wav2Vec2Config, p: Params, num_frames: int, dtype: jnp.dtype) -> SelfAttention:
+    """Plain multi-head self-attention with attention dropout (``encode``'s default ``attention``)."""
+    def attend(lp: Params, x: jax.Array, mask: jax.Array | None, rng: jax.Array | None) -> jax.Array:
+        return multi_head_attention(lp, x, x, mask, cfg.num_heads, dtype, dropout_rate=cfg.attention_dropout, rng=rng)
+
+    return attend
+
+
 def encode(cfg: Wav2Vec2Config, p: Params, input_values: jax.Array, attention_mask: jax.Array | None, *,
-           rng: jax.Array | None = None, dtype: jnp.dtype = jnp.float32,
-           remat: str = "none") -> tuple[jax.Array, jax.Array | None]:
+           rng: jax.Array | None = None, dtype: jnp.dtype = jnp.float32, remat: str = "none",
+           positional: Callable[[Wav2Vec2Config, Params, jax.Array], jax.Array] = positional_conv,
+           attention: Callable[[Wav2Vec2Config, Params, int, jnp.dtype], SelfAttention] = self_attention,
+           ) -> tuple[jax.Array, jax.Array | None]:
     """Audio [B, N] (+ sample mask [B, N]) -> (frames [B, S, output_size], frame mask [B, S] bool or None).
 
     ``rng`` (a ``jax.random`` key) turns on transformers' training-mode regularisation: dropout after the feature
@@ -453,6 +477,9 @@ def encode(cfg: Wav2Vec2Config, p: Params, input_values: jax.Array, attention_ma
     (``hidden_dropout``), on attention probabilities (``attention_dropout``), after the feed-forward activation
     (``activation_dropout``), and LayerDrop over the transformer layers (``layerdrop``). None: eval mode.
     ``remat``: the transformer layers' rematerialisation policy (``layers.core.remat``).
+    Variants of the family replace two parts: ``positional(cfg, p["pos_conv"], h)`` the positional embedding
+    [B, S, D] (default ``positional_conv``; Data2VecAudio's conv stack), ``attention(cfg, p, S, dtype)`` each
+    layer's self-attention (default ``self_attention``; WavLM's gated relative position bias).
     """
     check_audio(cfg, input_values, attention_mask)
     feats = feature_encoder(cfg, p["feature_encoder"], input_values, dtype)
@@ -463,20 +490,20 @@ def encode(cfg: Wav2Vec2Config, p: Params, input_values: jax.Array, attention_ma
     h = spec_augment(cfg, p, h, mask, fold(rng, _SPEC_AUGMENT))
     if mask is not None:
         h = jnp.where(mask[:, :, None], h, 0)
-    h = h + positional_conv(cfg, p["pos_conv"], h)
+    h = h + positional(cfg, p["pos_conv"], h)
     if not cfg.stable_layer_norm:
         h = layer_norm(p["norm"], h, cfg.layer_norm_eps)
     h = dropout(h, cfg.hidden_dropout, fold(rng, _POS))
     attn_mask = None if mask is None else mask[:, None, None, :]
     eps, pre = cfg.layer_norm_eps, cfg.stable_layer_norm
+    self_attend = attention(cfg, p, h.shape[1], dtype)
 
     def layer(h: jax.Array, xs: tuple[Params, jax.Array]) -> tuple[jax.Array, None]:
         lp, i = xs
         lr = fold(rng, _LAYERS, i)
 
         def attend(x: jax.Array) -> jax.Array:
-            out = multi_head_attention(lp["attn"], x, x, attn_mask, cfg.num_heads, dtype,
-                                       dropout_rate=cfg.attention_dropout, rng=fold(lr, _ATTN_PROBS))
+            out = self_attend(lp["attn"], x, attn_mask, fold(lr, _ATTN_PROBS))
             return dropout(out, cfg.hidden_dropout, fold(lr, _ATTN_OUT))
 
         def feed_forward(x: jax.Array) -> jax.Array:
@@ -487,7 +514,12 @@ def encode(cfg: Wav2Vec2Config, p: Params, input_values: jax.Array, attention_ma
             h = block(h, lp["attn_norm"], attend, pre, eps)
             return block(h, lp["mlp_norm"], feed_forward, pre, eps)
 
-        return layer_drop(run, h, cfg.layerdrop, fold(lr, _LAYERDROP)), None
+        def droppable(h: jax.Array) -> jax.Array:
+            return layer_drop(run, h, cfg.layerdrop, fold(lr, _LAYERDROP))
+
+        if cfg.layerdrop_first_layer or rng is None or cfg.layerdrop == 0:
+            return droppable(h), None
+        return jax.lax.cond(i == 0, run, droppable, h), None
 
     h, _ = jax.lax.scan(remat_fn(layer, remat), h, (p["layers"], jnp.arange(cfg.num_layers)))
     if cfg.stable_layer_norm:

@@ -194,7 +194,7 @@ def _softmax_jvp(primals: tuple[jax.Array], tangents: tuple[jax.Array]) -> tuple
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, scale: float | jax.Array,
               layout: str = "bnsh", groups: int = 1, dropout_rate: float = 0.0,
-              rng: jax.Array | None = None) -> jax.Array:
+              rng: jax.Array | None = None, bias: jax.Array | None = None) -> jax.Array:
     """Scaled dot-product attention, head-major.
 
     q [B*G, N, T, H]; k [B, N, S, H] (``layout="bnsh"``) or transposed [B, N, H, S] (``"bnhs"``, the layout of the
@@ -202,7 +202,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, 
     G consecutive query rows share one row of keys and values (beams or samples of one utterance), with no copy of
     K/V per row. mask bool (True = attend) broadcastable to [B, N, T, S], or to [B, G, N, T, S] when grouped.
     Returns [B*G, N, T, H]. Scores and softmax in float32; a fully masked row is uniform, as in transformers. With
-    ``rng``, the probabilities get ``dropout(dropout_rate)`` (transformers' attention dropout).
+    ``rng``, the probabilities get ``dropout(dropout_rate)`` (transformers' attention dropout). ``bias``: added to
+    the scaled scores before the mask, broadcastable to them (WavLM's gated relative position bias).
     """
     if layout not in ("bnsh", "bnhs"):
         raise ValueError(f"attention: layout must be 'bnsh' or 'bnhs', got {layout!r}")
@@ -215,6 +216,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, 
                             preferred_element_type=jnp.float32) * scale
         if mask is not None and mask.ndim == 4:  # the same for every row of a group
             mask = mask[:, None]
+    if bias is not None:
+        scores = scores + bias
     if mask is not None:
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = dropout(softmax(scores).astype(v.dtype), dropout_rate, rng)
