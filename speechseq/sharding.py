@@ -9,13 +9,18 @@ state and batches derived from the weight table's logical axes through a rules t
 Params and optimizer moments are sharded over ``fsdp`` (FSDP: XLA gathers each weight where it is used) and over
 ``tensor`` (heads, MLP, vocabulary); the batch is split over ``data`` x ``fsdp``. Nothing here names a model family:
 every sharding comes from ``model.weight_rules(cfg)``.
+
+``load_sharded(path, mesh)`` loads a checkpoint straight into those shardings. Across processes
+(``speechseq train --coordinator ...``): ``initialize_distributed`` joins the run, ``global_batch`` turns each
+process's rows into one global batch, ``gather`` brings params whole to every host, ``barrier`` waits for all.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import re
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -27,6 +32,9 @@ from speechseq.config import SpeechSeq2SeqConfig
 from speechseq.errors import ConfigError
 from speechseq.training.optim import OptimConfig
 from speechseq.training.step import Batch, Metrics, StepConfig, TrainState, init_state, make_train_step
+
+if TYPE_CHECKING:
+    from speechseq.speech_seq2seq import SpeechSeq2Seq
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -183,3 +191,124 @@ def make_sharded_train_step(model_cfg: SpeechSeq2SeqConfig, optim: OptimConfig, 
     the unsharded step (the state is donated; pass one from ``init_state_sharded``)."""
     shardings = (state_shardings(model_cfg, optim, mesh, rules), batch_sharding(mesh, rules), NamedSharding(mesh, P()))
     return make_train_step(model_cfg, optim, step, shardings=shardings)
+
+
+# -- several processes (jax.distributed) -------------------------------------------------------------------------------
+
+
+def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None) -> bool:
+    """Join a multi-process run (``jax.distributed.initialize``) before jax starts its backends; True when this
+    process is one of several. Arguments not given come from the environment: what JAX detects from a launcher
+    (Cloud TPU pod slices, SLURM, Open MPI, Kubernetes; ``JAX_COORDINATOR_ADDRESS``) and ``JAX_NUM_PROCESSES`` /
+    ``JAX_PROCESS_ID``; nothing at all is a single-process run. Arguments incomplete or refused (the coordinator
+    unreachable): one-line ``ConfigError``."""
+    env = {name: os.environ.get(name, "").strip() for name in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID")}
+    for name, text in env.items():  # the counterparts of JAX_COORDINATOR_ADDRESS, which jax reads itself
+        if text and not text.isdigit():
+            raise ConfigError(f"{name}: expected a non-negative integer, got {text[:40]!r}")
+    if num_processes is None and env["JAX_NUM_PROCESSES"]:
+        num_processes = int(env["JAX_NUM_PROCESSES"])
+    if process_id is None and env["JAX_PROCESS_ID"]:
+        process_id = int(env["JAX_PROCESS_ID"])
+    given = any(v is not None for v in (coordinator, num_processes, process_id))
+    try:
+        jax.distributed.initialize(coordinator, num_processes, process_id)
+    except ValueError as e:
+        if not given and "coordinator_address should be defined" in str(e):
+            return False  # no launcher environment: one process
+        raise ConfigError(f"--coordinator/--num-processes/--process-id: {str(e).splitlines()[0]}") from None
+    except RuntimeError as e:  # the coordinator unreachable, a process id taken twice, ...
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if not given and ("must be called before" in message or "only be called once" in message):
+            return jax.process_count() > 1  # a later run in a process that already uses jax (tests, notebooks)
+        raise ConfigError(f"jax.distributed.initialize failed ({message[:200]})") from None
+    return jax.process_count() > 1
+
+
+def global_batch(batch: Mapping[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+    """This process's rows of a batch (``Loader`` rows ``[p*b, (p+1)*b)`` of process p) as global arrays of
+    ``process_count * b`` rows in ``sharding``, each device given its slice straight from the host arrays. The
+    processes' rows stay in process order, as the one-process batch, when each process's devices hold its own
+    block of the batch axis, as ``make_mesh``'s device order (by process) gives; any other layout is a one-line
+    ``ConfigError``."""
+    p, count = jax.process_index(), jax.process_count()
+    out = {}
+    for key, local in batch.items():
+        local = np.asarray(local)
+        b = local.shape[0]
+        shape = (b * count, *local.shape[1:])
+
+        def rows(index: tuple[slice, ...], local: np.ndarray = local, b: int = b, shape: tuple = shape) -> np.ndarray:
+            start, stop, _ = index[0].indices(shape[0])
+            if start < p * b or stop > (p + 1) * b:
+                raise ConfigError(f"mesh: a device of process {p} holds batch rows [{start}, {stop}), outside this "
+                                  f"process's [{p * b}, {(p + 1) * b}); order the mesh's devices by process")
+            return local[(slice(start - p * b, stop - p * b), *index[1:])]
+
+        out[key] = jax.make_array_from_callback(shape, sharding, rows)
+    return out
+
+
+def gather(tree: Any) -> Any:
+    """Every leaf whole, as numpy arrays on this host (``process_allgather``: a collective, call it in every
+    process): a global array's value, or the processes' numpy arrays concatenated on axis 0 in process order. For
+    the evaluation and the final model of a sharded run."""
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def barrier(name: str) -> None:
+    """Wait until every process reaches this point (no-op with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+# -- loading straight into shards --------------------------------------------------------------------------------------
+
+
+def load_sharded(name_or_path: str | os.PathLike, mesh: Mesh, rules: Rules = DEFAULT_RULES, *, seed: int = 0,
+                 dtype: Any = np.float32) -> "SpeechSeq2Seq":
+    """``SpeechSeq2Seq.from_pretrained`` with every param born in its sharding (``param_shardings(cfg, mesh,
+    rules)``), so no device ever holds the whole model. A Hugging Face checkpoint is read one weight at a time (the
+    host holds one param, stacked over layers, at a time) and each of this process's devices receives only its
+    slice of it (``jax.make_array_from_callback``); weights it lacks are initialised from ``seed`` and placed the
+    same way. A speechseq checkpoint (``speechseq convert``) is restored by orbax straight into the shardings, each
+    process reading only its shards. In a multi-process run every process calls it."""
+    from speechseq.checkpoints import storage, table
+    from speechseq.checkpoints.hf import fill_missing, init_std, log_report
+    from speechseq.checkpoints.readers import open_checkpoint
+    from speechseq.config import config_from_dict, read_json
+    from speechseq.hub import resolve
+    from speechseq.speech_seq2seq import SpeechSeq2Seq
+
+    path = resolve(name_or_path)
+    cfg = config_from_dict(read_json(path / "config.json"), str(path / "config.json"))
+    weights = M.weight_rules(cfg)
+    shardings = flatten(param_shardings(cfg, mesh, rules))
+
+    def put(p: str, value: np.ndarray) -> jax.Array:
+        value = np.asarray(value, np.float32)  # params are float32 (``to_tree``)
+        return jax.make_array_from_callback(value.shape, shardings[p], lambda index: value[index])
+
+    if storage.is_speechseq(path):
+        target = unflatten({p: jax.ShapeDtypeStruct(r.shape, np.float32, sharding=shardings[p])
+                            for r in weights for p in r.paths})
+        flat = flatten(storage.restore_params(path, target))
+        report = table.LoadReport([], [], [])
+    else:
+        flat = {}
+        with open_checkpoint(path) as ckpt:
+            shapes = {k: tuple(ckpt.shape(k)) for k in ckpt}
+            _, report = table.plan(weights, shapes, where=str(path))
+            for r in weights:  # one rule at a time: its params come out in r.paths order
+                paths = iter(r.paths)
+                part, _ = table.load([r], ckpt, where=str(path), shapes=shapes, place=lambda v: put(next(paths), v))
+                flat.update(part)
+        log_report(report, str(path))
+        flat.update({p: put(p, v) for p, v in fill_missing(weights, {}, report, seed, init_std(cfg)).items()})
+    gen_path = path / "generation_config.json"
+    return SpeechSeq2Seq(cfg, unflatten(flat), dtype, report, read_json(gen_path) if gen_path.exists() else None)

@@ -220,3 +220,56 @@ def test_mesh_specs_and_logical_rules():
     assert S.logical_to_spec(("layers", "heads"), (2, 32), fsdp) == P(None, "fsdp")  # the fallback rule
     assert S.logical_to_spec(("layers", "mlp"), (2, 6), fsdp) == P(None, None)
     assert jax.device_count() == 1
+
+
+LOAD_CHILD = textwrap.dedent("""
+    import sys
+    import jax, numpy as np
+    from speechseq import SpeechSeq2Seq, sharding as S
+    from speechseq.checkpoints.table import flatten
+    from speechseq.checkpoints.convert import convert
+
+    assert jax.device_count() == 8
+    hf, converted = sys.argv[1], sys.argv[2]
+    convert(hf, converted, progress=False)
+    want = flatten(SpeechSeq2Seq.from_pretrained(hf).params)
+    total = sum(a.size * 4 for a in want.values())
+    largest = max(a.size * 4 for a in want.values())
+    for spec in ("fsdp=8", "data=2,fsdp=2,tensor=2"):
+        mesh = S.make_mesh(spec)
+        expected = flatten(S.param_shardings(SpeechSeq2Seq.from_pretrained(hf).config, mesh))
+        for source in (hf, converted):
+            got = flatten(S.load_sharded(source, mesh).params)
+            assert got.keys() == want.keys()
+            per_device = {}
+            for p, a in got.items():
+                assert a.sharding.is_equivalent_to(expected[p], a.ndim), (spec, p, a.sharding, expected[p])
+                shard_shape = expected[p].shard_shape(a.shape)
+                assert len(a.addressable_shards) == 8
+                for shard in a.addressable_shards:
+                    assert shard.data.shape == shard_shape, (spec, p, shard.data.shape, shard_shape)
+                    per_device[shard.device] = per_device.get(shard.device, 0) + shard.data.nbytes
+                assert np.array_equal(np.asarray(a), np.asarray(want[p])), (spec, p)
+            split = sum(1 for p in got if not got[p].sharding.is_fully_replicated)
+            assert split >= len(got) // 2, (spec, split, len(got))
+            fsdp = mesh.shape["fsdp"] * mesh.shape["tensor"]
+            bound = total / fsdp + largest
+            assert max(per_device.values()) <= bound, (spec, per_device, total, bound)
+            print("load ok", spec, "hf" if source == hf else "speechseq", "per device", max(per_device.values()),
+                  "total", total, "split tensors", split, "of", len(got))
+""")
+
+
+def test_load_sharded_places_each_tensor_in_its_shards(tmp_path):
+    """``sharding.load_sharded`` of a Hugging Face checkpoint and of its ``speechseq convert``: every param has the
+    sharding the rules give it, every device holds only its shard (shape ``shard_shape``; per-device bytes at most
+    the total over the param-splitting devices plus the largest tensor), and the values equal ``from_pretrained``'s."""
+    tiny_divisible_model().save_pretrained(tmp_path / "hf")
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8".strip()
+    env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", LOAD_CHILD, str(tmp_path / "hf"), str(tmp_path / "converted")],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.split("\n") if line.startswith("load ok")]
+    print("\n".join(lines))
+    assert len(lines) == 4, proc.stdout

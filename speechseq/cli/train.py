@@ -1,4 +1,5 @@
-"""``speechseq train CONFIG [--set section.key=value ...] [--resume]``, and ``--print-config``."""
+"""``speechseq train CONFIG [--set section.key=value ...] [--resume] [--mesh SPEC] [--coordinator HOST:PORT
+--num-processes N --process-id I]``, and ``--print-config``."""
 
 from __future__ import annotations
 
@@ -21,6 +22,20 @@ def add_parser(sub: Any) -> None:
                         "stopped)")
     p.add_argument("--print-config", action="store_true",
                    help="print every setting with its default (or CONFIG's value) and doc as TOML, and exit")
+    scale = p.add_argument_group(
+        "many devices and processes",
+        "Run the same command in every process (one per host, or per GPU), with the same CONFIG and a shared "
+        "train.output_dir: each process reads its own rows of every batch, all write the checkpoints, process 0 "
+        "writes the logs and the final model. Without --coordinator, --num-processes and --process-id, what JAX "
+        "detects from the launcher (Cloud TPU pod slices, SLURM, Open MPI, Kubernetes, JAX_COORDINATOR_ADDRESS with "
+        "JAX_NUM_PROCESSES and JAX_PROCESS_ID) is used; nothing detected is one process.")
+    scale.add_argument("--mesh", metavar="SPEC",
+                       help="device mesh over all processes' devices, e.g. data=2,fsdp=4,tensor=1 (same as --set "
+                            "mesh.shape=SPEC; default data=-1 when several processes run, else one device)")
+    scale.add_argument("--coordinator", metavar="HOST:PORT",
+                       help="address of process 0, where jax.distributed's coordinator listens")
+    scale.add_argument("--num-processes", type=int, metavar="N", help="processes in the run")
+    scale.add_argument("--process-id", type=int, metavar="I", help="this process's index, 0 to N-1")
     p.set_defaults(func=run, compiles=True)
 
 
@@ -35,8 +50,12 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.config:
         raise InputError("train: give a CONFIG file (speechseq train --print-config shows every setting)")
-    config = load_config(args.config, args.overrides)
+    overrides = [*args.overrides, *([f"mesh.shape={args.mesh}"] if args.mesh is not None else [])]
+    config = load_config(args.config, overrides)
 
+    from speechseq.sharding import initialize_distributed  # before anything starts jax's backends
+
+    initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     from speechseq.training.loop import train
 
     if args.quiet:  # speechseq -q train: no progress bar

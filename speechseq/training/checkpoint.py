@@ -108,6 +108,10 @@ class Checkpoints:
         import orbax.checkpoint as ocp
 
         target = jax.eval_shape(to_saveable, like)
+        # eval_shape drops shardings: give each leaf its array's, so orbax restores straight into the shards (each
+        # process reading its own) rather than whole arrays on one device
+        target = jax.tree.map(lambda t, x: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=x.sharding)
+                              if isinstance(x, jax.Array) else t, target, like)
         try:
             out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
                                                                      meta=ocp.args.JsonRestore()))

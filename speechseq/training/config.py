@@ -118,6 +118,14 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class MeshConfig:
+    shape: str = _f("", "device mesh over every process's devices, e.g. \"data=2,fsdp=4,tensor=1\" (one size may be "
+                        "-1: the devices left): batch rows over data x fsdp, params and optimizer state over fsdp "
+                        "(FSDP) and tensor (heads, MLP, vocabulary), from speechseq.sharding.DEFAULT_RULES; empty: "
+                        "one device, or \"data=-1\" when several processes run (speechseq train --coordinator)")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -126,6 +134,7 @@ class TrainConfig:
     train: LoopConfig = field(default_factory=LoopConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
 
     def validate(self, where: str = "config") -> "TrainConfig":
         """Checks across fields that a runnable config needs (the defaults alone are not runnable)."""

@@ -18,6 +18,14 @@ the data loaders, the state and the jitted steps, then runs ``train.steps`` step
 data_order.jsonl back to that step and continues: the run ends with the params, logs and data order of a run that
 was never stopped. A NaN or infinite loss (or gradient norm) stops the run with one line and leaves the last
 checkpoint, taken before it, as it was; Ctrl-C stops it with one line, saving nothing new and leaving nothing partial.
+
+With ``mesh.shape`` (``--mesh``) the step runs on a device mesh (``speechseq.sharding``): a ``model.init`` checkpoint
+is loaded straight into its shardings, the state is born in them, and each batch is split over data x fsdp. Several
+processes (``jax.distributed``, ``speechseq train --coordinator ...``) run the same loop on one mesh over all their
+devices: each reads its own rows of every global batch, all write the checkpoints (into the shared output_dir) and
+take part in every collective; process 0 alone writes config.toml, the logs, curves.png and the final model.
+Evaluation and the final model read the params gathered whole on every host, so each process evaluates the whole
+validation set on one of its devices.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import contextlib
 import json
 import math
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -53,10 +62,11 @@ class NonFiniteLoss(SpeechSeqError):
 # -- model and data ----------------------------------------------------------------------------------------------------
 
 
-def load_model(config: TrainConfig) -> tuple["SpeechSeq2Seq", "Processor", Path]:
+def load_model(config: TrainConfig, mesh: Any = None) -> tuple["SpeechSeq2Seq", "Processor", Path]:
     """The model to train, its processor, and the folder its tokenizer files come from (copied into the final
-    model): ``model.init``'s checkpoint, or a warm start of ``model.encoder`` + ``model.decoder`` whose processor
-    is the encoder's feature extractor and the decoder's tokenizer."""
+    model): ``model.init``'s checkpoint (with a ``mesh``, loaded straight into its shardings), or a warm start of
+    ``model.encoder`` + ``model.decoder`` whose processor is the encoder's feature extractor and the decoder's
+    tokenizer."""
     from speechseq.audio import FeatureExtractor
     from speechseq.hub import resolve
     from speechseq.processor import Processor
@@ -66,7 +76,12 @@ def load_model(config: TrainConfig) -> tuple["SpeechSeq2Seq", "Processor", Path]
     m, seed = config.model, config.train.seed
     if m.init:
         path = resolve(m.init)
-        model = SpeechSeq2Seq.from_pretrained(path, seed=seed)
+        if mesh is None:
+            model = SpeechSeq2Seq.from_pretrained(path, seed=seed)
+        else:
+            from speechseq.sharding import load_sharded
+
+            model = load_sharded(path, mesh, seed=seed)
         processor = Processor.from_pretrained(path)
     else:
         try:
@@ -83,8 +98,10 @@ def load_model(config: TrainConfig) -> tuple["SpeechSeq2Seq", "Processor", Path]
     return model, processor, path
 
 
-def _loaders(config: TrainConfig, processor: "Processor", start_token: int | None
-             ) -> tuple["Loader", "Loader | None"]:
+def _loaders(config: TrainConfig, processor: "Processor", start_token: int | None, process_index: int = 0,
+             process_count: int = 1) -> tuple["Loader", "Loader | None"]:
+    """The training loader (this process's rows of each global batch) and the validation loader (every row: each
+    process evaluates the whole set)."""
     from speechseq.data import Loader, read_manifest
 
     d = config.data
@@ -94,7 +111,8 @@ def _loaders(config: TrainConfig, processor: "Processor", start_token: int | Non
     def rows(path: str) -> list:
         return read_manifest(path, audio_key=d.audio_key, text_key=d.text_key, on_bad=d.on_bad)
 
-    train = Loader(rows(d.train), processor, batch_size=d.batch_size, seed=config.train.seed, shuffle=True, **common)
+    train = Loader(rows(d.train), processor, batch_size=d.batch_size, seed=config.train.seed, shuffle=True,
+                   process_index=process_index, process_count=process_count, **common)
     _report_skipped(d.train, train)
     valid = None
     if d.valid:
@@ -268,6 +286,22 @@ class _Logs:
         self.bar = self.tb = self.order = None
 
 
+class _NoLogs(_Logs):
+    """The logs of a process other than the first in a multi-process run: process 0 writes them all."""
+
+    def __init__(self) -> None:
+        self.metrics = self.order = self.tb = self.bar = None
+
+    def step(self, step: int, ids: Sequence[str | None]) -> None:
+        pass
+
+    def train(self, row: Mapping[str, Any]) -> None:
+        pass
+
+    def valid(self, step: int, values: Mapping[str, float], utterances: int) -> None:
+        pass
+
+
 def _truncate_log(path: Path, step: int) -> None:
     """Keep the lines of ``step`` and before (a resumed run writes the rest again); a torn last line goes too."""
     from speechseq.checkpoints import storage
@@ -355,6 +389,8 @@ def _check_same_run(saved: Mapping[str, Any], now: Mapping[str, Any], where: Pat
 def _save_final(model: "SpeechSeq2Seq", params: Any, processor: "Processor", tokenizer_dir: Path, out: Path) -> None:
     """The trained model in the Hugging Face layout (model-hf/: ``save_pretrained`` + processor files) and in
     speechseq's (model/: ``convert`` of model-hf), each written whole or not at all, replacing an earlier one."""
+    import jax
+
     from speechseq.checkpoints import storage
     from speechseq.checkpoints.convert import convert
     from speechseq.speech_seq2seq import SpeechSeq2Seq
@@ -367,7 +403,17 @@ def _save_final(model: "SpeechSeq2Seq", params: Any, processor: "Processor", tok
         for name in storage.SIDE_FILES:  # the tokenizer's files, as its checkpoint has them
             if name not in ("generation_config.json", "preprocessor_config.json") and (tokenizer_dir / name).is_file():
                 (tmp / name).write_bytes((tokenizer_dir / name).read_bytes())
-    convert(hf, out / "model", force=True, progress=False)
+    if jax.process_count() == 1:
+        convert(hf, out / "model", force=True, progress=False)
+        return
+    # orbax, which writes model/, synchronises every process of a jax.distributed run, and only this one writes
+    # the final model: convert in a process of its own
+    done = subprocess.run([sys.executable, "-m", "speechseq.cli", "-q", "convert", str(hf), str(out / "model"),
+                           "--force"], capture_output=True, text=True,
+                          env={k: v for k, v in os.environ.items() if not k.startswith("JAX_COORDINATOR")})
+    if done.returncode:
+        lines = done.stderr.strip().splitlines() or [f"status {done.returncode}"]
+        raise CheckpointError(f"{out / 'model'}: writing the final model failed ({lines[-1]})")
 
 
 def _finite(loss: float, grad_norm: float, step: int, ckpt: Any) -> None:
@@ -383,6 +429,95 @@ def _finite(loss: float, grad_norm: float, step: int, ckpt: Any) -> None:
     raise NonFiniteLoss(f"{what} at step {step}: training stopped; {where}")
 
 
+class _Placement:
+    """Where the loop's arrays live: one device (``mesh`` None: the state and batches as they are), or a device mesh
+    over every process's devices (``mesh.shape``; several processes always have one), where the state is born in
+    its shardings, each process's batch rows become a global batch, and evaluation and the final model read params
+    gathered whole on every host."""
+
+    def __init__(self, config: TrainConfig):
+        import jax
+
+        from speechseq import sharding as S
+
+        self.processes, self.index = jax.process_count(), jax.process_index()
+        spec = config.mesh.shape or ("data=-1" if self.processes > 1 else "")
+        self.mesh = None
+        if spec:
+            try:
+                self.mesh = S.make_mesh(spec)
+            except ConfigError as e:
+                raise ConfigError(f"mesh.shape {spec!r}: {str(e).removeprefix('mesh: ')}") from None
+            rows = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+            if rows % self.processes:
+                raise ConfigError(f"mesh.shape {spec!r}: the batch is split over data x fsdp = {rows} devices, which "
+                                  f"does not divide among {self.processes} processes; make data x fsdp a multiple "
+                                  "of the process count")
+            micro = config.data.batch_size // config.step.accum_steps
+            if micro % rows:
+                raise ConfigError(f"mesh.shape {spec!r}: data.batch_size / step.accum_steps = {micro} rows per "
+                                  f"microbatch do not split over data x fsdp = {rows} devices")
+            self.batch_sharding = S.batch_sharding(self.mesh)
+
+    @property
+    def primary(self) -> bool:
+        """This process writes the logs, config.toml and the final model (all processes write checkpoints)."""
+        return self.index == 0
+
+    def init_state(self, model: "SpeechSeq2Seq", config: TrainConfig) -> Any:
+        from speechseq.training import init_state
+
+        if self.mesh is None:
+            return init_state(model.config, model.params, config.optim, config.train.seed)
+        import jax
+
+        from speechseq import sharding as S
+
+        # a warm start's params are on one device: host copies, which every process passes alike and jit takes as
+        # replicated inputs of its mesh (a model.init checkpoint is already in its shardings: load_sharded)
+        params = jax.tree.map(lambda a: a if getattr(a, "sharding", None) is not None and
+                              a.sharding.device_set == set(self.mesh.devices.flat) else jax.device_get(a), model.params)
+        return S.init_state_sharded(model.config, params, config.optim, config.train.seed, self.mesh)
+
+    def train_step(self, model: "SpeechSeq2Seq", config: TrainConfig) -> Any:
+        from speechseq.training import make_train_step
+
+        if self.mesh is None:
+            return make_train_step(model.config, config.optim, config.step)
+        from speechseq import sharding as S
+
+        return S.make_sharded_train_step(model.config, config.optim, config.step, mesh=self.mesh)
+
+    def batch(self, batch: dict) -> dict:
+        if self.mesh is None:
+            return batch
+        from speechseq import sharding as S
+
+        return S.global_batch(batch, self.batch_sharding)
+
+    def whole(self, params: Any) -> Any:
+        """Params every process can read whole (a collective under a mesh: call it in every process)."""
+        if self.mesh is None:
+            return params
+        from speechseq import sharding as S
+
+        return S.gather(params)
+
+    def global_ids(self, ids: Sequence[str | None], loader: "Loader") -> list[str | None]:
+        """The ids of the global batch, in row order, from every process's rows (a collective when several run)."""
+        if self.processes == 1:
+            return list(ids)
+        import numpy as np
+
+        from speechseq import sharding as S
+
+        if not hasattr(self, "_positions"):
+            self._positions = {ex.id: i for i, ex in enumerate(loader.examples)}
+        local = np.asarray([-1 if i is None else self._positions[i] for i in ids], np.int64)
+        everyone = np.asarray(S.gather(local)).reshape(-1)  # the processes' rows, concatenated
+        return [None if k < 0 else loader.examples[k].id for k in everyone]
+
+
 def _empty_window() -> dict[str, Any]:
     """The running sums of the steps since the last metrics.jsonl line (saved in checkpoints: a resumed run
     continues them)."""
@@ -394,22 +529,26 @@ def train(config: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
     ``train.output_dir`` from its latest checkpoint. Returns the last logged training values and the last
     evaluation's metrics (``{"step", "loss", "learning_rate", "valid": {...}}``)."""
     from speechseq.checkpoints import storage
+    from speechseq.sharding import barrier
     from speechseq.speech_seq2seq import SpeechSeq2Seq
-    from speechseq.training import init_state, make_eval_step, make_train_step
+    from speechseq.training import make_eval_step
     from speechseq.training.checkpoint import Checkpoints
 
     config.validate()
     loop = config.train
     out = Path(loop.output_dir).absolute()
+    place = _Placement(config)
     _check_output_dir(out, resume)
-    model, processor, tokenizer_dir = load_model(config)
-    train_loader, valid_loader = _loaders(config, processor, model.config.decoder_start_token_id)
-    state = init_state(model.config, model.params, config.optim, loop.seed)
+    model, processor, tokenizer_dir = load_model(config, place.mesh)
+    train_loader, valid_loader = _loaders(config, processor, model.config.decoder_start_token_id, place.index,
+                                          place.processes)
+    state = place.init_state(model, config)
     settings = as_dict(config)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"train.output_dir {out}: cannot create it ({e.strerror})") from None
+    barrier("speechseq-train-start")  # every process has checked output_dir before the first writes to it
 
     with contextlib.ExitStack() as stack:  # closed in reverse order, however the run ends
         ckpt = Checkpoints(out / "checkpoints", keep_last=loop.keep_last, best_metric=loop.best_metric,
@@ -425,14 +564,15 @@ def train(config: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
         elif resume:
             print(f"speechseq: --resume: no checkpoint in {out / 'checkpoints'} yet; starting from step 0",
                   file=sys.stderr)
-        with storage.atomic_file(out / "config.toml") as f:
-            f.write(to_toml(config))
-        logs = _Logs(out, config, start)
+        if place.primary:
+            with storage.atomic_file(out / "config.toml") as f:
+                f.write(to_toml(config))
+        logs = _Logs(out, config, start) if place.primary else _NoLogs()
         stack.callback(logs.close)
         batches = iter(train_loader)
         stack.callback(batches.close)  # the loader's reading threads stop now, not at interpreter exit
 
-        train_step = make_train_step(model.config, config.optim, config.step)
+        train_step = place.train_step(model, config)
         eval_step = make_eval_step(model.config, config.step) if valid_loader else None
         gen = {"num_beams": config.eval.num_beams, "max_new_tokens": config.eval.max_new_tokens}
         last: dict[str, Any] = {"step": start}
@@ -440,14 +580,14 @@ def train(config: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
             for step in range(start + 1, loop.steps + 1):  # ``step``: optimizer steps done once this one is
                 batch = next(batches)
                 ids = batch.pop("ids")
-                state, m = train_step(state, batch)
+                state, m = train_step(state, place.batch(batch))
                 loss, grad_norm = float(m["loss"]), float(m["grad_norm"])
                 _finite(loss, grad_norm, step, ckpt)
                 window["loss_sum"] += loss * int(m["tokens"])
                 window["tokens"] += int(m["tokens"])
                 window["grad_norm_sum"] += grad_norm
                 window["steps"] += 1
-                logs.step(step, ids)
+                logs.step(step, place.global_ids(ids, train_loader) if config.log.data_order else ids)
                 if step % loop.log_every == 0 or step == loop.steps:
                     data = train_loader.get_state()
                     row = {"step": step, "split": "train", "loss": window["loss_sum"] / max(window["tokens"], 1),
@@ -459,7 +599,7 @@ def train(config: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
                     window = _empty_window()
                 evaluated = None
                 if valid_loader and ((loop.eval_every and step % loop.eval_every == 0) or step == loop.steps):
-                    current = SpeechSeq2Seq(model.config, state.params, model.dtype,
+                    current = SpeechSeq2Seq(model.config, place.whole(state.params), model.dtype,
                                             generation_json=model.generation_json)
                     result = evaluate(current, valid_loader, task=config.eval.task, normalize=config.eval.normalize,
                                       eval_step=eval_step, **gen)
@@ -478,7 +618,10 @@ def train(config: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
                 pass
             raise
         logs.close()
-        _save_final(model, state.params, processor, tokenizer_dir, out)
-        if config.log.plot:
-            plot_curves(read_metrics(out / "metrics.jsonl"), out / "curves.png")
+        params = place.whole(state.params)
+        if place.primary:
+            _save_final(model, params, processor, tokenizer_dir, out)
+            if config.log.plot:
+                plot_curves(read_metrics(out / "metrics.jsonl"), out / "curves.png")
+        barrier("speechseq-train-end")  # no process reports success before the final model is written
     return last
