@@ -496,6 +496,42 @@ def test_exact_resume_after_kill_9(tiny_init, corpus, tmp_path):
     assert (a / "model-hf" / "model.safetensors").read_bytes() == (b / "model-hf" / "model.safetensors").read_bytes()
 
 
+def test_sigterm_saves_the_step_and_resume_loses_nothing(tiny_init, corpus, tmp_path):
+    """SIGTERM (a scheduler's stop, a preempted host) at a random step: the step finishes, its checkpoint is saved
+    (off the save_every schedule), the run stops with one line and status 143, and --resume ends with the state,
+    metrics.jsonl and data order of a run never stopped."""
+    whole = write_config(tmp_path / "whole.toml", run_sections(tiny_init, corpus, tmp_path / "whole"))
+    cut = write_config(tmp_path / "cut.toml", run_sections(tiny_init, corpus, tmp_path / "cut"))
+    seed = random.randrange(1 << 30)
+    term_at = random.Random(seed).randint(1, 9)  # steps done when terminated
+    reference = start(whole)
+    p = start(cut)
+    order = tmp_path / "cut" / "data_order.jsonl"
+    wait_for(p, lambda: lines(order) >= term_at, f"step {term_at}")
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=600)
+    stopped = lines(order)
+    why = f"terminated after {stopped} steps (seed {seed})"
+    assert p.returncode == 143, (err, why)
+    assert stopped < 12, f"the run finished before SIGTERM ({why})"
+    assert one_line(err) == (f"speechseq: terminated: the checkpoint of step {stopped} is saved in "
+                             f"{tmp_path / 'cut' / 'checkpoints'}; continue with --resume"), why
+    assert max(int(n) for n in complete_checkpoints(tmp_path / "cut")) == stopped, why
+    assert not (tmp_path / "cut" / "model-hf").exists()
+    resumed = start(cut, "--resume")
+    out, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err
+    out_ref, err_ref = reference.communicate(timeout=600)
+    assert reference.returncode == 0, err_ref
+    assert json.loads(out.splitlines()[-1]) == json.loads(out_ref.splitlines()[-1]), why
+    a, b = tmp_path / "whole", tmp_path / "cut"
+    for name in ("metrics.jsonl", "data_order.jsonl"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), (name, why)
+    (state_a, _), (state_b, _) = final_state(a, tiny_init), final_state(b, tiny_init)
+    assert int(state_b.step) == 12 and leaves_equal(state_a, state_b), why
+    assert (a / "model-hf" / "model.safetensors").read_bytes() == (b / "model-hf" / "model.safetensors").read_bytes()
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_init, corpus, tmp_path, capsys):
     """A learning rate of 1e30 sends the weights to ~1e30 in one step, so step 2's loss is NaN: one line, exit 2,
     checkpoint 1 kept as it was and nothing after it, no final model."""

@@ -54,5 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt as e:  # SIGINT, or SIGTERM while writing a checkpoint (storage.Interrupted)
         signum = getattr(e, "signum", 2)
-        print("speechseq: interrupted" if signum == 2 else "speechseq: terminated", file=sys.stderr)
+        detail = getattr(e, "detail", "")  # e.g. the checkpoint a terminated training run saved
+        print(("speechseq: interrupted" if signum == 2 else "speechseq: terminated") + (f": {detail}" if detail else ""),
+              file=sys.stderr)
         return 128 + signum

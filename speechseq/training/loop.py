@@ -17,7 +17,9 @@ the data loaders, the state and the jitted steps, then runs ``train.steps`` step
 ``--resume`` restores the latest checkpoint (state, data position, the running log window), cuts metrics.jsonl and
 data_order.jsonl back to that step and continues: the run ends with the params, logs and data order of a run that
 was never stopped. A NaN or infinite loss (or gradient norm) stops the run with one line and leaves the last
-checkpoint, taken before it, as it was; Ctrl-C stops it with one line, saving nothing new and leaving nothing partial.
+checkpoint, taken before it, as it was; Ctrl-C stops it with one line, saving nothing new and leaving nothing partial;
+SIGTERM (a scheduler's or a preemptible host's stop) lets the step finish, saves its checkpoint and stops with one
+line and status 143, so ``--resume`` loses nothing.
 
 With ``mesh.shape`` (``--mesh``) the step runs on a device mesh (``speechseq.sharding``): a ``model.init`` checkpoint
 is loaded straight into its shardings, the state is born in them, and each batch is split over data x fsdp. Several
@@ -34,8 +36,10 @@ import contextlib
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
@@ -524,6 +528,29 @@ def _empty_window() -> dict[str, Any]:
     return {"loss_sum": 0.0, "tokens": 0, "grad_norm_sum": 0.0, "steps": 0}
 
 
+class _Preemption:
+    """SIGTERM (what schedulers and preemptible TPU / GPU hosts send before they stop a job) asks the loop to finish
+    its step, save a checkpoint of it and stop with status 143, so ``--resume`` continues with nothing lost. Only in
+    a one-process run, in the main thread and over the default handler; several processes would have to agree on
+    the step first, so they keep the default (stop at once, resume from the last checkpoint)."""
+
+    def __init__(self, processes: int) -> None:
+        self.requested = False
+        self.previous: Any = None
+        self.active = processes == 1 and threading.current_thread() is threading.main_thread() and \
+            signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+        if self.active:
+            self.previous = signal.signal(signal.SIGTERM, self._on_term)
+
+    def _on_term(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def close(self) -> None:
+        if self.active:
+            signal.signal(signal.SIGTERM, self.previous)
+            self.active = False
+
+
 def train(config: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
     """Run training as ``config`` says (see the module docstring); ``resume`` continues the run in
     ``train.output_dir`` from its latest checkpoint. Returns the last logged training values and the last
@@ -572,6 +599,8 @@ def train(config: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
         batches = iter(train_loader)
         stack.callback(batches.close)  # the loader's reading threads stop now, not at interpreter exit
 
+        preemption = _Preemption(place.processes)
+        stack.callback(preemption.close)
         train_step = place.train_step(model, config)
         eval_step = make_eval_step(model.config, config.step) if valid_loader else None
         gen = {"num_beams": config.eval.num_beams, "max_new_tokens": config.eval.max_new_tokens}
@@ -606,10 +635,16 @@ def train(config: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
                     evaluated = {k: result[k] for k in ("loss", "wer", "cer", "bleu") if k in result}
                     logs.valid(step, evaluated, result["utterances"])
                     last["valid"] = evaluated
-                if step % loop.save_every == 0 or evaluated or step == loop.steps:
+                if step % loop.save_every == 0 or evaluated or step == loop.steps or preemption.requested:
                     meta = {"data": train_loader.get_state(), "window": window, "config": settings}
                     ckpt.save(step, state, meta, evaluated)
                 logs.advance()
+                if preemption.requested and step < loop.steps:
+                    ckpt.wait()
+                    stop = storage.Interrupted(signal.SIGTERM)
+                    stop.detail = (f"the checkpoint of step {step} is saved in {out / 'checkpoints'}; continue with "
+                                   "--resume")
+                    raise stop
             ckpt.wait()
         except KeyboardInterrupt:
             try:
