@@ -571,3 +571,30 @@ def test_ctrl_c_saves_nothing_partial_and_exits_with_one_line(tiny_init, corpus,
     assert ckpt.steps() == steps
     ckpt.close()
     assert not (tmp_path / "int" / "model").exists()
+
+
+def test_two_runs_never_share_an_output_dir(tiny_init, corpus, tmp_path, capsys):
+    """A run holds a lock on its output_dir: a second run into it (new or --resume) stops with one line naming the
+    holder, before writing anything; once the holder ends (the lock goes with its process), the folder is free."""
+    import fcntl
+
+    from speechseq.training.loop import LOCK_FILE
+
+    out = tmp_path / "busy"
+    cfg = write_config(tmp_path / "busy.toml", run_sections(tiny_init, corpus, out, data__valid=""))
+    out.mkdir()
+    fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.write(fd, b"4242\n")
+    try:
+        for extra in ((), ("--resume",)):
+            code, _, err = run_cli(capsys, "train", str(cfg), *extra)
+            assert code == 2
+            assert one_line(err) == (f"speechseq: error: train.output_dir {out}: another speechseq train (process "
+                                     "4242) is using it; wait for it to end or choose another output_dir")
+            assert sorted(os.listdir(out)) == [LOCK_FILE]
+    finally:
+        os.close(fd)
+    code, _, err = run_cli(capsys, "train", str(cfg), "--set", "train.steps=1")
+    assert code == 0, err
+    assert (out / "model-hf" / "model.safetensors").is_file()

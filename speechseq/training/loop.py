@@ -373,6 +373,33 @@ def _check_output_dir(out: Path, resume: bool) -> None:
                           "it, or choose another output_dir")
 
 
+LOCK_FILE = ".speechseq-train.lock"
+
+
+def _lock_output_dir(out: Path, resume: bool) -> int:
+    """An exclusive lock on ``out`` for this run (``flock`` on a file in it, released however the process ends), so
+    two runs never write into one output_dir; then the earlier-run check again, now that no other run can start
+    one. Returns the lock's file descriptor."""
+    import fcntl
+
+    fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise ConfigError(f"train.output_dir {out}: another speechseq train (process {holder}) is using it; wait "
+                          "for it to end or choose another output_dir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    try:
+        _check_output_dir(out, resume)
+    except ConfigError:
+        os.close(fd)
+        raise
+    return fd
+
+
 def _check_same_run(saved: Mapping[str, Any], now: Mapping[str, Any], where: Path) -> None:
     """Refuse a resume whose settings would not continue the checkpoint's run exactly."""
     def get(d: Mapping, dotted: str) -> Any:
@@ -575,9 +602,12 @@ def train(config: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"train.output_dir {out}: cannot create it ({e.strerror})") from None
+    lock = _lock_output_dir(out, resume) if place.primary else None
     barrier("speechseq-train-start")  # every process has checked output_dir before the first writes to it
 
     with contextlib.ExitStack() as stack:  # closed in reverse order, however the run ends
+        if lock is not None:
+            stack.callback(os.close, lock)
         ckpt = Checkpoints(out / "checkpoints", keep_last=loop.keep_last, best_metric=loop.best_metric,
                            best_mode=BEST_METRICS[loop.best_metric])
         stack.callback(ckpt.close)
