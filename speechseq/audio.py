@@ -1,9 +1,10 @@
 """Audio in: read files (soundfile), resample (soxr), and turn waveforms into model inputs.
 
 ``FeatureExtractor`` reproduces transformers' ``Wav2Vec2FeatureExtractor`` numerically (same numpy operations in the
-same dtypes), so ``input_values`` match transformers bit for bit. ``padding="buckets"`` pads to one of a few fixed
-lengths (``bucket_length``) so a jitted encoder compiles once per bucket, and ``batches_by_length`` groups many files
-into batches of similar length.
+same dtypes), so ``input_values`` match transformers bit for bit; a ``preprocessor_config.json`` of
+``Speech2TextFeatureExtractor`` loads ``fbank.Speech2TextFeatureExtractor`` instead (filterbank ``input_features``).
+``padding="buckets"`` pads to one of a few fixed lengths (``bucket_length``) so a jitted encoder compiles once per
+bucket, and ``batches_by_length`` groups many files into batches of similar length.
 
 Shapes: B batch, N samples (after padding), C channels.
 """
@@ -84,6 +85,28 @@ def batches_by_length(lengths: Sequence[int], batch_size: int) -> list[list[int]
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+def waveforms(audios: Sequence[np.ndarray] | np.ndarray, sampling_rate: int | None, expected: int) -> list[np.ndarray]:
+    """A feature extractor's input checked: one [N] array or a list of them, mono, not empty, at ``expected`` Hz
+    (``sampling_rate``: what the caller says the audio is at, None to trust it). One-line ``InputError`` otherwise."""
+    if sampling_rate is not None and sampling_rate != expected:
+        raise InputError(f"sampling_rate: audio at {sampling_rate} Hz but the feature extractor expects "
+                         f"{expected} Hz; resample it first (load_audio(path, sampling_rate={expected}) does)")
+    if isinstance(audios, np.ndarray) and audios.ndim == 1:
+        audios = [audios]
+    if len(audios) == 0:
+        raise InputError("audios: expected at least one waveform, got none")
+    out = []
+    for i, a in enumerate(audios):
+        a = np.asarray(a)
+        if a.ndim != 1:
+            raise InputError(f"audios[{i}]: expected mono samples of shape [N], got shape {a.shape} "
+                             "(downmix multi-channel audio first; load_audio does)")
+        if a.shape[0] == 0:
+            raise InputError(f"audios[{i}]: contains no samples")
+        out.append(a)
+    return out
+
+
 @dataclass(frozen=True)
 class FeatureExtractor:
     """Wav2Vec2FeatureExtractor semantics, read from and written to ``preprocessor_config.json``.
@@ -112,14 +135,19 @@ class FeatureExtractor:
     # ---- config file ---------------------------------------------------------------------------------------------
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], where: str = PREPROCESSOR_CONFIG) -> "FeatureExtractor":
+    def from_dict(cls, d: dict[str, Any], where: str = PREPROCESSOR_CONFIG) -> Any:
         """From a ``preprocessor_config.json`` dict (HF keys); unknown keys go to ``extra``. ``where`` (the file)
         starts the one-line error for a bad sampling rate (0 or "16k" would fail later as a division by zero or
-        a resampling error)."""
+        a resampling error). A ``Speech2TextFeatureExtractor`` file gives that class (``fbank``), which makes
+        filterbank ``input_features``."""
         kind = d.get("feature_extractor_type", "Wav2Vec2FeatureExtractor")
+        if kind == "Speech2TextFeatureExtractor" and cls is FeatureExtractor:
+            from speechseq.fbank import Speech2TextFeatureExtractor
+
+            return Speech2TextFeatureExtractor.from_dict(d, where)
         if kind != "Wav2Vec2FeatureExtractor":
             raise ConfigError(f"{PREPROCESSOR_CONFIG}: feature_extractor_type {kind!r} is not supported "
-                              "(expected 'Wav2Vec2FeatureExtractor')")
+                              "(expected 'Wav2Vec2FeatureExtractor' or 'Speech2TextFeatureExtractor')")
         names = ("feature_size", "sampling_rate", "padding_value", "do_normalize", "return_attention_mask",
                  "padding_side")
         known = {k: d[k] for k in names if k in d}
@@ -180,22 +208,8 @@ class FeatureExtractor:
         the input's float precision; with an attention mask the statistics use the valid samples only and padding is
         set to ``padding_value`` afterwards; without one they use the whole padded row, padding included.
         """
-        if sampling_rate is not None and sampling_rate != self.sampling_rate:
-            raise InputError(f"sampling_rate: audio at {sampling_rate} Hz but the feature extractor expects "
-                             f"{self.sampling_rate} Hz; resample it first (load_audio(path, "
-                             f"sampling_rate={self.sampling_rate}) does)")
-        if isinstance(audios, np.ndarray) and audios.ndim == 1:
-            audios = [audios]
-        if len(audios) == 0:
-            raise InputError("audios: expected at least one waveform, got none")
         rows = []
-        for i, a in enumerate(audios):
-            a = np.asarray(a)
-            if a.ndim != 1:
-                raise InputError(f"audios[{i}]: expected mono samples of shape [N], got shape {a.shape} "
-                                 "(downmix multi-channel audio first; load_audio does)")
-            if a.shape[0] == 0:
-                raise InputError(f"audios[{i}]: contains no samples")
+        for a in waveforms(audios, sampling_rate, self.sampling_rate):
             # transformers casts float64 to float32 before normalising; other dtypes (ints) normalise in float64
             rows.append(a.astype(np.float32) if a.dtype == np.float64 else a)
         lengths = [r.shape[0] for r in rows]

@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, Protocol
 
-from speechseq.decoders import bart, bert, blenderbot_small, electra, gpt2, marian, trocr, xglm
+from speechseq.decoders import (bart, bert, bert_generation, blenderbot_small, electra, gpt2, marian,
+                                speech_to_text_2, trocr, xglm)
 from speechseq.decoders.transformer import decode, weight_rules as decoder_rules
-from speechseq.encoders import data2vec_audio, unispeech, unispeech_sat, wav2vec2, wavlm
+from speechseq.encoders import data2vec_audio, speech_to_text, unispeech, unispeech_sat, wav2vec2, wavlm
 from speechseq.config import INPUT_KINDS, EncoderConfig, HFField
 from speechseq.errors import ConfigError
 from speechseq.checkpoints.table import Rule
@@ -80,6 +81,7 @@ FAMILIES: dict[str, Family] = {
         encoder("unispeech-sat", unispeech_sat, ("", "unispeech_sat.")),
         encoder("data2vec-audio", data2vec_audio, ("", "data2vec_audio.")),
         encoder("wavlm", wavlm, ("", "wavlm.")),
+        encoder("speech_to_text", speech_to_text, ("", "model.encoder.", "encoder.")),
         Family("bert", "decoder", bert.parse_config, partial(decoder_rules, n=bert.BERT_NAMES), ("bert.", ""), decode,
                fields=bert.FIELDS),
         Family("roberta", "decoder", bert.parse_config, partial(decoder_rules, n=bert.ROBERTA_NAMES),
@@ -105,6 +107,11 @@ FAMILIES: dict[str, Family] = {
                decode, fields=trocr.FIELDS),
         Family("xglm", "decoder", xglm.parse_config, partial(decoder_rules, n=xglm.NAMES), ("model.", ""), decode,
                fields=xglm.FIELDS),
+        Family("bert-generation", "decoder", bert_generation.parse_config,
+               partial(decoder_rules, n=bert_generation.NAMES), ("bert.", ""), decode, fields=bert_generation.FIELDS),
+        Family("speech_to_text_2", "decoder", speech_to_text_2.parse_config,
+               partial(decoder_rules, n=speech_to_text_2.NAMES), ("model.decoder.", ""), decode,
+               fields=speech_to_text_2.FIELDS),
     )
 }
 

@@ -60,7 +60,7 @@ def transcribe(model: str | os.PathLike | SpeechSeq2Seq, files: Sequence[str | o
             # beyond twice its rows
             rows += [rows[0]] * (min(batch_size, 1 << (len(rows) - 1).bit_length()) - len(rows))
             feats = fe(rows, padding="buckets")
-            seqs = model.generate(feats["input_values"], feats.get("attention_mask"), **generate_kwargs)
+            seqs = model.generate(**feats, **generate_kwargs)  # input_values or input_features, + attention_mask
             per_input = seqs.shape[0] // len(rows)
             took = (time.perf_counter() - t0) / len(batch)
             for j, k in enumerate(batch):

@@ -98,6 +98,7 @@ MORE_DECODERS = {
                                                           **_TROCR(tie)),
     "xlm-roberta": lambda hidden, tie: T.XLMRobertaConfig(**_BERT_DEC(hidden, tie)),
     "electra": lambda hidden, tie: T.ElectraConfig(embedding_size=hidden, hidden_act="relu", **_BERT_DEC(hidden, tie)),
+    "bert-generation": lambda hidden, tie: T.BertGenerationConfig(**_BERT_DEC(hidden, tie)),
 }
 
 
@@ -261,9 +262,10 @@ def amplify_cross_attention(model, query: float = 8.0, value: float = 5.0):
     return model
 
 
-def wordpiece_checkpoint(path, enc: str = "w2v-layer-stable", dec: str = "gpt2"):
+def wordpiece_checkpoint(path, enc: str = "w2v-layer-stable", dec: str = "gpt2", filterbank: bool = False):
     """A tiny HF checkpoint with a WordPiece tokenizer (ids match the decoder: [CLS]=0 start, [PAD]=1, [SEP]=2 eos)
-    and a feature extractor that returns attention masks; returns the transformers model."""
+    and a feature extractor that returns attention masks; returns the transformers model. ``filterbank``: a
+    Speech2Text encoder with its filterbank feature extractor instead of ``enc``."""
     import transformers as T
 
     words = ["hello", "world", "the", "quick", "brown", "fox", "speech", "to", "text", "in", "jax", "a", "b", "c"]
@@ -273,8 +275,12 @@ def wordpiece_checkpoint(path, enc: str = "w2v-layer-stable", dec: str = "gpt2")
     path.mkdir(parents=True, exist_ok=True)
     (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
     T.BertTokenizer(vocab={t: i for i, t in enumerate(vocab)}).save_pretrained(path)
-    T.Wav2Vec2FeatureExtractor(return_attention_mask=True, do_normalize=True).save_pretrained(path)
-    model = amplify_cross_attention(seq2seq(enc, dec))
+    if filterbank:
+        T.Speech2TextFeatureExtractor(return_attention_mask=True).save_pretrained(path)
+        model = amplify_cross_attention(speech_to_text_seq2seq(dec))
+    else:
+        T.Wav2Vec2FeatureExtractor(return_attention_mask=True, do_normalize=True).save_pretrained(path)
+        model = amplify_cross_attention(seq2seq(enc, dec))
     model.config.eos_token_id = 2
     model.save_pretrained(path)
     return model
@@ -319,3 +325,31 @@ def more_encoder_config(name: str, **overrides):
     """The transformers config of a MORE_ENCODERS variant, with optional field overrides."""
     cls, kw = MORE_ENCODERS[name]
     return cls(**{**ENC_BASE, **kw, **overrides})
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Speech2Text's filterbank encoder (tests/test_speech_to_text.py): transformers builds it only as a module of its own
+# (``Speech2TextEncoder``), which ``SpeechEncoderDecoderModel(encoder=..., decoder=...)`` takes. A short position table
+# (32 rows) so that the fixtures' ~48 frames grow it, as transformers does past max_source_positions.
+
+SPEECH_TO_TEXT = dict(d_model=16, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=20, num_conv_layers=2,
+                      conv_kernel_sizes=(5, 3), conv_channels=12, input_feat_per_channel=80, max_source_positions=32,
+                      dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, encoder_layerdrop=0.0,
+                      decoder_layers=1, decoder_attention_heads=2, decoder_ffn_dim=8, vocab_size=VOCAB)
+
+
+def speech_to_text_config(**overrides):
+    """A tiny ``Speech2TextConfig`` (its decoder fields matter only to the standalone Speech2Text classes)."""
+    return T.Speech2TextConfig(**{**SPEECH_TO_TEXT, **overrides})
+
+
+def speech_to_text_seq2seq(dec: str, dec_hidden: int = 20, tie: bool = True, seed: int = 0, **overrides):
+    """A perturbed ``SpeechEncoderDecoderModel`` with a ``Speech2TextEncoder`` and a ``decoder_config(dec)`` decoder."""
+    from transformers.models.speech_to_text.modeling_speech_to_text import Speech2TextEncoder
+
+    torch.manual_seed(seed)
+    decoder = T.AutoModelForCausalLM.from_config(decoder_config(dec, dec_hidden, tie))
+    model = T.SpeechEncoderDecoderModel(encoder=Speech2TextEncoder(speech_to_text_config(**overrides)), decoder=decoder)
+    model.config.decoder_start_token_id = 0
+    model.config.pad_token_id = 1
+    return perturb(model, seed)

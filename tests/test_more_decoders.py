@@ -5,6 +5,8 @@ tokens, convert-then-export bit for bit, and warm start from a standalone checkp
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,9 +15,10 @@ import transformers as T
 
 import hf_factory as F
 from speechseq import SpeechSeq2Seq
+from speechseq.checkpoints.readers import open_checkpoint
 from speechseq.config import decoder_config_from_hf
 from test_config_roundtrip import DEC_CHANGES, check_written
-from test_parity import assert_parity, check_labels_parity, right_padded_ids
+from test_parity import LOGITS_TOL, LOSS_RTOL, assert_parity, check_labels_parity, right_padded_ids
 from test_roundtrip import test_transformers_speechseq_transformers as roundtrip
 from test_warm_start import ENCODER_SOURCES, build_encoder, check_part, compare_logits, CROSS_ATTENTION
 
@@ -37,6 +40,7 @@ SOURCES = {
     "trocr-sinusoidal": (T.TrOCRForCausalLM, "trocr-sinusoidal", "model.decoder.", "model.decoder.", ()),
     "xlm-roberta": (T.XLMRobertaForCausalLM, "xlm-roberta", "roberta.", "roberta.", ()),
     "electra": (T.ElectraForCausalLM, "electra", "electra.", "electra.", ()),
+    "bert-generation": (T.BertGenerationDecoder, "bert-generation", "bert.", "bert.", ()),
 }
 
 
@@ -179,7 +183,7 @@ def test_config_writes_back(dec):
     changes = dict(DEC_CHANGES)
     if dec == "marian":  # decoder_vocab_size, a key of its own, would keep the old size (refused on parse)
         del changes["vocab_size"]
-    if dec in ("xlm-roberta", "electra"):
+    if dec in ("xlm-roberta", "electra", "bert-generation"):
         changes["layer_norm_eps"] = 1e-6
     check_written(dataclasses.replace(cfg, **changes), "decoder")
 
@@ -208,3 +212,87 @@ def test_marian_mt_checkpoint_without_position_table(tmp_path):
     assert torch.equal(torch.from_numpy(np.array(ours.state_dict()[name])), want)
     ours.save_pretrained(tmp_path / "joined")
     compare_logits(ours, T.SpeechEncoderDecoderModel.from_pretrained(tmp_path / "joined").eval())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Speech2Text2: its class left transformers 5, so the reference is stored, made by transformers 4.46.3 with
+# tests/reference/make_speech2text2.py (checkpoints as 4.46 wrote them, its outputs in reference.npz).
+
+S2T2 = Path(__file__).parent / "reference" / "speech2text2"
+
+
+@pytest.fixture(scope="module")
+def s2t2_ref():
+    with np.load(S2T2 / "reference.npz") as ref:
+        return dict(ref)
+
+
+@pytest.fixture(scope="module")
+def s2t2():
+    """speechseq's models from the stored 4.46 checkpoints, per tie."""
+    out = {}
+    for name in ("tied", "untied"):
+        ours = SpeechSeq2Seq.from_pretrained(S2T2 / name)
+        assert ours.loading_info.missing == [] and ours.loading_info.unexpected == []
+        assert ours.config.decoder.tie_word_embeddings == (name == "tied")
+        out[name] = ours
+    return out
+
+
+@pytest.mark.parametrize("tie", ["tied", "untied"])
+def test_speech2text2_logits_and_loss(s2t2, s2t2_ref, tie):
+    """Padded audio with labels (-100 in one row), and right-padded decoder inputs: transformers 4.46's logits and
+    loss."""
+    r, ours = s2t2_ref, s2t2[tie]
+    got = ours(r["audio"], r["audio_mask"], labels=r["labels"])
+    assert F.max_abs_diff(got.logits, r[f"{tie}_logits"]) <= LOGITS_TOL
+    assert abs(float(got.loss) - float(r[f"{tie}_loss"])) <= LOSS_RTOL * abs(float(r[f"{tie}_loss"]))
+    got = ours(r["audio"], r["audio_mask"], decoder_input_ids=r["decoder_input_ids"],
+               decoder_attention_mask=r["decoder_attention_mask"])
+    assert F.max_abs_diff(got.logits, r[f"{tie}_padded_logits"]) <= LOGITS_TOL
+    assert np.abs(r[f"{tie}_padded_logits"][0] - r[f"{tie}_logits"][0]).max() > 1e-3  # different inputs, not a copy
+
+
+@pytest.mark.parametrize("plan", ["cpu", "xla"])
+@pytest.mark.parametrize("mode", ["greedy", "beam"])
+def test_speech2text2_generate(s2t2, s2t2_ref, mode, plan, monkeypatch):
+    """transformers 4.46's greedy and beam tokens (and beam scores), under both decode plans."""
+    monkeypatch.setenv("SPEECHSEQ_DECODE_PLAN", plan)
+    r, loaded = s2t2_ref, s2t2["tied"]
+    ours = SpeechSeq2Seq(loaded.config, loaded.params)  # no decode layout of another plan yet
+    kwargs = dict(max_new_tokens=NEW, pad_token_id=PAD, decoder_start_token_id=START, eos_token_id=int(r["eos"]),
+                  **(BEAM if mode == "beam" else {}))
+    got = ours.generate(r["gen_audio"], r["gen_audio_mask"], return_dict=True, **kwargs)
+    np.testing.assert_array_equal(got["sequences"], r[mode])
+    if mode == "beam":
+        np.testing.assert_allclose(got["sequences_scores"], r["beam_scores"], rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("tie", ["tied", "untied"])
+def test_speech2text2_roundtrip(s2t2, tmp_path, tie):
+    """Export gives back the 4.46 checkpoint bit for bit (names included, the stored sinusoidal table too), and the
+    config as 4.46 wrote it."""
+    s2t2[tie].save_pretrained(tmp_path)
+    with open_checkpoint(S2T2 / tie) as want, open_checkpoint(tmp_path) as got:
+        assert sorted(got) == sorted(want)
+        for name in want:
+            a, b = np.asarray(got[name]), np.asarray(want[name])
+            assert a.dtype == b.dtype and np.array_equal(a, b), name
+    written, theirs = (json.loads((d / "config.json").read_text()) for d in (tmp_path, S2T2 / tie))
+    for key in ("encoder", "decoder", "decoder_start_token_id", "pad_token_id", "model_type"):
+        assert written[key] == theirs[key], key
+
+
+
+def test_speech2text2_warm_start():
+    """A standalone Speech2Text2ForCausalLM checkpoint (4.46's) and a Wav2Vec2Model one join into the model they were
+    saved from: every tensor equal but the new enc_to_dec_proj."""
+    ours = SpeechSeq2Seq.from_encoder_decoder_pretrained(S2T2 / "encoder", S2T2 / "decoder", pad_token_id=PAD)
+    proj = ["enc_to_dec_proj.bias", "enc_to_dec_proj.weight"]
+    assert sorted(ours.loading_info.missing) == proj and ours.loading_info.unexpected == []
+    state = ours.state_dict()
+    with open_checkpoint(S2T2 / "tied") as joined:
+        assert sorted(state) == sorted(joined)
+        for name in joined:
+            if name not in proj:
+                assert np.array_equal(np.asarray(state[name]), np.asarray(joined[name])), name

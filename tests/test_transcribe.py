@@ -33,9 +33,8 @@ def reference(path: Path, model, files, **gen) -> list[str]:
     tok = T.AutoTokenizer.from_pretrained(path)
     audios = [load_audio(f) for f in files]
     feats = fe(audios, sampling_rate=16000, padding=True, return_tensors="pt")
-    with torch.no_grad():
-        seqs = model.generate(input_values=feats["input_values"], attention_mask=feats["attention_mask"],
-                              decoder_start_token_id=0, eos_token_id=2, pad_token_id=1, **gen)
+    with torch.no_grad():  # input_values, or a filterbank extractor's input_features, + attention_mask
+        seqs = model.generate(**feats, decoder_start_token_id=0, eos_token_id=2, pad_token_id=1, **gen)
     return [t.strip() for t in tok.batch_decode(seqs, skip_special_tokens=True)]
 
 
@@ -54,6 +53,21 @@ def test_transcribe_matches_transformers(checkpoint, tmp_path, capsys, num_beams
     assert [r["text"] for r in rows] == want
     assert any(want) and len(set(want)) > 1  # real text that depends on the audio
     assert all(r["seconds"] > 0 and r["audio_seconds"] > 1 for r in rows)
+
+
+def test_transcribe_filterbank_checkpoint(tmp_path, capsys):
+    """A Speech2Text (filterbank) encoder: `transcribe` feeds the extractor's input_features to generate and gives
+    transformers' text."""
+    path = tmp_path / "s2t"
+    model = F.wordpiece_checkpoint(path, dec="gpt2", filterbank=True)
+    out = tmp_path / "out.jsonl"
+    code = main(["-q", "--cache-dir", str(tmp_path / "cache"), "transcribe", "--model", str(path), "--batch-size",
+                 "2", "--num-beams", "1", "--max-new-tokens", "8", "--output", str(out), *map(str, FIXTURES)])
+    assert code == 0, capsys.readouterr().err
+    got = [json.loads(line)["text"] for line in out.read_text().splitlines()]
+    want = reference(path, model, FIXTURES, max_new_tokens=8, num_beams=1)
+    assert got == want
+    assert any(want) and len(set(want)) > 1
 
 
 def test_transcribe_stdout_folder_and_manifest(checkpoint, tmp_path, capsys):
