@@ -80,7 +80,7 @@ def build(directory: Path, case: str, batch: int, samples: int, labels: int) -> 
         from make_model import make_model
         from make_tokenizer import save_tokenizer
 
-        make_model(save_tokenizer(directory.parent / "tokenizer"), directory, seed=0)
+        make_model(save_tokenizer(directory.parent / "tokenizer"), directory, seed=0, encoder="wav2vec2")
         np.save(directory / "audio.npy", np.random.default_rng(0).standard_normal((batch, samples)).astype(np.float32))
         config = json.loads((directory / "config.json").read_text())
         vocab, low = config["decoder"]["vocab_size"], 4  # after [PAD] [UNK] [CLS] [SEP]

@@ -221,3 +221,24 @@ def test_tokenizer_round_trip(tmp_path):
         theirs(odd)["input_ids"])
     labels = ours.encode_labels(sentences[:3], strip_start_id=2)
     assert (labels[:, 0] != 2).all() and ((labels == 3).sum(axis=1) == 1).all()
+
+
+@pytest.mark.parametrize("encoder", ["speech_to_text", "wav2vec2"])
+def test_make_model_writes_a_checkpoint_that_transcribes_and_trains(tmp_path, encoder):
+    """make_model.py: a complete untrained checkpoint of either encoder (filterbank or waveform) whose processor
+    feeds its encoder, with a finite loss on the tokenizer's labels; an existing folder is never replaced."""
+    from speechseq import SpeechSeq2Seq
+    from speechseq.errors import SpeechSeqError
+    from speechseq.processor import Processor
+
+    tokenizer = _module("make_tokenizer").save_tokenizer(tmp_path / "tokenizer")
+    out = _module("make_model").make_model(tokenizer, tmp_path / "init", encoder=encoder)
+    model, processor = SpeechSeq2Seq.from_pretrained(out), Processor.from_pretrained(out)
+    assert model.config.encoder.model_type == encoder
+    assert sum(x.size for x in jax.tree.leaves(model.params)) < 6e6  # the 25 MB budget of issue 28
+    audio = np.random.default_rng(0).normal(0, 0.1, 16000).astype(np.float32)
+    batch = processor(audio=[audio, audio[:12000]], text=["hello world", "speech"])
+    loss = float(model(**batch).loss)
+    assert np.isfinite(loss) and loss > 0
+    with pytest.raises(SpeechSeqError):
+        _module("make_model").make_model(tokenizer, out, encoder=encoder)

@@ -1,6 +1,10 @@
-"""The untrained recogniser that ``examples/synth/train.toml`` trains: a small wav2vec2-style encoder (layer-norm
-conv feature encoder, stable layer norm, SpecAugment) joined to a 3-layer BERT-style character decoder, randomly
-initialised, saved with the data set's character tokenizer, a feature extractor and its generation settings.
+"""The untrained recogniser that ``examples/synth/train.toml`` trains: a small Speech2Text encoder on 80 log-mel
+filterbanks (two stride-2 conv + GLU layers: 25 frames a second, 6 pre-norm transformer layers) joined to a 3-layer
+BERT-style character decoder, randomly initialised, saved with the data set's character tokenizer, its feature
+extractor and its generation settings. ``--encoder wav2vec2`` makes a wav2vec2-style encoder on the raw waveform
+instead (layer-norm conv feature encoder, stable layer norm, SpecAugment): from scratch it learns far more slowly
+(train.toml, batch 16: validation loss 1.86 / 1.64 after 800 / 1,200 steps, against the filterbank encoder's
+1.18 / 0.76 after 1,000 / 2,000).
 
     python examples/synth/make_model.py data/synth/tokenizer data/synth/init
 
@@ -23,6 +27,15 @@ ENCODER = dict(
     hidden_dropout=0.1, attention_dropout=0.1, activation_dropout=0.0, feat_proj_dropout=0.0, layerdrop=0.05,
     apply_spec_augment=True, mask_time_prob=0.05, mask_time_length=5, mask_time_min_masks=2, mask_feature_prob=0.0,
 )
+SPEECH_TO_TEXT = dict(
+    model_type="speech_to_text", d_model=192, encoder_layers=6, encoder_attention_heads=4, encoder_ffn_dim=768,
+    activation_function="relu", num_conv_layers=2, conv_kernel_sizes=[5, 5], conv_channels=256,
+    input_feat_per_channel=80, input_channels=1, max_source_positions=1024, scale_embedding=True, pad_token_id=1,
+    dropout=0.1, attention_dropout=0.1, activation_dropout=0.0, encoder_layerdrop=0.0,
+)
+FBANK = dict(feature_extractor_type="Speech2TextFeatureExtractor", feature_size=80, num_mel_bins=80,
+             sampling_rate=16000, padding_value=0.0, do_ceptral_normalize=True, normalize_means=True,
+             normalize_vars=True, return_attention_mask=True, padding_side="right")
 DECODER = dict(
     model_type="bert", hidden_size=192, num_hidden_layers=3, num_attention_heads=4, intermediate_size=768,
     max_position_embeddings=128, type_vocab_size=2, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
@@ -32,8 +45,9 @@ FEATURES = dict(feature_extractor_type="Wav2Vec2FeatureExtractor", feature_size=
                 padding_value=0.0, do_normalize=True, return_attention_mask=True, padding_side="right")
 
 
-def make_model(tokenizer_dir: Path, out: Path, seed: int = 0) -> Path:
-    """Writes the untrained checkpoint into ``out`` (which must not exist) and returns it."""
+def make_model(tokenizer_dir: Path, out: Path, seed: int = 0, encoder: str = "speech_to_text") -> Path:
+    """Writes the untrained checkpoint into ``out`` (which must not exist) and returns it; ``encoder``:
+    "speech_to_text" (filterbanks) or "wav2vec2" (raw waveform)."""
     from speechseq import SpeechSeq2Seq
     from speechseq.checkpoints.storage import atomic_dir, check_destination, write_json
     from speechseq.errors import InputError
@@ -41,7 +55,7 @@ def make_model(tokenizer_dir: Path, out: Path, seed: int = 0) -> Path:
     vocab = json.loads((tokenizer_dir / "tokenizer.json").read_text())["model"]["vocab"]
     ids = {token: vocab[token] for token in ("[PAD]", "[CLS]", "[SEP]")}
     config = {"model_type": "speech-encoder-decoder", "is_encoder_decoder": True,
-              "encoder": ENCODER, "decoder": {**DECODER, "vocab_size": len(vocab), "pad_token_id": ids["[PAD]"]},
+              "encoder": SPEECH_TO_TEXT if encoder == "speech_to_text" else ENCODER, "decoder": {**DECODER, "vocab_size": len(vocab), "pad_token_id": ids["[PAD]"]},
               "decoder_start_token_id": ids["[CLS]"], "eos_token_id": ids["[SEP]"], "pad_token_id": ids["[PAD]"]}
     check_destination(out, force=False)
     if not (tokenizer_dir / "tokenizer_config.json").exists():
@@ -51,7 +65,7 @@ def make_model(tokenizer_dir: Path, out: Path, seed: int = 0) -> Path:
         model.save_pretrained(tmp)
         for name in ("tokenizer.json", "tokenizer_config.json"):
             (tmp / name).write_bytes((tokenizer_dir / name).read_bytes())
-        write_json(tmp / "preprocessor_config.json", FEATURES)
+        write_json(tmp / "preprocessor_config.json", FBANK if encoder == "speech_to_text" else FEATURES)
         write_json(tmp / "generation_config.json", {"decoder_start_token_id": ids["[CLS]"], "eos_token_id": ids["[SEP]"],
                                                     "pad_token_id": ids["[PAD]"], "max_length": 100})
     return out
@@ -62,11 +76,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("tokenizer", type=Path, help="the data set's tokenizer folder (data/synth/tokenizer)")
     parser.add_argument("out", type=Path, help="the checkpoint folder to write (must not exist)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--encoder", choices=["speech_to_text", "wav2vec2"], default="speech_to_text",
+                        help="filterbank Speech2Text encoder (default) or raw-waveform wav2vec2")
     args = parser.parse_args(argv)
     from speechseq.errors import SpeechSeqError
 
     try:
-        print(make_model(args.tokenizer, args.out, args.seed))
+        print(make_model(args.tokenizer, args.out, args.seed, args.encoder))
     except SpeechSeqError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
