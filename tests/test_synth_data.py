@@ -227,6 +227,8 @@ def test_tokenizer_round_trip(tmp_path):
 def test_make_model_writes_a_checkpoint_that_transcribes_and_trains(tmp_path, encoder):
     """make_model.py: a complete untrained checkpoint of either encoder (filterbank or waveform) whose processor
     feeds its encoder, with a finite loss on the tokenizer's labels; an existing folder is never replaced."""
+    import jax
+
     from speechseq import SpeechSeq2Seq
     from speechseq.errors import SpeechSeqError
     from speechseq.processor import Processor
