@@ -30,6 +30,7 @@ from speechseq import model as M
 from speechseq.checkpoints.table import Axes, flatten, logical_axes, unflatten
 from speechseq.config import SpeechSeq2SeqConfig
 from speechseq.errors import ConfigError
+from speechseq.training import ctc
 from speechseq.training.optim import OptimConfig
 from speechseq.training.step import Batch, Metrics, StepConfig, TrainState, init_state, make_train_step
 
@@ -163,11 +164,14 @@ def batch_sharding(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> NamedSharding:
 
 
 def state_shardings(model_cfg: SpeechSeq2SeqConfig, optim: OptimConfig, mesh: Mesh,
-                    rules: Rules = DEFAULT_RULES) -> TrainState:
+                    rules: Rules = DEFAULT_RULES, ctc_head: bool = False) -> TrainState:
     """A ``TrainState`` of shardings for ``init_state(model_cfg, ..., optim, ...)``'s state: params and optimizer
-    moments from the weight table, step and key replicated (computed from shapes only; nothing is allocated)."""
-    params = unflatten({p: jax.ShapeDtypeStruct(r.shape, np.float32) for r in M.weight_rules(model_cfg)
-                        for p in r.paths})
+    moments from the weight table, step and key replicated (computed from shapes only; nothing is allocated).
+    ``ctc_head``: the params carry ``training.ctc``'s head (replicated)."""
+    shapes = {p: r.shape for r in M.weight_rules(model_cfg) for p in r.paths}
+    if ctc_head:
+        shapes.update(ctc.head_shapes(model_cfg))
+    params = unflatten({p: jax.ShapeDtypeStruct(shape, np.float32) for p, shape in shapes.items()})
     shape = jax.eval_shape(lambda p: init_state(model_cfg, p, optim, 0), params)
     params_sh = param_shardings(model_cfg, mesh, rules, params=shape.params)
     replicated = NamedSharding(mesh, P())
@@ -179,7 +183,7 @@ def init_state_sharded(model_cfg: SpeechSeq2SeqConfig, params: Mapping, optim: O
     """``training.init_state`` run under ``jax.jit`` with ``out_shardings``: the state's float32 params, moments
     and key are written straight into their shards (no device holds a whole copy of the state). ``params`` are
     read where they are: loading a checkpoint per shard is not done yet."""
-    shardings = state_shardings(model_cfg, optim, mesh, rules)
+    shardings = state_shardings(model_cfg, optim, mesh, rules, ctc_head=ctc.HEAD in params)
     return jax.jit(lambda p: init_state(model_cfg, p, optim, seed), out_shardings=shardings)(params)
 
 
@@ -189,7 +193,7 @@ def make_sharded_train_step(model_cfg: SpeechSeq2SeqConfig, optim: OptimConfig, 
     """``training.make_train_step`` jitted for ``mesh``: the state in and out in ``state_shardings``, the batch
     rows over ``batch_sharding`` (its size must divide by their devices), metrics replicated. Same contract as
     the unsharded step (the state is donated; pass one from ``init_state_sharded``)."""
-    shardings = (state_shardings(model_cfg, optim, mesh, rules), batch_sharding(mesh, rules), NamedSharding(mesh, P()))
+    shardings = (state_shardings(model_cfg, optim, mesh, rules, ctc_head=step.ctc_weight > 0), batch_sharding(mesh, rules), NamedSharding(mesh, P()))
     return make_train_step(model_cfg, optim, step, shardings=shardings)
 
 

@@ -598,3 +598,34 @@ def test_two_runs_never_share_an_output_dir(tiny_init, corpus, tmp_path, capsys)
     code, _, err = run_cli(capsys, "train", str(cfg), "--set", "train.steps=1")
     assert code == 0, err
     assert (out / "model-hf" / "model.safetensors").is_file()
+
+
+def test_ctc_head_trains_and_stays_out_of_the_model(tiny_init, corpus, tmp_path):
+    """``step.ctc_weight``: the checkpointed state carries the CTC head (a resume restores it), the saved model
+    and its Hugging Face export do not; the final model is the state's params without the head."""
+    from safetensors.numpy import load_file
+
+    from speechseq import SpeechSeq2Seq
+    from speechseq.checkpoints.table import flatten
+    from speechseq.training import ctc, init_state
+    from speechseq.training.checkpoint import Checkpoints
+
+    sections = run_sections(tiny_init, corpus, tmp_path / "run", train__steps=4, train__eval_every=0)
+    sections["step"] = {"ctc_weight": 0.5}
+    assert main(["-q", "train", str(write_config(tmp_path / "ctc.toml", sections))]) == 0
+    out = tmp_path / "run"
+    model = SpeechSeq2Seq.from_pretrained(tiny_init)
+    cfg = load_config(out / "config.toml")
+    target = init_state(model.config, {**model.params, **ctc.init_head(model.config, 0)}, cfg.optim, 0)
+    ckpt = Checkpoints(out / "checkpoints")
+    try:
+        state, _ = ckpt.restore(ckpt.latest_step(), target)
+    finally:
+        ckpt.close()
+    assert int(state.step) == 4 and ctc.HEAD in state.params
+    assert not np.array_equal(state.params[ctc.HEAD]["kernel"], target.params[ctc.HEAD]["kernel"])  # trained
+    assert not any("ctc" in k for k in load_file(out / "model-hf" / "model.safetensors"))
+    saved = SpeechSeq2Seq.from_pretrained(out / "model")
+    want = flatten(ctc.model_params(state.params))
+    got = flatten(saved.params)
+    assert sorted(got) == sorted(want) and all(np.array_equal(got[k], want[k]) for k in want)

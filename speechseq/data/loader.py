@@ -334,7 +334,8 @@ class Loader:
         """Per-row shape (without the batch axis) and dtype of each feature for audio padded to ``samples``: the
         features of that many zero samples (works for any feature extractor, waveform or filterbank)."""
         if samples not in self._probes:
-            feats = self.processor(audio=[np.zeros(samples, np.float32)], sampling_rate=self.rate)
+            with np.errstate(divide="ignore", invalid="ignore"):  # silence has no variance for CMVN: shapes only
+                feats = self.processor(audio=[np.zeros(samples, np.float32)], sampling_rate=self.rate)
             self._probes[samples] = {k: (np.asarray(v).shape[1:], np.asarray(v).dtype) for k, v in feats.items()}
         return self._probes[samples]
 

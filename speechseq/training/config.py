@@ -351,6 +351,8 @@ STEP_DOCS = {
     "step.accum_steps": "microbatches per step (data.batch_size must divide by it); the gradient equals one large "
                         "batch's",
     "step.label_smoothing": "epsilon of transformers Trainer's label smoothing (0: plain cross-entropy)",
+    "step.ctc_weight": "weight w of an auxiliary CTC loss on the encoder (objective (1 - w) * attention + w * CTC; "
+                       "its head is not saved with the model; 0: none)",
     "step.dropout": "false: no dropout, LayerDrop or SpecAugment while training (the model's rates otherwise)",
 }
 

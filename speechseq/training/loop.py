@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from speechseq.errors import CheckpointError, ConfigError, InputError, SpeechSeqError
 from speechseq.metrics import require, text_metrics
+from speechseq.training import ctc
 from speechseq.training.config import BEST_METRICS, TrainConfig, as_dict, to_toml
 
 if TYPE_CHECKING:
@@ -498,8 +499,11 @@ class _Placement:
     def init_state(self, model: "SpeechSeq2Seq", config: TrainConfig) -> Any:
         from speechseq.training import init_state
 
+        params = model.params
+        if config.step.ctc_weight:
+            params = {**params, **ctc.init_head(model.config, config.train.seed)}
         if self.mesh is None:
-            return init_state(model.config, model.params, config.optim, config.train.seed)
+            return init_state(model.config, params, config.optim, config.train.seed)
         import jax
 
         from speechseq import sharding as S
@@ -507,7 +511,7 @@ class _Placement:
         # a warm start's params are on one device: host copies, which every process passes alike and jit takes as
         # replicated inputs of its mesh (a model.init checkpoint is already in its shardings: load_sharded)
         params = jax.tree.map(lambda a: a if getattr(a, "sharding", None) is not None and
-                              a.sharding.device_set == set(self.mesh.devices.flat) else jax.device_get(a), model.params)
+                              a.sharding.device_set == set(self.mesh.devices.flat) else jax.device_get(a), params)
         return S.init_state_sharded(model.config, params, config.optim, config.train.seed, self.mesh)
 
     def train_step(self, model: "SpeechSeq2Seq", config: TrainConfig) -> Any:
@@ -658,7 +662,7 @@ def train(config: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
                     window = _empty_window()
                 evaluated = None
                 if valid_loader and ((loop.eval_every and step % loop.eval_every == 0) or step == loop.steps):
-                    current = SpeechSeq2Seq(model.config, place.whole(state.params), model.dtype,
+                    current = SpeechSeq2Seq(model.config, ctc.model_params(place.whole(state.params)), model.dtype,
                                             generation_json=model.generation_json)
                     result = evaluate(current, valid_loader, task=config.eval.task, normalize=config.eval.normalize,
                                       eval_step=eval_step, **gen)
@@ -683,7 +687,7 @@ def train(config: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
                 pass
             raise
         logs.close()
-        params = place.whole(state.params)
+        params = ctc.model_params(place.whole(state.params))
         if place.primary:
             _save_final(model, params, processor, tokenizer_dir, out)
             if config.log.plot:

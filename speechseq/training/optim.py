@@ -25,6 +25,7 @@ from speechseq.checkpoints.table import flatten, unflatten
 from speechseq.config import SpeechSeq2SeqConfig, check_number
 from speechseq.errors import ConfigError
 from speechseq.model import weight_rules
+from speechseq.training import ctc
 
 SCHEDULES = ("linear", "cosine", "constant")
 FREEZE = ("feature_encoder", "encoder", "decoder", "all_but_adapter_cross_attention")
@@ -133,6 +134,7 @@ def decay_mask(model_cfg: SpeechSeq2SeqConfig) -> Callable[[Mapping], dict]:
         name = r.names(0)[0].lower()
         for path in r.paths:
             decays[path] = not (path.endswith("/scale") or _NO_DECAY_NAME.search(name))
+    decays.update(ctc.DECAYS)  # the training-only CTC head, when the state has one
 
     def mask(params: Mapping) -> dict:
         return unflatten({path: decays[path] for path in flatten(params)})

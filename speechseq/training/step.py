@@ -14,6 +14,7 @@ cut into, so accumulation equals one large batch.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, NamedTuple
 
@@ -27,6 +28,7 @@ from speechseq.checkpoints.table import flatten, unflatten
 from speechseq.config import SpeechSeq2SeqConfig, check_number
 from speechseq.errors import ConfigError, InputError
 from speechseq.layers.core import REMAT_POLICIES, fold
+from speechseq.training import ctc
 from speechseq.training.optim import OptimConfig, learning_rate_schedule, merge, optimizer, partition
 
 Batch = Mapping[str, Any]
@@ -44,13 +46,17 @@ class StepConfig:
     ``accum_steps``: microbatches per step (the batch axis must divide by it), run one after another under
     ``lax.scan`` with gradients summed, each weighted by its share of the batch's label tokens.
     ``label_smoothing``: the epsilon of transformers ``Trainer``'s ``LabelSmoother`` (0: plain cross-entropy).
-    ``dropout``: False runs the forward in eval mode (no dropout, LayerDrop or SpecAugment) while training."""
+    ``dropout``: False runs the forward in eval mode (no dropout, LayerDrop or SpecAugment) while training.
+    ``ctc_weight``: w of an auxiliary CTC loss on the encoder frames (``training.ctc``): the step minimises
+    ``(1 - w) * attention + w * CTC`` per label token, with a CTC head in ``params["ctc"]`` (``ctc.init_head``)
+    that is trained but never saved with the model; 0: none, the objective transformers' model computes."""
 
     dtype: str = "float32"
     remat: str = "none"
     accum_steps: int = 1
     label_smoothing: float = 0.0
     dropout: bool = True
+    ctc_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -61,6 +67,7 @@ class StepConfig:
         check_number(self.label_smoothing, "step.label_smoothing", integer=False, low=0, high=1)
         if not isinstance(self.dropout, bool):
             raise ConfigError(f"step.dropout should be true or false, got {self.dropout!r:.80}")
+        check_number(self.ctc_weight, "step.ctc_weight", integer=False, low=0, high=1)
 
 
 class TrainState(NamedTuple):
@@ -103,11 +110,19 @@ def smoothed_cross_entropy_sum(logits: jax.Array, labels: jax.Array, epsilon: fl
 
 def loss_sum(model_cfg: SpeechSeq2SeqConfig, params: Mapping, batch: Batch, step: StepConfig,
              rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-    """One (micro)batch -> (summed token loss float32, label tokens int32); ``rng`` None: eval mode."""
+    """One (micro)batch -> (summed token loss float32, label tokens int32); ``rng`` None: eval mode. With
+    ``step.ctc_weight`` w > 0 the loss is ``(1 - w) * attention + w * CTC`` (``params`` carry the CTC head)."""
+    if step.ctc_weight and ctc.HEAD not in params:
+        raise ConfigError("step.ctc_weight: the params have no CTC head; add training.ctc.init_head's")
     inputs = {k: batch[k] for k in AUDIO_KEYS if k in batch}  # forward refuses the kind the encoder does not read
-    out = M.forward(model_cfg, params, attention_mask=batch.get("attention_mask"), labels=batch["labels"],
-                    dtype=jnp.dtype(step.dtype), rng=rng, remat=step.remat, **inputs)
-    return smoothed_cross_entropy_sum(out.logits, batch["labels"], step.label_smoothing)
+    out = M.forward(model_cfg, ctc.model_params(params), attention_mask=batch.get("attention_mask"),
+                    labels=batch["labels"], dtype=jnp.dtype(step.dtype), rng=rng, remat=step.remat, **inputs)
+    total, count = smoothed_cross_entropy_sum(out.logits, batch["labels"], step.label_smoothing)
+    if step.ctc_weight:
+        ctc_sum = ctc.ctc_loss_sum(model_cfg, params[ctc.HEAD], out.encoder_last_hidden_state,
+                                   out.encoder_attention_mask, batch["labels"])
+        total = (1.0 - step.ctc_weight) * total + step.ctc_weight * ctc_sum
+    return total, count
 
 
 def loss_and_grad(model_cfg: SpeechSeq2SeqConfig, step: StepConfig, trainable: Mapping, frozen: Mapping,
@@ -228,8 +243,11 @@ def make_train_step(model_cfg: SpeechSeq2SeqConfig, optim: OptimConfig, step: St
 def make_eval_step(model_cfg: SpeechSeq2SeqConfig,
                    step: StepConfig = StepConfig()) -> Callable[[Mapping, Batch], dict[str, jax.Array]]:
     """``eval_step(params, batch) -> {"loss_sum", "tokens"}``: the training objective (label smoothing included, as
-    the Trainer evaluates it) summed over the batch's label tokens, in eval mode (no dropout), in ``step.dtype``.
+    the Trainer evaluates it; the CTC term left out: the model has no CTC head) summed over the batch's label
+    tokens, in eval mode (no dropout), in ``step.dtype``.
     Sum ``loss_sum`` and ``tokens`` over batches and divide for the token-weighted mean. Jitted; nothing donated."""
+
+    step = dataclasses.replace(step, ctc_weight=0.0)
 
     @jax.jit
     def eval_step(params: Mapping, batch: Batch) -> dict[str, jax.Array]:
