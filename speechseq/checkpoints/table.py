@@ -34,8 +34,10 @@ class Rule:
     shape: tuple[int, ...] = ()  # JAX layout of each path, leading layer axis included when stacked
     axes: Axes = ()  # logical axis names, one per dim of ``shape``
     layout: str = "identity"
-    init: str = "normal"  # "normal" | "zeros" | "ones" | "conv" | "weight_g" | "sinusoidal"
+    init: str | Callable[[tuple[int, ...]], np.ndarray] = "normal"  # a kind below, or shape -> array
     split_axis: int = -1
+    dtype: str | None = None  # the HF tensor's dtype where it is not float32 (BatchNorm's int64 num_batches_tracked)
+    buffer: bool = False  # a torch buffer (running statistics, rotary table): no gradient, no weight decay
 
     @property
     def stacked(self) -> bool:
@@ -50,14 +52,15 @@ class Rule:
 
 
 def rule(hf: str | Sequence[str], path: str | Sequence[str], shape: Sequence[int], axes: Axes, *,
-         layout: str = "identity", init: str = "normal", layers: int | None = None, split_axis: int = -1) -> Rule:
+         layout: str = "identity", init: str | Callable = "normal", layers: int | None = None, split_axis: int = -1,
+         dtype: str | None = None, buffer: bool = False) -> Rule:
     """Build a rule; ``layers`` prepends the stacked layer axis to ``shape`` and ``axes``."""
     hf = (hf,) if isinstance(hf, str) else tuple(hf)
     paths = (path,) if isinstance(path, str) else tuple(path)
     if layers is not None:
         shape, axes = (layers, *shape), ("layers", *axes)
     assert len(shape) == len(axes), (hf, shape, axes)
-    return Rule(hf, paths, tuple(shape), tuple(axes), layout, init, split_axis)
+    return Rule(hf, paths, tuple(shape), tuple(axes), layout, init, split_axis, dtype, buffer)
 
 
 def dense(hf: str, path: str, din: int, dout: int, axes: Axes = ("embed", "mlp"), *, bias: bool = True,
@@ -204,7 +207,9 @@ def save(rules: Sequence[Rule], params: Mapping[str, np.ndarray], consume: bool 
         for i in range(r.num_layers):
             parts = [a[i] if r.stacked else a for a in arrays]
             x = np.concatenate(parts, axis=r.split_axis) if len(parts) > 1 else parts[0]
-            out[r.names(i)[0]] = np.ascontiguousarray(_to_hf(x, r.layout))
+            x = _to_hf(x, r.layout)
+            x = np.ascontiguousarray(x if r.dtype is None else x.astype(r.dtype)).reshape(x.shape)  # 0-d stays 0-d
+            out[r.names(i)[0]] = x
     return out
 
 
@@ -272,7 +277,7 @@ def init_params(rules: Sequence[Rule], seed: int, std: float = 0.02,
                 continue
             if r.init == "weight_g":  # weight-norm magnitude: the norm of the matching direction tensor
                 continue
-            out[p] = inits[r.init](r.shape)
+            out[p] = r.init(r.shape) if callable(r.init) else inits[r.init](r.shape)
     for r in rules:  # weight_g after its weight_v exists
         for p in r.paths:
             if r.init == "weight_g" and (wanted is None or p in wanted):

@@ -128,12 +128,14 @@ def decay_mask(model_cfg: SpeechSeq2SeqConfig) -> Callable[[Mapping], dict]:
     ``Trainer.get_decay_parameter_names`` decides for the Hugging Face parameter the path maps to (the weight table;
     a fused HF tensor decides for all its paths). Our norm layers (``scale`` and ``bias`` of the table's norm
     rules) are the ``nn.LayerNorm`` modules excluded by type; GroupNorm, which transformers does not exclude by
-    type, is named ``layer_norm`` in every family here, so its name excludes it."""
+    type, is named ``layer_norm`` in every family here, so its name excludes it. Buffers (``Rule.buffer``: running
+    statistics, rotary tables) are not torch parameters, so no optimizer touches them: no decay, and their gradient
+    is 0."""
     decays: dict[str, bool] = {}
     for r in weight_rules(model_cfg):
         name = r.names(0)[0].lower()
         for path in r.paths:
-            decays[path] = not (path.endswith("/scale") or _NO_DECAY_NAME.search(name))
+            decays[path] = not (r.buffer or path.endswith("/scale") or _NO_DECAY_NAME.search(name))
     decays.update(ctc.DECAYS)  # the training-only CTC head, when the state has one
 
     def mask(params: Mapping) -> dict:
