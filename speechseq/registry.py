@@ -18,8 +18,8 @@ from typing import Any, Callable, Protocol
 from speechseq.decoders import (bart, bert, bert_generation, blenderbot_small, electra, gpt2, marian,
                                 speech_to_text_2, trocr, xglm)
 from speechseq.decoders.transformer import decode, weight_rules as decoder_rules
-from speechseq.encoders import (data2vec_audio, speech_to_text, unispeech, unispeech_sat, wav2vec2, wav2vec2_conformer,
-                                wavlm)
+from speechseq.encoders import (data2vec_audio, sew, sew_d, speech_to_text, unispeech, unispeech_sat, wav2vec2,
+                                wav2vec2_conformer, wavlm)
 from speechseq.config import INPUT_KINDS, EncoderConfig, HFField
 from speechseq.errors import ConfigError
 from speechseq.checkpoints.table import Rule
@@ -83,6 +83,8 @@ FAMILIES: dict[str, Family] = {
         encoder("data2vec-audio", data2vec_audio, ("", "data2vec_audio.")),
         encoder("wavlm", wavlm, ("", "wavlm.")),
         encoder("wav2vec2-conformer", wav2vec2_conformer, ("", "wav2vec2_conformer.")),
+        encoder("sew", sew, ("", "sew.")),
+        encoder("sew-d", sew_d, ("", "sew_d.")),
         encoder("speech_to_text", speech_to_text, ("", "model.encoder.", "encoder.")),
         Family("bert", "decoder", bert.parse_config, partial(decoder_rules, n=bert.BERT_NAMES), ("bert.", ""), decode,
                fields=bert.FIELDS),

@@ -221,7 +221,8 @@ def test_processor_output_flows_to_the_matching_encoder(tiny, w2v):
 def test_registry_declares_kinds():
     assert {n: f.input_kind for n, f in registry.FAMILIES.items() if f.role == "encoder"} == {
         "wav2vec2": "waveform", "hubert": "waveform", "unispeech": "waveform", "unispeech-sat": "waveform",
-        "data2vec-audio": "waveform", "wavlm": "waveform", "wav2vec2-conformer": "waveform",
+        "data2vec-audio": "waveform", "wavlm": "waveform", "wav2vec2-conformer": "waveform", "sew": "waveform",
+        "sew-d": "waveform",
         "speech_to_text": "features"}
     assert registry.family("hubert", "encoder").config_class is wav2vec2.Wav2Vec2Config
     with pytest.raises(ValueError, match="INPUT_KIND 'spectrogram'"):

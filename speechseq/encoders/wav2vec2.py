@@ -464,6 +464,45 @@ def self_attention(cfg: Wav2Vec2Config, p: Params, num_frames: int, dtype: jnp.d
     return attend
 
 
+def transformer_layers(cfg: Wav2Vec2Config, p: Params, h: jax.Array, mask: jax.Array | None, *,
+                       rng: jax.Array | None = None, dtype: jnp.dtype = jnp.float32, remat: str = "none",
+                       attention: Callable[[Wav2Vec2Config, Params, int, jnp.dtype], SelfAttention] = self_attention,
+                       ) -> jax.Array:
+    """The transformer layers (``p["layers"]``, stacked, under ``lax.scan``): [B, S, D] (+ frame mask [B, S] bool or
+    None) -> [B, S, D], pre-norm when ``cfg.stable_layer_norm``, post-norm otherwise. ``rng``: the encoder's key
+    (each layer folds its own ids); ``remat`` and ``attention`` as ``encode`` describes them. SEW runs it between its
+    squeeze and its upsampling."""
+    attn_mask = None if mask is None else mask[:, None, None, :]
+    eps, pre = cfg.layer_norm_eps, cfg.stable_layer_norm
+    self_attend = attention(cfg, p, h.shape[1], dtype)
+
+    def layer(h: jax.Array, xs: tuple[Params, jax.Array]) -> tuple[jax.Array, None]:
+        lp, i = xs
+        lr = fold(rng, _LAYERS, i)
+
+        def attend(x: jax.Array) -> jax.Array:
+            out = self_attend(lp["attn"], x, attn_mask, fold(lr, _ATTN_PROBS))
+            return dropout(out, cfg.hidden_dropout, fold(lr, _ATTN_OUT))
+
+        def feed_forward(x: jax.Array) -> jax.Array:
+            out = mlp(lp["mlp"], x, cfg.hidden_act, dtype, cfg.activation_dropout, fold(lr, _ACT))
+            return dropout(out, cfg.hidden_dropout, fold(lr, _MLP_OUT))
+
+        def run(h: jax.Array) -> jax.Array:
+            h = block(h, lp["attn_norm"], attend, pre, eps)
+            return block(h, lp["mlp_norm"], feed_forward, pre, eps)
+
+        def droppable(h: jax.Array) -> jax.Array:
+            return layer_drop(run, h, cfg.layerdrop, fold(lr, _LAYERDROP))
+
+        if cfg.layerdrop_first_layer or rng is None or cfg.layerdrop == 0:
+            return droppable(h), None
+        return jax.lax.cond(i == 0, run, droppable, h), None
+
+    h, _ = jax.lax.scan(remat_fn(layer, remat), h, (p["layers"], jnp.arange(cfg.num_layers)))
+    return h
+
+
 def encode(cfg: Wav2Vec2Config, p: Params, input_values: jax.Array, attention_mask: jax.Array | None, *,
            rng: jax.Array | None = None, dtype: jnp.dtype = jnp.float32, remat: str = "none",
            positional: Callable[[Wav2Vec2Config, Params, jax.Array], jax.Array] = positional_conv,
@@ -494,34 +533,7 @@ def encode(cfg: Wav2Vec2Config, p: Params, input_values: jax.Array, attention_ma
     if not cfg.stable_layer_norm:
         h = layer_norm(p["norm"], h, cfg.layer_norm_eps)
     h = dropout(h, cfg.hidden_dropout, fold(rng, _POS))
-    attn_mask = None if mask is None else mask[:, None, None, :]
-    eps, pre = cfg.layer_norm_eps, cfg.stable_layer_norm
-    self_attend = attention(cfg, p, h.shape[1], dtype)
-
-    def layer(h: jax.Array, xs: tuple[Params, jax.Array]) -> tuple[jax.Array, None]:
-        lp, i = xs
-        lr = fold(rng, _LAYERS, i)
-
-        def attend(x: jax.Array) -> jax.Array:
-            out = self_attend(lp["attn"], x, attn_mask, fold(lr, _ATTN_PROBS))
-            return dropout(out, cfg.hidden_dropout, fold(lr, _ATTN_OUT))
-
-        def feed_forward(x: jax.Array) -> jax.Array:
-            out = mlp(lp["mlp"], x, cfg.hidden_act, dtype, cfg.activation_dropout, fold(lr, _ACT))
-            return dropout(out, cfg.hidden_dropout, fold(lr, _MLP_OUT))
-
-        def run(h: jax.Array) -> jax.Array:
-            h = block(h, lp["attn_norm"], attend, pre, eps)
-            return block(h, lp["mlp_norm"], feed_forward, pre, eps)
-
-        def droppable(h: jax.Array) -> jax.Array:
-            return layer_drop(run, h, cfg.layerdrop, fold(lr, _LAYERDROP))
-
-        if cfg.layerdrop_first_layer or rng is None or cfg.layerdrop == 0:
-            return droppable(h), None
-        return jax.lax.cond(i == 0, run, droppable, h), None
-
-    h, _ = jax.lax.scan(remat_fn(layer, remat), h, (p["layers"], jnp.arange(cfg.num_layers)))
+    h = transformer_layers(cfg, p, h, mask, rng=rng, dtype=dtype, remat=remat, attention=attention)
     if cfg.stable_layer_norm:
         h = layer_norm(p["norm"], h, cfg.layer_norm_eps)
     if cfg.add_adapter:

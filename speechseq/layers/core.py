@@ -45,6 +45,7 @@ gelu_tanh = _with_derivative(lambda x: jax.nn.gelu(x, approximate=True), _gelu_t
 
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "gelu": gelu,
+    "gelu_python": gelu,  # transformers' erf formula written out (SEW-D's default): the same function
     "gelu_new": gelu_tanh,
     "gelu_pytorch_tanh": gelu_tanh,
     "gelu_fast": gelu_tanh,
