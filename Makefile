@@ -24,7 +24,7 @@ demo: $(VENV)/.installed
 	$(BIN)/python -m speechseq.demo
 
 test: $(VENV)/.installed-test
-	$(BIN)/python -m pytest -n auto --maxprocesses=4 tests
+	$(BIN)/python -m pytest -n auto --maxprocesses=4 --durations=25 tests
 
 clean:
 	rm -rf $(VENV) demo_out
