@@ -121,6 +121,11 @@ class DecoderConfig(_Part):
     # XGLM, TrOCR: positions from fairseq's fixed sinusoidal table (not a weight; sin | cos halves, the pad row zero)
     sinusoidal_positions: bool = False
     embed_norm_before_positions: bool = False  # Blenderbot-small: embed_norm on the token embeddings, then + positions
+    # how transformers takes ``decoder_inputs_embeds`` in place of ids: "unscaled" (positions, token type and norm
+    # added to them as given: BART-likes scale inside the token embedding module), "scaled" (times embed_scale
+    # first: Marian, Pegasus scale in the decoder's forward), "unsupported" (positions read from the ids only:
+    # transformers fails without them, TrOCR's sinusoidal table, Speech2Text2)
+    given_embeds: str = "unscaled"
     embed_dropout: float | None = None  # after the embeddings; None: hidden_dropout (BERT, BART)
     hidden_dropout: float = 0.0  # after the attention output and MLP output projections
     attention_dropout: float = 0.0  # on attention probabilities (self and cross)

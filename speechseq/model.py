@@ -1,7 +1,7 @@
 """The seq2seq apply as pure functions of ``(params, inputs)`` with the config static: encode, decode, forward, loss.
 
-    enc = encode(cfg, params, input_values, attention_mask)          # EncoderOutput (or input_features)
-    out = forward(cfg, params, input_values, attention_mask, labels=labels)   # or input_features=...
+    enc = encode(cfg, params, inputs, attention_mask)                # EncoderOutput; inputs: audio or features
+    out = forward(cfg, params, inputs, attention_mask, labels=labels)         # or input_values= / input_features=
     jax.jit(forward, static_argnames=("cfg", "dtype"))               # or use the pre-jitted ``forward_jit``
     forward(cfg, params, input_values, attention_mask, labels=labels, rng=jax.random.key(0))  # training mode
 
@@ -9,7 +9,9 @@
 SpecAugment with the settings in the config (the same key gives the same result).
 
 The encoder's input is raw audio ``input_values`` [B, N] or ``input_features`` [B, S, F], by the kind its family
-declares (``registry.Family.input_kind``); ``encoder_input`` picks it and refuses the other in one line.
+declares (``registry.Family.input_kind``), or either as ``inputs`` (transformers' first argument); ``encoder_input``
+picks it and refuses the other kind, or the input given twice, in one line. Masks may be bool, integer or float 0/1
+(``as_mask``). ``decoder_inputs_embeds`` [B, T, D] stand in for ``decoder_input_ids`` as transformers' do.
 
 ``params`` is ``{"encoder": ..., "decoder": ..., "enc_to_dec_proj"?: ...}`` (see ``weight_rules``).
 """
@@ -63,14 +65,32 @@ def input_kind(cfg: SpeechSeq2SeqConfig) -> InputKind:
     return INPUT_KINDS[family(cfg.encoder.model_type, "encoder").input_kind]
 
 
-def encoder_input(cfg: SpeechSeq2SeqConfig, input_values: Any = None, input_features: Any = None) -> Any:
-    """The one of ``input_values`` / ``input_features`` the encoder takes (None when it is not given); a one-line
-    ``InputError`` when the other one is given."""
+def encoder_input(cfg: SpeechSeq2SeqConfig, input_values: Any = None, input_features: Any = None,
+                  inputs: Any = None) -> Any:
+    """The encoder's input (None when it is not given): ``inputs`` (transformers' first argument: whatever kind the
+    encoder reads) or the one of ``input_values`` / ``input_features`` the encoder takes; a one-line ``InputError``
+    when the other one is given, or ``inputs`` as well as either."""
     want = input_kind(cfg)
     for name, value in (("input_values", input_values), ("input_features", input_features)):
         if value is not None and name != want.name:
             raise InputError(f"{name}: the {cfg.encoder.model_type} encoder takes {want.name} ({want.description})")
-    return input_values if want.name == "input_values" else input_features
+    named = input_values if want.name == "input_values" else input_features
+    if inputs is not None and named is not None:  # transformers would silently use ``inputs``: a caller's mistake
+        raise InputError(f"inputs: given together with {want.name}; give the encoder's input once")
+    audio = INPUT_KINDS["waveform"]
+    if want.name != audio.name and getattr(inputs, "ndim", None) == audio.rank:
+        # raw audio (what the first argument was before it was ``inputs``) to an encoder that reads features
+        raise InputError(f"{audio.name}: the {cfg.encoder.model_type} encoder takes {want.name} ({want.description})")
+    return named if inputs is None else inputs
+
+
+def as_mask(mask: jax.Array | None) -> jax.Array | None:
+    """A 0/1 mask of any dtype as the encoders read it: float masks (transformers takes them as it takes integer
+    ones) become int32, bool and integer masks stay as they are. Values other than 0/1 are the caller's to refuse
+    (``SpeechSeq2Seq`` checks them on the host)."""
+    if mask is not None and jnp.issubdtype(mask.dtype, jnp.floating):
+        return mask.astype(jnp.int32)
+    return mask
 
 
 def encode(cfg: SpeechSeq2SeqConfig, params: Params, inputs: jax.Array, attention_mask: jax.Array | None = None,
@@ -81,7 +101,7 @@ def encode(cfg: SpeechSeq2SeqConfig, params: Params, inputs: jax.Array, attentio
     ``remat``: the layers' rematerialisation policy for the backward pass ("none", "layer", "dots";
     ``layers.core.remat``)."""
     apply = family(cfg.encoder.model_type, "encoder").apply
-    hidden, mask = apply(cfg.encoder, params["encoder"], inputs, attention_mask, rng=rng, dtype=jnp.dtype(dtype),
+    hidden, mask = apply(cfg.encoder, params["encoder"], inputs, as_mask(attention_mask), rng=rng, dtype=jnp.dtype(dtype),
                          remat=remat)
     return EncoderOutput(hidden, mask)
 
@@ -121,17 +141,20 @@ def decode(cfg: SpeechSeq2SeqConfig, params: Params, decoder_input_ids: jax.Arra
                              decoder_attention_mask, dtype, rng, remat)
 
 
-def _decode_projected(cfg: SpeechSeq2SeqConfig, params: Params, decoder_input_ids: jax.Array, enc: jax.Array,
+def _decode_projected(cfg: SpeechSeq2SeqConfig, params: Params, decoder_input_ids: jax.Array | None, enc: jax.Array,
                       enc_mask: jax.Array | None, decoder_attention_mask: jax.Array | None, dtype: Any,
-                      rng: jax.Array | None = None, remat: str = "none") -> jax.Array:
-    if enc.shape[0] != decoder_input_ids.shape[0]:
-        raise InputError(f"decoder_input_ids: batch {decoder_input_ids.shape[0]} does not match the audio batch "
-                         f"{enc.shape[0]}")
+                      rng: jax.Array | None = None, remat: str = "none",
+                      decoder_inputs_embeds: jax.Array | None = None) -> jax.Array:
+    name, given = (("decoder_input_ids", decoder_input_ids) if decoder_inputs_embeds is None
+                   else ("decoder_inputs_embeds", decoder_inputs_embeds))
+    if given is not None and given.ndim >= 1 and enc.shape[0] != given.shape[0]:
+        raise InputError(f"{name}: batch {given.shape[0]} does not match the audio batch {enc.shape[0]}")
     dtype = jnp.dtype(dtype)
     cross = cross_kv(cfg, params, enc, dtype)
     return family(cfg.decoder.model_type, "decoder").apply(cfg.decoder, params["decoder"], decoder_input_ids, cross,
                                                            enc_mask, decoder_attention_mask, dtype=dtype,
-                                                           rng=rng, remat=remat)[0]
+                                                           rng=rng, remat=remat,
+                                                           inputs_embeds=decoder_inputs_embeds)[0]
 
 
 def cross_kv(cfg: SpeechSeq2SeqConfig, params: Params, enc: jax.Array, dtype: Any = jnp.float32) -> transformer.CrossKV:
@@ -161,14 +184,17 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return total / count
 
 
-def forward(cfg: SpeechSeq2SeqConfig, params: Params, input_values: jax.Array | None = None,
+def forward(cfg: SpeechSeq2SeqConfig, params: Params, inputs: jax.Array | None = None,
             attention_mask: jax.Array | None = None, decoder_input_ids: jax.Array | None = None,
             decoder_attention_mask: jax.Array | None = None, labels: jax.Array | None = None,
             encoder_outputs: EncoderOutput | tuple | None = None, dtype: Any = jnp.float32,
-            rng: jax.Array | None = None, remat: str = "none", input_features: jax.Array | None = None
+            rng: jax.Array | None = None, remat: str = "none", input_features: jax.Array | None = None,
+            input_values: jax.Array | None = None, decoder_inputs_embeds: jax.Array | None = None
             ) -> Seq2SeqOutput:
-    """Full model: audio [B, N] (or features [B, S, F] as ``input_features`` for an encoder that reads them, or
-    ``encoder_outputs``) and decoder ids [B, T] or labels [B, T] -> Seq2SeqOutput.
+    """Full model: the encoder's input (``inputs``, as transformers' first argument: audio [B, N] or features
+    [B, S, F], whichever the encoder reads; or by name ``input_values`` / ``input_features``; or
+    ``encoder_outputs``) and decoder ids [B, T], or ``decoder_inputs_embeds`` [B, T, D], or labels [B, T]
+    (shifted right when neither is given) -> Seq2SeqOutput. Masks may be bool, integer or float 0/1.
 
     ``encoder_outputs`` is an EncoderOutput or, as in transformers, a tuple whose first element is the frames
     [B, S, E] (the rest unused). Without a frame mask of their own they get one from ``attention_mask`` (the
@@ -176,21 +202,25 @@ def forward(cfg: SpeechSeq2SeqConfig, params: Params, input_values: jax.Array | 
     and the decoder get keys folded from it), None for eval mode. ``remat``: the layers' rematerialisation policy
     for the backward pass ("none", "layer" or "dots"; ``layers.core.remat``).
     """
-    inputs = encoder_input(cfg, input_values, input_features)
+    inputs = encoder_input(cfg, input_values, input_features, inputs)
+    attention_mask = as_mask(attention_mask)
     if encoder_outputs is None:
         if inputs is None:
             raise InputError(f"{input_kind(cfg).name}: required unless encoder_outputs are given")
         encoder_outputs = encode(cfg, params, inputs, attention_mask, dtype, fold(rng, _ENCODER), remat)
     encoder_outputs = with_frame_mask(cfg, encoder_outputs, attention_mask)
-    if decoder_input_ids is None:
+    if decoder_input_ids is not None and decoder_inputs_embeds is not None:
+        raise InputError(transformer.BOTH_IDS_AND_EMBEDS)
+    if decoder_input_ids is None and decoder_inputs_embeds is None:  # transformers shifts labels only then
         if labels is None:
-            raise InputError("decoder_input_ids: required unless labels are given (they are shifted right)")
+            raise InputError("decoder_input_ids: required unless decoder_inputs_embeds or labels are given (labels "
+                             "are shifted right)")
         if cfg.decoder_start_token_id is None or cfg.pad_token_id is None:
             raise InputError("labels: config needs decoder_start_token_id and pad_token_id to build decoder inputs")
         decoder_input_ids = shift_right(labels, cfg.pad_token_id, cfg.decoder_start_token_id)
     enc = project(cfg, params, encoder_outputs.last_hidden_state, dtype)
     logits = _decode_projected(cfg, params, decoder_input_ids, enc, encoder_outputs.attention_mask,
-                               decoder_attention_mask, dtype, fold(rng, _DECODER), remat)
+                               decoder_attention_mask, dtype, fold(rng, _DECODER), remat, decoder_inputs_embeds)
     loss = None if labels is None else cross_entropy(logits, labels)
     return Seq2SeqOutput(logits, loss, enc, encoder_outputs.attention_mask)
 

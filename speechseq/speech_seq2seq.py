@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +23,7 @@ from speechseq.config import (
     make_seq2seq_config,
     read_json,
 )
+from speechseq.decoders.transformer import BOTH_IDS_AND_EMBEDS, check_embeds
 from speechseq.decoding.layouts import DecodeLayouts
 from speechseq.errors import InputError
 from speechseq.hub import resolve
@@ -37,6 +39,9 @@ from speechseq.checkpoints.hf import (
     to_tree,
 )
 from speechseq.checkpoints.readers import open_checkpoint
+
+if TYPE_CHECKING:
+    from speechseq.training.optim import OptimConfig
 
 
 TOP_LEVEL_KEYS = ("decoder_start_token_id", "pad_token_id", "eos_token_id")
@@ -86,10 +91,17 @@ def _all_finite(x: jax.Array) -> jax.Array:
     return jnp.isfinite(x).all()
 
 
-def _array(x: Any, name: str, integer: bool = False, finite: bool = False) -> jax.Array | None:
+@jax.jit
+def _all_binary(x: jax.Array) -> jax.Array:
+    return ((x == 0) | (x == 1)).all()
+
+
+def _array(x: Any, name: str, integer: bool = False, finite: bool = False, binary: bool = False
+           ) -> jax.Array | None:
     """``x`` as a jax array, with one-line errors for what jit would reject obscurely (or not at all): text, ragged
-    lists, non-numeric or (``integer``) non-integer values, no values, and (``finite``) NaN or infinite values,
-    which would otherwise decode to a row of garbage."""
+    lists, non-numeric or (``integer``) non-integer values, no values, (``finite``) NaN or infinite values,
+    which would otherwise decode to a row of garbage, and (``binary``: masks, bool, integer or float as transformers
+    takes them) values other than 0 and 1, which the encoders would count as lengths."""
     if x is None:
         return None
     if isinstance(x, (str, bytes, os.PathLike)):
@@ -114,7 +126,19 @@ def _array(x: Any, name: str, integer: bool = False, finite: bool = False) -> ja
                 raise InputError(f"{name}: contains NaN or infinite values{where}")
         elif not bool(_all_finite(arr)):
             raise InputError(f"{name}: contains NaN or infinite values")
+    if binary and arr.dtype != bool and not isinstance(arr, jax.core.Tracer):
+        if isinstance(arr, np.ndarray):
+            bad = (arr != 0) & (arr != 1)
+            if bad.any():
+                raise InputError(f"{name}: expected 0/1 values (1 attend, 0 padding), got {arr[bad][0]}")
+        elif not bool(_all_binary(arr)):
+            raise InputError(f"{name}: expected 0/1 values (1 attend, 0 padding), got others")
     return jnp.asarray(arr)
+
+
+def _mask(x: Any, name: str) -> jax.Array | None:
+    """A 0/1 attention mask (bool, integer or float) as a jax array, checked on the host."""
+    return _array(x, name, binary=True)
 
 
 def _check_batch(name: str, arr: jax.Array | None, batch: int | None) -> None:
@@ -223,11 +247,14 @@ class SpeechSeq2Seq:
 
     # -- compute ---------------------------------------------------------------------------------------------------
 
-    def _inputs(self, input_values: Any, input_features: Any, required: bool = True) -> jax.Array | None:
-        """The encoder's input as an array: ``input_values`` (audio [B, N]) or ``input_features`` ([B, S, F]) by
-        the kind the encoder reads, checked on the host; one line for the other kind, or (``required``) none."""
+    def _inputs(self, input_values: Any, input_features: Any, required: bool = True,
+                inputs: Any = None) -> jax.Array | None:
+        """The encoder's input as an array: ``inputs`` (whatever the encoder reads), or ``input_values`` (audio
+        [B, N]) or ``input_features`` ([B, S, F]) by the kind the encoder reads, checked on the host; one line for
+        the other kind, the input given twice, or (``required``) none. Errors name the input by the kind the
+        encoder reads, however it came (the first argument was ``input_values`` before it was ``inputs``)."""
         kind = M.input_kind(self.config)
-        x = _array(M.encoder_input(self.config, input_values, input_features), kind.name, finite=True)
+        x = _array(M.encoder_input(self.config, input_values, input_features, inputs), kind.name, finite=True)
         if x is None and required:
             raise InputError(f"{kind.name}: required ({kind.description})")
         if x is not None and x.ndim != kind.rank:  # the batch is read before the encoder's own checks run
@@ -240,40 +267,51 @@ class SpeechSeq2Seq:
         """Audio [B, N] (or ``input_features`` [B, S, F], for an encoder that reads features) -> EncoderOutput
         (frames [B, S, E], frame mask [B, S])."""
         return M.encode_jit(self.config, self.params, self._inputs(input_values, input_features),
-                            _array(attention_mask, "attention_mask", integer=True), self.dtype)
+                            _mask(attention_mask, "attention_mask"), self.dtype)
 
-    def __call__(self, input_values: Any = None, attention_mask: Any = None, decoder_input_ids: Any = None,
+    def __call__(self, inputs: Any = None, attention_mask: Any = None, decoder_input_ids: Any = None,
                  decoder_attention_mask: Any = None, labels: Any = None,
                  encoder_outputs: M.EncoderOutput | tuple | None = None, input_features: Any = None,
-                 rng: Any = None) -> M.Seq2SeqOutput:
-        """Logits [B, T, V] (and the loss when ``labels`` [B, T] are given, -100 ignored) from audio
-        ``input_values`` [B, N], or ``input_features`` [B, S, F] for an encoder that reads features, or
-        ``encoder_outputs``. ``rng``: a ``jax.random`` key turns on dropout, LayerDrop and SpecAugment (training
-        mode); None is eval mode."""
-        x = self._inputs(input_values, input_features, required=False)
+                 rng: Any = None, *, input_values: Any = None, decoder_inputs_embeds: Any = None
+                 ) -> M.Seq2SeqOutput:
+        """Logits [B, T, V] (and the loss when ``labels`` [B, T] are given, -100 ignored) with transformers'
+        keywords. The encoder reads ``inputs`` (transformers' first argument: audio [B, N] or features [B, S, F],
+        whichever it takes), or the same by name, audio ``input_values`` [B, N] or ``input_features`` [B, S, F],
+        or ``encoder_outputs``. The decoder reads ``decoder_input_ids`` [B, T], or ``decoder_inputs_embeds``
+        [B, T, D] in their place (positions, token type and norm are added as the decoder family in transformers
+        adds them), or else ``labels`` shifted right. Masks (``attention_mask`` [B, N], ``decoder_attention_mask``
+        [B, T]) may be bool, integer or float, with 0/1 values. ``rng``: a ``jax.random`` key turns on dropout,
+        LayerDrop and SpecAugment (training mode); None is eval mode."""
+        x = self._inputs(input_values, input_features, required=False, inputs=inputs)
         if x is None and encoder_outputs is None:
             raise InputError(f"{M.input_kind(self.config).name}: required unless encoder_outputs are given")
         vocab = self.config.decoder.vocab_size
         ids = _token_ids(decoder_input_ids, "decoder_input_ids", vocab)
+        embeds = _array(decoder_inputs_embeds, "decoder_inputs_embeds", finite=True)
+        if ids is not None and embeds is not None:
+            raise InputError(BOTH_IDS_AND_EMBEDS)
+        if embeds is not None:
+            check_embeds(self.config.decoder, embeds)
         labels = _token_ids(labels, "labels", vocab)
-        ids_mask = _array(decoder_attention_mask, "decoder_attention_mask", integer=True)
+        ids_mask = _mask(decoder_attention_mask, "decoder_attention_mask")
         # shapes that jit would only report as a broadcasting error, or under another argument's name
         frames = encoder_outputs[0] if isinstance(encoder_outputs, (tuple, list)) else None
         batch = x.shape[0] if x is not None else (getattr(frames, "shape", None) or (None,))[0]
         _check_batch("decoder_input_ids", ids, batch)
+        _check_batch("decoder_inputs_embeds", embeds, batch)
         _check_batch("labels", labels, batch)
-        if ids is not None and labels is not None and ids.shape != labels.shape:
-            raise InputError(f"labels: shape {tuple(labels.shape)} does not match decoder_input_ids "
-                             f"{tuple(ids.shape)}")
-        tokens = ids if ids is not None else labels
-        if ids_mask is not None and tokens is not None and ids_mask.shape != tokens.shape:
-            raise InputError(f"decoder_attention_mask: expected shape {tuple(tokens.shape)} like "
-                             f"{'decoder_input_ids' if ids is not None else 'labels'}, got {tuple(ids_mask.shape)}")
-        inputs = {M.input_kind(self.config).name: x}
-        return M.forward_jit(self.config, self.params, attention_mask=_array(attention_mask, "attention_mask",
-                                                                              integer=True),
+        given = (("decoder_input_ids", tuple(ids.shape)) if ids is not None
+                 else ("decoder_inputs_embeds", tuple(embeds.shape[:2])) if embeds is not None else None)
+        if given is not None and labels is not None and tuple(labels.shape) != given[1]:
+            raise InputError(f"labels: shape {tuple(labels.shape)} does not match {given[0]} {given[1]}")
+        tokens = given or (("labels", tuple(labels.shape)) if labels is not None else None)
+        if ids_mask is not None and tokens is not None and tuple(ids_mask.shape) != tokens[1]:
+            raise InputError(f"decoder_attention_mask: expected shape {tokens[1]} like {tokens[0]}, got "
+                             f"{tuple(ids_mask.shape)}")
+        return M.forward_jit(self.config, self.params, x, attention_mask=_mask(attention_mask, "attention_mask"),
                              decoder_input_ids=ids, decoder_attention_mask=ids_mask, labels=labels,
-                             encoder_outputs=encoder_outputs, dtype=self.dtype, rng=rng, **inputs)
+                             encoder_outputs=encoder_outputs, dtype=self.dtype, rng=rng,
+                             decoder_inputs_embeds=embeds)
 
     # -- export ----------------------------------------------------------------------------------------------------
 
@@ -292,6 +330,32 @@ class SpeechSeq2Seq:
         new.dtype = _dtype(dtype)
         new.decode_layouts = DecodeLayouts()  # its own: layouts follow the dtype
         return new
+
+    # -- training --------------------------------------------------------------------------------------------------
+
+    def freeze_feature_encoder(self, optim: "OptimConfig | None" = None) -> "OptimConfig":
+        """transformers' ``freeze_feature_encoder``, functionally: ``optim`` (default ``OptimConfig()``) with
+        "feature_encoder" added to its ``freeze``, everything else kept.
+
+        Params here are plain arrays with no ``requires_grad``; what training updates is decided in one place, the
+        optimizer config's ``freeze`` (``speechseq.training.optim``). ``training.init_state`` and
+        ``make_train_step`` given the returned config keep the encoder's convolutional feature encoder fixed (no
+        gradient, no optimizer state), the parameters transformers' method freezes; in a training config file the
+        same is ``[optim] freeze = ["feature_encoder"]``. The model itself is not changed, so nothing here has to
+        be remembered or undone.
+
+            optim = model.freeze_feature_encoder(training.OptimConfig(learning_rate=3e-4))
+            state = training.init_state(model.config, model.params, optim, seed=0)
+
+        A one-line ``ConfigError`` when the encoder has no feature encoder (Speech2Text's filterbank encoder, which
+        has no such method in transformers either)."""
+        from speechseq.training.optim import OptimConfig, partition
+
+        optim = OptimConfig() if optim is None else optim
+        partition(self.params, ("feature_encoder",))  # refuses an encoder without one
+        if "feature_encoder" in optim.freeze or "all_but_adapter_cross_attention" in optim.freeze:
+            return optim  # frozen already
+        return dataclasses.replace(optim, freeze=(*optim.freeze, "feature_encoder"))
 
     # -- decoding --------------------------------------------------------------------------------------------------
 
@@ -331,7 +395,7 @@ class SpeechSeq2Seq:
         """
         x = self._inputs(input_values, input_features)
         gen = self.generation_config(batch=x.shape[0], device=next(iter(x.devices())), **kwargs)
-        mask = _array(attention_mask, "attention_mask", integer=True)
+        mask = _mask(attention_mask, "attention_mask")
         if gen.do_sample and key is None:
             key = jax.random.key(seed)
         args = (self.config, self.params, x, mask, gen, key, self.dtype)

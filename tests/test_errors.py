@@ -160,9 +160,9 @@ def test_bad_mask_and_ids(model):
     with pytest.raises(InputError) as e:
         model(x, m, decoder_input_ids=jnp.zeros((2, 3), jnp.float32))
     assert "decoder_input_ids" in one_line(e) and "integer" in str(e.value)
-    with pytest.raises(InputError) as e:
-        model(x, jnp.asarray(m, jnp.float32), decoder_input_ids=np.zeros((2, 3), np.int32))
-    assert "attention_mask" in one_line(e) and "integer" in str(e.value)
+    with pytest.raises(InputError) as e:  # float masks are taken (as transformers takes them), with 0/1 values
+        model(x, jnp.asarray(m, jnp.float32) * 0.5, decoder_input_ids=np.zeros((2, 3), np.int32))
+    assert "attention_mask" in one_line(e) and "0/1" in str(e.value)
     with pytest.raises(InputError) as e:
         model(x, m, decoder_input_ids=np.zeros((2, 3, 1), np.int32))
     assert "rank 2" in one_line(e)

@@ -51,6 +51,7 @@ def parse_config(hf: dict, where: str) -> DecoderConfig:
         padding_aware_positions=False,
         type_vocab_size=0,
         embed_scale=math.sqrt(hidden) if hf.get("scale_embedding", False) else 1.0,
+        given_embeds="scaled",  # the decoder's forward scales given decoder_inputs_embeds too
         embed_norm=False,
         pre_norm=pegasus,
         final_norm=pegasus,

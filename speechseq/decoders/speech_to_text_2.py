@@ -37,6 +37,7 @@ def parse_config(hf: dict, where: str) -> DecoderConfig:
         model_type="speech_to_text_2",
         position_offset=pad + 1,
         padding_aware_positions=True,
+        given_embeds="unsupported",  # 4.x placed positions by the ids only and failed on decoder_inputs_embeds
         type_vocab_size=0,
         embed_scale=math.sqrt(hidden) if hf.get("scale_embedding", True) else 1.0,
         embed_norm=False,

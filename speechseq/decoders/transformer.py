@@ -120,8 +120,15 @@ def positions(cfg: DecoderConfig, input_ids: jax.Array, start: int | jax.Array =
     if cfg.padding_aware_positions:  # RoBERTa: count real tokens, padding sits on row pad_token_id
         real = (input_ids != cfg.pad_token_id).astype(jnp.int32)
         return (jnp.cumsum(real, axis=1) + start) * real + cfg.pad_token_id
-    steps = start + jnp.arange(input_ids.shape[1], dtype=jnp.int32)
-    return jnp.broadcast_to(steps + cfg.position_offset, input_ids.shape)
+    return sequential_positions(cfg, input_ids.shape, start)
+
+
+def sequential_positions(cfg: DecoderConfig, shape: tuple[int, int], start: int | jax.Array = 0) -> jax.Array:
+    """Rows of the position table [B, T] for steps start..start+T-1 whatever the tokens: every family's positions
+    without padding-awareness, and those transformers gives ``inputs_embeds`` (which carry no padding to count;
+    RoBERTa's ``create_position_ids_from_inputs_embeds``: from row pad_token_id + 1, its ``position_offset``)."""
+    steps = start + jnp.arange(shape[1], dtype=jnp.int32)
+    return jnp.broadcast_to(steps + cfg.position_offset, shape)
 
 
 @functools.lru_cache(maxsize=8)
@@ -139,15 +146,20 @@ def sinusoidal_table(rows: int, dim: int, padding_idx: int | None) -> np.ndarray
     return table
 
 
-def embed(cfg: DecoderConfig, p: Params, input_ids: jax.Array, pos: jax.Array, dtype: jnp.dtype,
-          rng: jax.Array | None = None) -> jax.Array:
-    """Token ids [B, T] and position rows [B, T] -> [B, T, D]; with ``rng``, the embedding dropout after the norm."""
+def embed(cfg: DecoderConfig, p: Params, input_ids: jax.Array | None, pos: jax.Array, dtype: jnp.dtype,
+          rng: jax.Array | None = None, inputs_embeds: jax.Array | None = None) -> jax.Array:
+    """Token ids [B, T] (or ``inputs_embeds`` [B, T, D] in their place, as ``cfg.given_embeds`` says transformers
+    takes them) and position rows [B, T] -> [B, T, D]; with ``rng``, the embedding dropout after the norm."""
     table = p.get("positions")
     if cfg.sinusoidal_positions:
         # padding-aware positions (TrOCR's sinusoidal ones) reach row pad_token_id + max tokens, past max_positions
         rows = cfg.max_positions + (cfg.pad_token_id + 1 - cfg.position_offset if cfg.padding_aware_positions else 0)
         table = jnp.asarray(sinusoidal_table(rows, cfg.hidden_size, cfg.pad_token_id))
-    h, pos_h = embedding_lookup(p["tokens"], input_ids) * cfg.embed_scale, embedding_lookup(table, pos)
+    if inputs_embeds is None:
+        h = embedding_lookup(p["tokens"], input_ids) * cfg.embed_scale
+    else:  # in the table's float32, as transformers adds them to its float32 positions
+        h = inputs_embeds.astype(jnp.float32) * (cfg.embed_scale if cfg.given_embeds == "scaled" else 1.0)
+    pos_h = embedding_lookup(table, pos)
     if cfg.embed_norm_before_positions:  # Blenderbot-small: the norm sees the token embeddings only
         h = layer_norm(p["norm"], h.astype(dtype), cfg.layer_norm_eps) + pos_h.astype(dtype)
     else:
@@ -195,6 +207,26 @@ def check_ids(cfg: DecoderConfig, input_ids: jax.Array, name: str = "decoder_inp
         raise InputError(f"{name}: expected integer token ids, got dtype {input_ids.dtype}")
     if input_ids.shape[1] > cfg.max_positions - cfg.position_offset:
         raise InputError(f"{name}: {input_ids.shape[1]} tokens exceed the decoder's "
+                         f"{cfg.max_positions - cfg.position_offset} positions")
+
+
+# transformers: "You cannot specify both decoder_input_ids and decoder_inputs_embeds at the same time"
+BOTH_IDS_AND_EMBEDS = "decoder_inputs_embeds: give decoder_input_ids or decoder_inputs_embeds, not both"
+
+
+def check_embeds(cfg: DecoderConfig, inputs_embeds: jax.Array, name: str = "decoder_inputs_embeds") -> None:
+    """One line for embeddings the decoder cannot take in place of ids: not [B, T, hidden_size] floats, too long,
+    or a decoder whose positions transformers reads from the ids alone (``cfg.given_embeds``)."""
+    if cfg.given_embeds == "unsupported":
+        raise InputError(f"{name}: the {cfg.model_type} decoder places its positions by the token ids (transformers "
+                         "fails without them too); give decoder_input_ids")
+    if inputs_embeds.ndim != 3 or inputs_embeds.shape[2] != cfg.hidden_size:
+        raise InputError(f"{name}: expected [batch, tokens, {cfg.hidden_size}] (the decoder's hidden size), got shape "
+                         f"{tuple(inputs_embeds.shape)}")
+    if not jnp.issubdtype(inputs_embeds.dtype, jnp.floating):
+        raise InputError(f"{name}: expected float values, got dtype {inputs_embeds.dtype}")
+    if inputs_embeds.shape[1] > cfg.max_positions - cfg.position_offset:
+        raise InputError(f"{name}: {inputs_embeds.shape[1]} tokens exceed the decoder's "
                          f"{cfg.max_positions - cfg.position_offset} positions")
 
 
@@ -344,16 +376,27 @@ def decoder_layer(cfg: DecoderConfig, lp: Params, h: jax.Array, scale: jax.Array
     return layer_drop(run, h, cfg.layerdrop, fold(lr, _LAYERDROP)), new_cache
 
 
-def step_inputs(cfg: DecoderConfig, p: Params, input_ids: jax.Array, enc_mask: jax.Array | None,
+def step_inputs(cfg: DecoderConfig, p: Params, input_ids: jax.Array | None, enc_mask: jax.Array | None,
                 attention_mask: jax.Array | None, key_len: int | None, start: int | jax.Array, dtype: jnp.dtype,
                 cache_rows: jax.Array | None = None, cache_utterances: int | None = None,
-                rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array | None, int]:
+                rng: jax.Array | None = None, inputs_embeds: jax.Array | None = None
+                ) -> tuple[jax.Array, jax.Array, jax.Array | None, int]:
     """What every layer of ``decode`` reads besides its own params: (embedded ids [B', T, D], self-attention mask,
     cross-attention mask [B, 1, 1, S] or None, groups). ``key_len``: the cache's positions (None: teacher forcing,
-    T keys); ``cache_rows`` and ``cache_utterances`` (a grouped cache's B): see ``decode``."""
-    check_ids(cfg, input_ids)
-    T = input_ids.shape[1]
-    h = embed(cfg, p["embed"], input_ids, positions(cfg, input_ids, start), dtype, fold(rng, _EMBED))
+    T keys); ``cache_rows`` and ``cache_utterances`` (a grouped cache's B): see ``decode``; ``inputs_embeds``
+    [B', T, D]: in place of ``input_ids`` (see ``decode``)."""
+    if input_ids is not None and inputs_embeds is not None:
+        raise InputError(BOTH_IDS_AND_EMBEDS)
+    if input_ids is None and inputs_embeds is None:
+        raise InputError("decoder_input_ids: required (or decoder_inputs_embeds in their place)")
+    if inputs_embeds is None:
+        check_ids(cfg, input_ids)
+        pos = positions(cfg, input_ids, start)
+    else:
+        check_embeds(cfg, inputs_embeds)
+        pos = sequential_positions(cfg, inputs_embeds.shape[:2], start)
+    rows_in, T = pos.shape
+    h = embed(cfg, p["embed"], input_ids, pos, dtype, fold(rng, _EMBED), inputs_embeds)
     query_pos = start + jnp.arange(T)
     key_len = T if key_len is None else key_len
     groups = 1
@@ -362,9 +405,9 @@ def step_inputs(cfg: DecoderConfig, p: Params, input_ids: jax.Array, enc_mask: j
             raise InputError("cache_rows: needs a grouped cache and no decoder attention_mask")
         groups = key_len // cache_rows.shape[1]
         rows = cache_utterances * groups
-        if key_len % cache_rows.shape[1] or rows != input_ids.shape[0] or cache_rows.shape[0] != rows:
+        if key_len % cache_rows.shape[1] or rows != rows_in or cache_rows.shape[0] != rows:
             raise InputError(f"cache_rows: shape {tuple(cache_rows.shape)} does not fit a grouped cache of "
-                             f"{key_len} positions for {input_ids.shape[0]} rows (expected [rows, positions / groups])")
+                             f"{key_len} positions for {rows_in} rows (expected [rows, positions / groups])")
         self_mask = grouped_self_mask(cache_rows, groups, start, T)
     else:
         self_mask = (jnp.arange(key_len)[None, :] <= query_pos[:, None])[None, None]
@@ -374,10 +417,11 @@ def step_inputs(cfg: DecoderConfig, p: Params, input_ids: jax.Array, enc_mask: j
     return h, self_mask, cross_mask, groups
 
 
-def decode(cfg: DecoderConfig, p: Params, input_ids: jax.Array, cross: CrossKV, enc_mask: jax.Array | None,
+def decode(cfg: DecoderConfig, p: Params, input_ids: jax.Array | None, cross: CrossKV, enc_mask: jax.Array | None,
            attention_mask: jax.Array | None = None, cache: KVCache | None = None, start: int | jax.Array = 0,
            dtype: jnp.dtype = jnp.float32, cache_rows: jax.Array | None = None,
-           rng: jax.Array | None = None, remat: str = "none") -> tuple[jax.Array, KVCache | None]:
+           rng: jax.Array | None = None, remat: str = "none", inputs_embeds: jax.Array | None = None
+           ) -> tuple[jax.Array, KVCache | None]:
     """Decoder over ids [B', T] at steps start..start+T-1 -> (float32 logits [B', T, V], updated cache).
 
     ``cross`` holds K/V for B utterances (B' = B * beams), as ``cross_kv`` gives them. Without ``cache`` this is
@@ -394,13 +438,20 @@ def decode(cfg: DecoderConfig, p: Params, input_ids: jax.Array, cross: CrossKV, 
     (``hidden_dropout``), on attention probabilities (``attention_dropout``), after the MLP activation
     (``activation_dropout``), and LayerDrop (``layerdrop``). None: eval mode. ``remat``: the layers'
     rematerialisation policy for the backward pass (``layers.core.remat``).
+
+    ``inputs_embeds`` [B', T, D] (teacher-forced pass only; ``input_ids`` None): embeddings in place of the token
+    lookup, as transformers' ``inputs_embeds``: positions counted from ``start`` whatever the padding (RoBERTa's
+    too), then token type, norm and dropout as for ids; scaled by ``embed_scale`` only where transformers scales
+    them (``cfg.given_embeds``).
     """
     if rng is not None and cache is not None:
         raise InputError("rng: dropout applies to the teacher-forced pass only, not to cached decode steps")
+    if inputs_embeds is not None and cache is not None:
+        raise InputError("decoder_inputs_embeds: the teacher-forced pass only; cached decode steps read token ids")
     key_len = None if cache is None else cache.k.shape[-1]
     h, self_mask, cross_mask, groups = step_inputs(cfg, p, input_ids, enc_mask, attention_mask, key_len, start,
                                                     dtype, cache_rows, None if cache is None else cache.k.shape[1],
-                                                    rng)
+                                                    rng, inputs_embeds)
 
     def layer(h: jax.Array, xs: tuple) -> tuple[jax.Array, tuple | None]:
         lp, scale, ck, cv, kv_cache, i = xs

@@ -35,6 +35,7 @@ def parse_config(hf: dict, where: str) -> DecoderConfig:
         position_offset=bart.POSITION_OFFSET,
         padding_aware_positions=not learned,
         sinusoidal_positions=not learned,
+        given_embeds="unscaled" if learned else "unsupported",  # the sinusoidal table is indexed by the ids
         type_vocab_size=0,
         embed_scale=math.sqrt(hidden) if hf.get("scale_embedding", False) else 1.0,
         embed_norm=hf.get("layernorm_embedding", True),
