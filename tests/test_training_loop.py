@@ -532,23 +532,30 @@ def test_sigterm_saves_the_step_and_resume_loses_nothing(tiny_init, corpus, tmp_
     assert (a / "model-hf" / "model.safetensors").read_bytes() == (b / "model-hf" / "model.safetensors").read_bytes()
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_init, corpus, tmp_path, capsys):
-    """A learning rate of 1e30 sends the weights to ~1e30 in one step, so step 2's loss is NaN: one line, exit 2,
-    checkpoint 1 kept as it was and nothing after it, no final model."""
+@pytest.mark.parametrize("every", [1, 3])
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_init, corpus, tmp_path, capsys, every):
+    """A learning rate of 1e30 sends the weights to ~1e30 in one step, so step 2's loss is NaN: one line naming
+    step 2, exit 2, no final model. Saving (and logging) every step: checkpoint 1 kept as it was and nothing after
+    it. Every 3 steps: the metrics are read back at step 3, which finds step 2's NaN before anything is saved."""
     sections = run_sections(tiny_init, corpus, tmp_path / "nan", optim__learning_rate=1e30,
                             optim__schedule="constant", optim__warmup_steps=0, optim__max_grad_norm="none",
-                            train__save_every=1, data__valid="")
+                            train__save_every=every, train__log_every=every, data__valid="")
     sections["log"].update(tensorboard=False)
     code, _, err = run_cli(capsys, "train", write_config(tmp_path / "nan.toml", sections))
     assert code == 2
     line = one_line(err)
+    out = tmp_path / "nan"
+    assert not (out / "model").exists() and not (out / "model-hf").exists()
+    if every == 3:
+        assert line.startswith("speechseq: error: loss is nan at step 2: training stopped; no checkpoint was saved "
+                               "before it"), line
+        assert not os.listdir(out / "checkpoints") and not (out / "metrics.jsonl").read_text()
+        return
     assert line.startswith("speechseq: error: loss is nan at step 2: training stopped; the last good checkpoint is "
                            "step 1 in "), line
-    out = tmp_path / "nan"
     assert sorted(os.listdir(out / "checkpoints")) == ["1"]
     state, meta = final_state(out, tiny_init)
     assert int(state.step) == 1 and meta["data"]["batch"] == 1
-    assert not (out / "model").exists() and not (out / "model-hf").exists()
     assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1]
 
 

@@ -461,6 +461,25 @@ def _finite(loss: float, grad_norm: float, step: int, ckpt: Any) -> None:
     raise NonFiniteLoss(f"{what} at step {step}: training stopped; {where}")
 
 
+def _settle(pending: list[tuple[int, Any]], window: dict[str, Any], ckpt: Any) -> float | None:
+    """Read back the metrics of the ``pending`` steps (one transfer), stop on the first non-finite one
+    (``_finite``), add them to ``window`` in step order and empty ``pending``. Returns the learning rate of the last
+    of them (None when none was pending)."""
+    import jax
+
+    rate = None
+    for (step, m), values in zip(pending, jax.device_get([m for _, m in pending])):
+        loss, grad_norm = float(values["loss"]), float(values["grad_norm"])
+        _finite(loss, grad_norm, step, ckpt)
+        window["loss_sum"] += loss * int(values["tokens"])
+        window["tokens"] += int(values["tokens"])
+        window["grad_norm_sum"] += grad_norm
+        window["steps"] += 1
+        rate = float(values["learning_rate"])
+    pending.clear()
+    return rate
+
+
 class _Placement:
     """Where the loop's arrays live: one device (``mesh`` None: the state and batches as they are), or a device mesh
     over every process's devices (``mesh.shape``; several processes always have one), where the state is born in
@@ -639,29 +658,31 @@ def train(config: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
         eval_step = make_eval_step(model.config, config.step) if valid_loader else None
         gen = {"num_beams": config.eval.num_beams, "max_new_tokens": config.eval.max_new_tokens}
         last: dict[str, Any] = {"step": start}
+        pending: list[tuple[int, Any]] = []  # (step, its metrics still on the device)
         try:
             for step in range(start + 1, loop.steps + 1):  # ``step``: optimizer steps done once this one is
                 batch = next(batches)
                 ids = batch.pop("ids")
                 state, m = train_step(state, place.batch(batch))
-                loss, grad_norm = float(m["loss"]), float(m["grad_norm"])
-                _finite(loss, grad_norm, step, ckpt)
-                window["loss_sum"] += loss * int(m["tokens"])
-                window["tokens"] += int(m["tokens"])
-                window["grad_norm_sum"] += grad_norm
-                window["steps"] += 1
+                pending.append((step, m))  # read back later: the host runs ahead of the device meanwhile
                 logs.step(step, place.global_ids(ids, train_loader) if config.log.data_order else ids)
-                if step % loop.log_every == 0 or step == loop.steps:
+                eval_now = bool(valid_loader) and ((loop.eval_every and step % loop.eval_every == 0)
+                                                   or step == loop.steps)
+                log_now = step % loop.log_every == 0 or step == loop.steps
+                preempted = preemption.requested  # read once: a SIGTERM arriving later in the step waits for the next
+                if log_now or eval_now or step % loop.save_every == 0 or preempted:
+                    rate = _settle(pending, window, ckpt)  # every step is checked finite before a save or an eval
+                if log_now:
                     data = train_loader.get_state()
                     row = {"step": step, "split": "train", "loss": window["loss_sum"] / max(window["tokens"], 1),
-                           "learning_rate": float(m["learning_rate"]),
+                           "learning_rate": rate,
                            "grad_norm": window["grad_norm_sum"] / window["steps"], "tokens": window["tokens"],
                            "epoch": round(data["epoch"] + data["batch"] / train_loader.batches_per_epoch, 4)}
                     logs.train(row)
                     last.update(step=step, loss=row["loss"], learning_rate=row["learning_rate"])
                     window = _empty_window()
                 evaluated = None
-                if valid_loader and ((loop.eval_every and step % loop.eval_every == 0) or step == loop.steps):
+                if eval_now:
                     current = SpeechSeq2Seq(model.config, ctc.model_params(place.whole(state.params)), model.dtype,
                                             generation_json=model.generation_json)
                     result = evaluate(current, valid_loader, task=config.eval.task, normalize=config.eval.normalize,
@@ -669,11 +690,11 @@ def train(config: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
                     evaluated = {k: result[k] for k in ("loss", "wer", "cer", "bleu") if k in result}
                     logs.valid(step, evaluated, result["utterances"])
                     last["valid"] = evaluated
-                if step % loop.save_every == 0 or evaluated or step == loop.steps or preemption.requested:
+                if step % loop.save_every == 0 or eval_now or step == loop.steps or preempted:
                     meta = {"data": train_loader.get_state(), "window": window, "config": settings}
                     ckpt.save(step, state, meta, evaluated)
                 logs.advance()
-                if preemption.requested and step < loop.steps:
+                if preempted and step < loop.steps:
                     ckpt.wait()
                     stop = storage.Interrupted(signal.SIGTERM)
                     stop.detail = (f"the checkpoint of step {step} is saved in {out / 'checkpoints'}; continue with "
