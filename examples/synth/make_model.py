@@ -41,21 +41,34 @@ DECODER = dict(
     max_position_embeddings=128, type_vocab_size=2, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
     is_decoder=True, add_cross_attention=True, tie_word_embeddings=True,
 )
+# mBART's decoder: pre-norm layers (and a norm after the embeddings and the last layer), which keep a high
+# learning rate stable where BERT's post-norm ones learn to attend more slowly
+MBART_DECODER = dict(
+    model_type="mbart", d_model=192, decoder_layers=3, decoder_attention_heads=4, decoder_ffn_dim=768,
+    encoder_layers=0, max_position_embeddings=128, activation_function="gelu", dropout=0.1, attention_dropout=0.1,
+    activation_dropout=0.0, decoder_layerdrop=0.0, scale_embedding=False, is_decoder=True, add_cross_attention=True,
+    tie_word_embeddings=True, forced_eos_token_id=None,
+)
 FEATURES = dict(feature_extractor_type="Wav2Vec2FeatureExtractor", feature_size=1, sampling_rate=16000,
                 padding_value=0.0, do_normalize=True, return_attention_mask=True, padding_side="right")
 
 
-def make_model(tokenizer_dir: Path, out: Path, seed: int = 0, encoder: str = "speech_to_text") -> Path:
+def make_model(tokenizer_dir: Path, out: Path, seed: int = 0, encoder: str = "speech_to_text",
+               decoder: str = "bert") -> Path:
     """Writes the untrained checkpoint into ``out`` (which must not exist) and returns it; ``encoder``:
-    "speech_to_text" (filterbanks) or "wav2vec2" (raw waveform)."""
+    "speech_to_text" (filterbanks) or "wav2vec2" (raw waveform); ``decoder``: "bert" (post-norm) or "mbart"
+    (pre-norm)."""
     from speechseq import SpeechSeq2Seq
     from speechseq.checkpoints.storage import atomic_dir, check_destination, write_json
     from speechseq.errors import InputError
 
     vocab = json.loads((tokenizer_dir / "tokenizer.json").read_text())["model"]["vocab"]
     ids = {token: vocab[token] for token in ("[PAD]", "[CLS]", "[SEP]")}
+    dec = {**(MBART_DECODER if decoder == "mbart" else DECODER), "vocab_size": len(vocab), "pad_token_id": ids["[PAD]"]}
+    if decoder == "mbart":
+        dec.update(bos_token_id=ids["[CLS]"], eos_token_id=ids["[SEP]"], decoder_start_token_id=ids["[CLS]"])
     config = {"model_type": "speech-encoder-decoder", "is_encoder_decoder": True,
-              "encoder": SPEECH_TO_TEXT if encoder == "speech_to_text" else ENCODER, "decoder": {**DECODER, "vocab_size": len(vocab), "pad_token_id": ids["[PAD]"]},
+              "encoder": SPEECH_TO_TEXT if encoder == "speech_to_text" else ENCODER, "decoder": dec,
               "decoder_start_token_id": ids["[CLS]"], "eos_token_id": ids["[SEP]"], "pad_token_id": ids["[PAD]"]}
     check_destination(out, force=False)
     if not (tokenizer_dir / "tokenizer_config.json").exists():
@@ -78,11 +91,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--encoder", choices=["speech_to_text", "wav2vec2"], default="speech_to_text",
                         help="filterbank Speech2Text encoder (default) or raw-waveform wav2vec2")
+    parser.add_argument("--decoder", choices=["bert", "mbart"], default="bert",
+                        help="BERT (post-norm, default) or mBART (pre-norm) character decoder")
     args = parser.parse_args(argv)
     from speechseq.errors import SpeechSeqError
 
     try:
-        print(make_model(args.tokenizer, args.out, args.seed, args.encoder))
+        print(make_model(args.tokenizer, args.out, args.seed, args.encoder, args.decoder))
     except SpeechSeqError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
