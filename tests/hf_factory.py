@@ -3,6 +3,8 @@ parameters (HF init leaves norms at 1 and biases at 0, which would hide mapping 
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import torch
 import transformers as T
@@ -353,3 +355,27 @@ def speech_to_text_seq2seq(dec: str, dec_hidden: int = 20, tie: bool = True, see
     model.config.decoder_start_token_id = 0
     model.config.pad_token_id = 1
     return perturb(model, seed)
+
+
+def checkpoint_zoo(tmp_path_factory, build):
+    """What a module-scoped ``zoo`` fixture returns: ``get(*args, **kwargs)`` -> (the transformers model
+    ``build(*args, **kwargs)``, the speechseq model loaded from its saved checkpoint with no tensor missing or left
+    over), each built once per distinct arguments (defaults filled in)."""
+    from speechseq import SpeechSeq2Seq
+
+    signature, cache = inspect.signature(build), {}
+
+    def get(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        key = tuple(bound.arguments.values())
+        if key not in cache:
+            hf = build(*bound.args, **bound.kwargs)
+            path = tmp_path_factory.mktemp("-".join(map(str, key)))
+            hf.save_pretrained(path)
+            ours = SpeechSeq2Seq.from_pretrained(path)
+            assert ours.loading_info.missing == [] and ours.loading_info.unexpected == []
+            cache[key] = hf, ours
+        return cache[key]
+
+    return get

@@ -77,19 +77,7 @@ def _one_torch_thread():
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory):
     """(transformers model, speechseq model from its checkpoint) per variant, with its PAIRS decoder."""
-    cache = {}
-
-    def get(variant: str):
-        if variant not in cache:
-            hf = hf_model(variant)
-            path = tmp_path_factory.mktemp(variant)
-            hf.save_pretrained(path)
-            ours = SpeechSeq2Seq.from_pretrained(path)
-            assert ours.loading_info.missing == [] and ours.loading_info.unexpected == []
-            cache[variant] = hf, ours
-        return cache[variant]
-
-    return get
+    return F.checkpoint_zoo(tmp_path_factory, hf_model)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

@@ -38,19 +38,7 @@ def _one_torch_thread():
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory):
     """(transformers model, speechseq model from its checkpoint) per decoder, all with the ``ENC`` encoder."""
-    cache = {}
-
-    def get(dec: str):
-        if dec not in cache:
-            hf = F.any_seq2seq(ENC, dec)
-            path = tmp_path_factory.mktemp(dec)
-            hf.save_pretrained(path)
-            ours = SpeechSeq2Seq.from_pretrained(path)
-            assert ours.loading_info.missing == [] and ours.loading_info.unexpected == []
-            cache[dec] = hf, ours
-        return cache[dec]
-
-    return get
+    return F.checkpoint_zoo(tmp_path_factory, lambda dec: F.any_seq2seq(ENC, dec))
 
 
 @pytest.fixture(scope="module")

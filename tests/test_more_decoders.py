@@ -68,19 +68,7 @@ def _trocr_table_after_from_pretrained(monkeypatch):
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory):
     """(transformers model, speechseq model from its checkpoint) per (decoder, tie)."""
-    cache = {}
-
-    def get(dec: str, tie: bool = True):
-        if (dec, tie) not in cache:
-            hf = F.any_seq2seq(ENC, dec, tie=tie)
-            path = tmp_path_factory.mktemp(f"{dec}-{tie}")
-            hf.save_pretrained(path)
-            ours = SpeechSeq2Seq.from_pretrained(path)
-            assert ours.loading_info.missing == [] and ours.loading_info.unexpected == []
-            cache[dec, tie] = hf, ours
-        return cache[dec, tie]
-
-    return get
+    return F.checkpoint_zoo(tmp_path_factory, lambda dec, tie=True: F.any_seq2seq(ENC, dec, tie=tie))
 
 
 @pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])

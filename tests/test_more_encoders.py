@@ -53,19 +53,7 @@ def hf_model(enc: str, dec: str, tie: bool = True, seed: int = 0) -> torch.nn.Mo
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory):
     """(transformers model, speechseq model from its checkpoint) per encoder variant, with its PAIRS decoder."""
-    cache = {}
-
-    def get(enc: str):
-        if enc not in cache:
-            hf = hf_model(enc, PAIRS[enc])
-            path = tmp_path_factory.mktemp(enc)
-            hf.save_pretrained(path)
-            ours = SpeechSeq2Seq.from_pretrained(path)
-            assert ours.loading_info.missing == [] and ours.loading_info.unexpected == []
-            cache[enc] = hf, ours
-        return cache[enc]
-
-    return get
+    return F.checkpoint_zoo(tmp_path_factory, lambda enc: hf_model(enc, PAIRS[enc]))
 
 
 @pytest.mark.parametrize("enc", ENCODERS)

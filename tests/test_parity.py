@@ -11,7 +11,6 @@ import pytest
 import torch
 
 import hf_factory as F
-from speechseq import SpeechSeq2Seq
 
 # "w2v-adapter" (24 wide) cannot run in transformers with a 20-wide decoder: see test_warm_start for it.
 ENCODERS = [name for name in F.ENCODERS if name != "w2v-adapter"] + ["w2v-adapter-20"]
@@ -41,24 +40,16 @@ def contiguous_output(module, inputs, output) -> None:
     output.last_hidden_state = output.last_hidden_state.contiguous()
 
 
+def hooked_seq2seq(enc: str, dec: str, tie: bool = True):
+    hf = F.any_seq2seq(enc, dec, tie=tie)
+    hf.encoder.register_forward_hook(contiguous_output)
+    return hf
+
+
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory):
     """(transformers model, speechseq model loaded from its checkpoint), built once per (encoder, decoder, tie)."""
-    cache = {}
-
-    def get(enc: str, dec: str, tie: bool = True):
-        key = (enc, dec, tie)
-        if key not in cache:
-            hf = F.any_seq2seq(enc, dec, tie=tie)
-            hf.encoder.register_forward_hook(contiguous_output)
-            path = tmp_path_factory.mktemp(f"{enc}-{dec}-{'tied' if tie else 'untied'}")
-            hf.save_pretrained(path)
-            ours = SpeechSeq2Seq.from_pretrained(path)
-            assert ours.loading_info.missing == [] and ours.loading_info.unexpected == []
-            cache[key] = hf, ours
-        return cache[key]
-
-    return get
+    return F.checkpoint_zoo(tmp_path_factory, hooked_seq2seq)
 
 
 def assert_parity(got, want, with_loss: bool) -> None:

@@ -72,19 +72,7 @@ def _one_torch_thread():
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory):
     """(transformers model, speechseq model from its checkpoint) per variant, with its PAIRS decoder."""
-    cache = {}
-
-    def get(enc: str):
-        if enc not in cache:
-            hf = hf_model(enc, PAIRS[enc])
-            path = tmp_path_factory.mktemp(enc)
-            hf.save_pretrained(path)
-            ours = SpeechSeq2Seq.from_pretrained(path)
-            assert ours.loading_info.missing == [] and ours.loading_info.unexpected == []
-            cache[enc] = hf, ours
-        return cache[enc]
-
-    return get
+    return F.checkpoint_zoo(tmp_path_factory, lambda enc: hf_model(enc, PAIRS[enc]))
 
 
 # one variant per family also without a sample mask (another compile each)

@@ -17,7 +17,6 @@ import transformers as T
 from transformers.trainer_pt_utils import LabelSmoother
 
 import hf_factory as F
-from speechseq import SpeechSeq2Seq
 from speechseq import model as M
 from speechseq.checkpoints import table
 from speechseq.encoders import wav2vec2
@@ -82,19 +81,7 @@ def hf_named(cfg, tree) -> dict[str, np.ndarray]:
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory):
     """(transformers model, speechseq model loaded from its checkpoint) per (encoder, decoder)."""
-    cache = {}
-
-    def get(enc: str, dec: str):
-        if (enc, dec) not in cache:
-            hf = reference(enc, dec)
-            path = tmp_path_factory.mktemp(f"{enc}-{dec}")
-            hf.save_pretrained(path)
-            ours = SpeechSeq2Seq.from_pretrained(path)
-            assert ours.loading_info.missing == [] and ours.loading_info.unexpected == []
-            cache[enc, dec] = hf, ours
-        return cache[enc, dec]
-
-    return get
+    return F.checkpoint_zoo(tmp_path_factory, reference)
 
 
 @pytest.fixture(scope="module")
