@@ -45,11 +45,17 @@ class Seq2SeqOutput(NamedTuple):
     encoder_attention_mask: jax.Array | None  # [B, S]
 
 
+def part_rules(cfg: SpeechSeq2SeqConfig, role: str) -> list[Rule]:
+    """The table of the encoder or the decoder (``role``) as a standalone checkpoint of its family: the bare model
+    for an encoder (``Wav2Vec2Model``), the causal-LM class for a decoder (``BertLMHeadModel``); paths under
+    ``role/`` as in the whole model's params."""
+    fam = family(getattr(cfg, role).model_type, role)
+    return prefixed(fam.weight_rules(getattr(cfg, role)), "", f"{role}/", base=fam.prefixes[0])
+
+
 def weight_rules(cfg: SpeechSeq2SeqConfig) -> list[Rule]:
     """The full table of a ``SpeechEncoderDecoderModel`` state dict."""
-    enc, dec = family(cfg.encoder.model_type, "encoder"), family(cfg.decoder.model_type, "decoder")
-    rules = prefixed(enc.weight_rules(cfg.encoder), "encoder.", "encoder/", base=enc.prefixes[0])
-    rules += prefixed(dec.weight_rules(cfg.decoder), "decoder.", "decoder/", base=dec.prefixes[0])
+    rules = prefixed(part_rules(cfg, "encoder"), "encoder.", "") + prefixed(part_rules(cfg, "decoder"), "decoder.", "")
     if cfg.has_enc_to_dec_proj:
         rules += dense_rules("enc_to_dec_proj", "enc_to_dec_proj", cfg.encoder.output_size, cfg.decoder.hidden_size,
                              ("embed_out", "embed"))
@@ -136,15 +142,18 @@ def decode(cfg: SpeechSeq2SeqConfig, params: Params, decoder_input_ids: jax.Arra
     """Teacher-forced decoder over precomputed encoder output: ids [B, T] -> float32 logits [B, T, V].
     ``rng``: a ``jax.random`` key for dropout and LayerDrop (training mode), None for eval mode; ``remat``: see
     ``encode``."""
-    return _decode_projected(cfg, params, decoder_input_ids, project(cfg, params, encoder_output.last_hidden_state,
+    return decode_projected(cfg, params, decoder_input_ids, project(cfg, params, encoder_output.last_hidden_state,
                                                                      dtype), encoder_output.attention_mask,
                              decoder_attention_mask, dtype, rng, remat)
 
 
-def _decode_projected(cfg: SpeechSeq2SeqConfig, params: Params, decoder_input_ids: jax.Array | None, enc: jax.Array,
-                      enc_mask: jax.Array | None, decoder_attention_mask: jax.Array | None, dtype: Any,
-                      rng: jax.Array | None = None, remat: str = "none",
-                      decoder_inputs_embeds: jax.Array | None = None) -> jax.Array:
+def decode_projected(cfg: SpeechSeq2SeqConfig, params: Params, decoder_input_ids: jax.Array | None, enc: jax.Array,
+                     enc_mask: jax.Array | None, decoder_attention_mask: jax.Array | None, dtype: Any,
+                     rng: jax.Array | None = None, remat: str = "none",
+                     decoder_inputs_embeds: jax.Array | None = None) -> jax.Array:
+    """The decoder over frames already at its width (after ``enc_to_dec_proj``): ids [B, T] (or
+    ``decoder_inputs_embeds`` [B, T, D]), frames [B, S, D], frame mask [B, S] bool or None -> float32 logits
+    [B, T, V]. What ``decode`` and ``forward`` run after ``project``, and the decoder used alone."""
     name, given = (("decoder_input_ids", decoder_input_ids) if decoder_inputs_embeds is None
                    else ("decoder_inputs_embeds", decoder_inputs_embeds))
     if given is not None and given.ndim >= 1 and enc.shape[0] != given.shape[0]:
@@ -219,7 +228,7 @@ def forward(cfg: SpeechSeq2SeqConfig, params: Params, inputs: jax.Array | None =
             raise InputError("labels: config needs decoder_start_token_id and pad_token_id to build decoder inputs")
         decoder_input_ids = shift_right(labels, cfg.pad_token_id, cfg.decoder_start_token_id)
     enc = project(cfg, params, encoder_outputs.last_hidden_state, dtype)
-    logits = _decode_projected(cfg, params, decoder_input_ids, enc, encoder_outputs.attention_mask,
+    logits = decode_projected(cfg, params, decoder_input_ids, enc, encoder_outputs.attention_mask,
                                decoder_attention_mask, dtype, fold(rng, _DECODER), remat, decoder_inputs_embeds)
     loss = None if labels is None else cross_entropy(logits, labels)
     return Seq2SeqOutput(logits, loss, enc, encoder_outputs.attention_mask)

@@ -324,6 +324,20 @@ class SpeechSeq2Seq:
         extra = None if self.generation_json is None else {"generation_config.json": self.generation_json}
         save_hf(directory, self.config.to_dict(), self.state_dict(), extra)
 
+    @property
+    def encoder(self) -> "ModelPart":
+        """The speech encoder alone (sharing these params): ``model.encoder(inputs, attention_mask)`` ->
+        EncoderOutput (frames before ``enc_to_dec_proj``); ``save_pretrained`` writes a standalone checkpoint of
+        its family (``Wav2Vec2Model``'s layout, which ``transformers.AutoModel`` loads)."""
+        return ModelPart(self, "encoder")
+
+    @property
+    def decoder(self) -> "ModelPart":
+        """The text decoder alone (sharing these params): ``model.decoder(input_ids, encoder_hidden_states,
+        encoder_attention_mask, attention_mask)`` -> logits; ``save_pretrained`` writes a standalone checkpoint of its
+        causal-LM class (``BertLMHeadModel``'s, with its cross-attention: ``AutoModelForCausalLM`` loads it)."""
+        return ModelPart(self, "decoder")
+
     def astype(self, dtype: Any) -> "SpeechSeq2Seq":
         """The same params computing in another dtype."""
         new = copy.copy(self)
@@ -408,3 +422,58 @@ class SpeechSeq2Seq:
         if gen.num_beams > 1:
             result["sequences_scores"] = np.asarray(out.scores)
         return result
+
+
+_decode_projected_jit = jax.jit(M.decode_projected, static_argnames=("cfg", "dtype", "remat"))
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelPart:
+    """``SpeechSeq2Seq.encoder`` / ``.decoder``: one half of the model, usable and savable alone, as transformers'
+    ``model.encoder`` / ``model.decoder`` are. It reads the whole model's params (nothing is copied)."""
+
+    model: SpeechSeq2Seq
+    role: str  # "encoder" or "decoder"
+
+    @property
+    def config(self) -> dict:
+        """This part's HF config dict (what its standalone ``config.json`` holds)."""
+        return self.model.config.to_dict()[self.role]
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """HF tensors under the standalone checkpoint's names (``M.part_rules``)."""
+        return table.save(M.part_rules(self.model.config, self.role),
+                          to_flat_numpy({self.role: self.model.params[self.role]}))
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write config.json + model.safetensors of this part alone (a checkpoint
+        ``SpeechSeq2Seq.from_encoder_decoder_pretrained`` and transformers' auto classes load)."""
+        save_hf(directory, self.config, self.state_dict())
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Encoder: ``SpeechSeq2Seq.encode``'s arguments -> EncoderOutput. Decoder: ``(input_ids [B, T],
+        encoder_hidden_states [B, S, D], encoder_attention_mask [B, S] = None, attention_mask [B, T] = None)`` ->
+        float32 logits [B, T, V]; the frames are at the decoder's width (after ``enc_to_dec_proj``)."""
+        if self.role == "encoder":
+            return self.model.encode(*args, **kwargs)
+        return self._decode(*args, **kwargs)
+
+    def _decode(self, input_ids: Any, encoder_hidden_states: Any, encoder_attention_mask: Any = None,
+                attention_mask: Any = None) -> jax.Array:
+        cfg = self.model.config
+        ids = _token_ids(input_ids, "input_ids", cfg.decoder.vocab_size)
+        frames = _array(encoder_hidden_states, "encoder_hidden_states", finite=True)
+        if ids is None or frames is None:
+            raise InputError("decoder: input_ids and encoder_hidden_states are required")
+        if frames.ndim != 3 or frames.shape[-1] != cfg.decoder.hidden_size:
+            raise InputError(f"encoder_hidden_states: expected [batch, frames, {cfg.decoder.hidden_size}], got shape "
+                             f"{tuple(frames.shape)}")
+        frame_mask = _mask(encoder_attention_mask, "encoder_attention_mask")
+        _check_batch("encoder_hidden_states", frames, ids.shape[0])
+        if frame_mask is not None and tuple(frame_mask.shape) != tuple(frames.shape[:2]):
+            raise InputError(f"encoder_attention_mask: expected shape {tuple(frames.shape[:2])}, got "
+                             f"{tuple(frame_mask.shape)}")
+        return _decode_projected_jit(cfg=cfg, params=self.model.params, decoder_input_ids=ids, enc=frames,
+                                     enc_mask=None if frame_mask is None else frame_mask.astype(bool),
+                                     decoder_attention_mask=_mask(attention_mask, "attention_mask"),
+                                     dtype=self.model.dtype)

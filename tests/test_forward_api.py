@@ -288,3 +288,41 @@ def test_freeze_feature_encoder(zoo, s2t):
     with pytest.raises(ConfigError) as err:
         fbank.freeze_feature_encoder()
     assert one_line(err) == "optim.freeze: this model has no feature encoder to freeze"
+
+
+@pytest.mark.parametrize("dec", ["bert", "gpt2"])
+def test_encoder_and_decoder_alone(zoo, tmp_path, dec):
+    """``model.encoder`` / ``model.decoder``: each saved alone is a checkpoint transformers' auto classes load
+    (``Wav2Vec2Model``, the causal LM with its cross-attention) with exactly the whole model's tensors, and each
+    called alone gives what transformers' part gives; both load back into a warm start unchanged."""
+    import torch
+    import transformers as T
+
+    hf, ours = zoo(dec)
+    x, mask = F.audio_batch((1600, 1100))
+    ours.encoder.save_pretrained(tmp_path / "enc")
+    ours.decoder.save_pretrained(tmp_path / "dec")
+    hf_enc = T.AutoModel.from_pretrained(tmp_path / "enc").eval()
+    hf_dec = T.AutoModelForCausalLM.from_pretrained(tmp_path / "dec").eval()
+    for part, loaded in ((hf.encoder, hf_enc), (hf.decoder, hf_dec)):
+        want = part.state_dict()
+        assert sorted(loaded.state_dict()) == sorted(want)
+        assert all(torch.equal(v, want[k]) for k, v in loaded.state_dict().items())
+
+    enc = ours.encoder(x, mask)
+    with torch.no_grad():
+        frames = hf_enc(torch.from_numpy(x), attention_mask=torch.from_numpy(mask)).last_hidden_state
+        np.testing.assert_allclose(np.asarray(enc.last_hidden_state), frames.numpy(), atol=2e-5)
+        frames = hf.enc_to_dec_proj(frames)
+        frame_mask = torch.from_numpy(np.asarray(enc.attention_mask)).long()
+        ids = F.tokens(2, 5)
+        want = hf_dec(input_ids=torch.from_numpy(ids), encoder_hidden_states=frames,
+                      encoder_attention_mask=frame_mask).logits.numpy()
+    got = ours.decoder(ids, frames.numpy(), encoder_attention_mask=frame_mask.numpy())
+    np.testing.assert_allclose(np.asarray(got), want, atol=5e-5)
+    with pytest.raises(InputError, match="encoder_hidden_states: expected"):
+        ours.decoder(ids, frames.numpy()[..., :3])
+
+    warm = SpeechSeq2Seq.from_encoder_decoder_pretrained(tmp_path / "enc", tmp_path / "dec")
+    whole, again = flatten(ours.params), flatten(warm.params)
+    assert all(np.array_equal(again[p], whole[p]) for p in again if not p.startswith("enc_to_dec_proj"))
