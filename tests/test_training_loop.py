@@ -560,13 +560,18 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_init, corpus, tm
 
 
 def test_ctrl_c_saves_nothing_partial_and_exits_with_one_line(tiny_init, corpus, tmp_path):
-    cfg = write_config(tmp_path / "int.toml", run_sections(tiny_init, corpus, tmp_path / "int", train__steps=200,
+    # more steps than the run can finish before the signal, however fast the steps are
+    cfg = write_config(tmp_path / "int.toml", run_sections(tiny_init, corpus, tmp_path / "int", train__steps=100_000,
                                                            data__valid=""))
     p = start(cfg)
     wait_for(p, lambda: complete_checkpoints(tmp_path / "int"), "a checkpoint")
     p.send_signal(signal.SIGINT)
-    _, err = p.communicate(timeout=600)  # a slow exit on a loaded machine; a lost Ctrl-C would run all 200 steps
-    assert p.returncode == 130
+    try:
+        _, err = p.communicate(timeout=600)  # a slow exit on a loaded machine
+    except subprocess.TimeoutExpired:
+        p.kill()
+        raise AssertionError(f"Ctrl-C was lost: the run went on ({p.communicate()[1][-2000:]})") from None
+    assert p.returncode == 130, err[-2000:]
     assert one_line(err) == "speechseq: interrupted"
     assert not (tmp_path / "int" / "model").exists()  # stopped, not run to the end
     folder = tmp_path / "int" / "checkpoints"
