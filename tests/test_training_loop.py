@@ -419,8 +419,14 @@ def run_sections(tiny_init, corpus, out: Path, **changes) -> dict:
     return sections
 
 
+# `speechseq train` as from a terminal: a test suite started in the background (`make test &`) inherits an ignored
+# SIGINT, which Python keeps ignored, so the child first puts Ctrl-C's default Python handler back
+_CLI = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        "from speechseq.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
 def start(config: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "speechseq.cli", "-q", "train", str(config), *extra],
+    return subprocess.Popen([sys.executable, "-c", _CLI, "-q", "train", str(config), *extra],
                             cwd=config.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
