@@ -29,7 +29,7 @@ from test_config_roundtrip import ENC_CHANGES, check_written
 from test_more_encoders import BEAM, GEN_LENGTHS, NEW, PAD, START
 from test_parity import check_labels_parity
 from test_training_step import EVAL_MODE, FLOOR_FACTOR, GRAD_RTOL, hf_named, padded_batch, torch_loss_and_grads
-from test_warm_start import build_decoder, check_part, compare_logits
+from test_warm_start import check_encoder_warm_start
 
 # variants over hf_factory.ENC_BASE (depthwise kernel 5, no conv-module dropout), each paired with one decoder. The
 # rotary one has layer norms in the feature encoder, a non-default base and layer_norm_eps (only the encoder's final
@@ -195,24 +195,7 @@ def test_warm_start(tmp_path, variant):
     cls, name, *_ = SOURCES[variant]
     extra = dict(vocab_size=12) if cls is T.Wav2Vec2ConformerForCTC else {}
     encoder = perturb_batch_norms(F.perturb(cls(conformer_config(name, **extra)), seed=1), seed=1)
-    encoder.save_pretrained(tmp_path / "enc")
-    decoder = build_decoder("BertLMHeadModel", tmp_path / "dec")
-    ours = SpeechSeq2Seq.from_encoder_decoder_pretrained(tmp_path / "enc", tmp_path / "dec", pad_token_id=1)
-    assert ours.config.encoder.model_type == "wav2vec2-conformer"
-    state, info = ours.state_dict(), ours.loading_info
-    filled = check_part(state, encoder, tmp_path / "enc", SOURCES[variant], "encoder", info.unexpected)
-    filled |= check_part(state, decoder, tmp_path / "dec", ("", "", "bert.", "bert.", ()), "decoder",
-                         info.unexpected)
-    fresh = set(state) - filled
-    assert sorted(info.missing) == sorted(fresh)
-    assert not any(n.startswith("encoder.") for n in fresh)  # the whole encoder came from the source
-    ours.save_pretrained(tmp_path / "joined")
-    hf, hf_info = T.SpeechEncoderDecoderModel.from_pretrained(tmp_path / "joined", output_loading_info=True)
-    assert not any(hf_info.values()), hf_info
-    hf_state = hf.state_dict()
-    for name, value in state.items():
-        assert torch.equal(hf_state[name], torch.from_numpy(np.array(value))), name
-    compare_logits(ours, hf.eval())
+    check_encoder_warm_start(encoder, SOURCES[variant], tmp_path)
 
 
 CHANGES = {

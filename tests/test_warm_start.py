@@ -99,6 +99,32 @@ def load_state(model: torch.nn.Module, state: dict) -> torch.nn.Module:
     return model.eval()
 
 
+def check_encoder_warm_start(encoder: torch.nn.Module, spec: tuple, tmp_path: Path) -> list:
+    """A standalone transformers encoder, saved and warm-started with a BERT decoder: every encoder tensor comes
+    from it (``check_part`` with ``spec``), what is fresh is what ``loading_info.missing`` lists, and the joined
+    checkpoint loads in transformers with nothing missing, the same tensors and the same logits. Returns
+    ``loading_info.unexpected`` (for the caller's check of the heads it reports)."""
+    encoder.save_pretrained(tmp_path / "enc")
+    decoder = build_decoder("BertLMHeadModel", tmp_path / "dec")
+    ours = SpeechSeq2Seq.from_encoder_decoder_pretrained(tmp_path / "enc", tmp_path / "dec", pad_token_id=1)
+    assert ours.config.encoder.model_type == encoder.config.model_type
+    state, info = ours.state_dict(), ours.loading_info
+    filled = check_part(state, encoder, tmp_path / "enc", spec, "encoder", info.unexpected)
+    filled |= check_part(state, decoder, tmp_path / "dec", ("", "", "bert.", "bert.", ()), "decoder",
+                         info.unexpected)
+    fresh = set(state) - filled
+    assert sorted(info.missing) == sorted(fresh)
+    assert not any(n.startswith("encoder.") for n in fresh)  # the whole encoder came from the source
+    ours.save_pretrained(tmp_path / "joined")
+    hf, hf_info = T.SpeechEncoderDecoderModel.from_pretrained(tmp_path / "joined", output_loading_info=True)
+    assert not any(hf_info.values()), hf_info
+    hf_state = hf.state_dict()
+    for name, value in state.items():
+        assert torch.equal(hf_state[name], torch.from_numpy(np.array(value))), name
+    compare_logits(ours, hf.eval())
+    return info.unexpected
+
+
 def compare_logits(ours: SpeechSeq2Seq, hf: torch.nn.Module) -> None:
     x, mask = F.audio_batch((1600, 1100))
     labels = F.tokens(2, 6)
