@@ -18,10 +18,11 @@ Outputs in --out (default data/synth; it must not exist yet, and appears whole o
     train.jsonl valid.jsonl test.jsonl test_voice.jsonl   one line per utterance:
         {"id", "audio" (path relative to the manifest), "text", "voice" (espeak-ng's -v), "duration" (seconds)}
     train/ valid/ test/ test_voice/                       the WAV files
-    tokenizer/                                            character tokenizer (make_tokenizer.py)
+    tokenizer/                                            BPE learnt from the training sentences (make_tokenizer.py;
+                                                          --bpe 0: one token per character)
     meta.json                                             settings, espeak-ng version, counts and statistics
 
-    python examples/synth/make_data.py [--out data/synth] [--train 6000] [--seed 0] [--jobs 2]
+    python examples/synth/make_data.py [--out data/synth] [--train 6000] [--seed 0] [--jobs 2] [--bpe 500]
 """
 
 from __future__ import annotations
@@ -253,9 +254,9 @@ def missing_tools(fortunes: Path) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------------- main
 def make_dataset(out: Path, sizes: dict[str, int], seed: int = 0, jobs: int = 2, min_word_sentences: int = 2,
-                 fortunes: Path = FORTUNES, progress: bool = True) -> dict:
+                 fortunes: Path = FORTUNES, progress: bool = True, bpe: int = 500) -> dict:
     """Write the data set described in the module docstring into ``out`` (which must not exist); returns meta.json's
-    content."""
+    content. ``bpe``: the tokenizer's vocabulary size (0: characters)."""
     start = time.monotonic()
     sentences = load_sentences(fortunes, min_word_sentences)
     sets = deal(sentences, sizes, seed)
@@ -279,8 +280,9 @@ def make_dataset(out: Path, sizes: dict[str, int], seed: int = 0, jobs: int = 2,
         for name in SPLITS:
             with atomic_file(tmp / f"{name}.jsonl") as f:
                 f.writelines(json.dumps(r) + "\n" for r in rows[name])
-        save_tokenizer(tmp / "tokenizer")
+        save_tokenizer(tmp / "tokenizer", [r["text"] for r in rows["train"]] if bpe else None, bpe)
         meta = _meta(rows, sentences, sizes, seed, jobs, min_word_sentences, fortunes, time.monotonic() - start)
+        meta["tokenizer"] = f"bpe {bpe}" if bpe else "characters"
         write_json(tmp / "meta.json", meta)
     return meta
 
@@ -319,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=2, help="espeak-ng processes at once (default 2)")
     parser.add_argument("--min-word-sentences", type=int, default=2, metavar="K",
                         help="keep sentences whose every word occurs in >= K sentences of the source (default 2)")
+    parser.add_argument("--bpe", type=int, default=500, metavar="N",
+                        help="tokenizer: a BPE of N ids learnt from the training sentences (default 500; 0: characters)")
     args = parser.parse_args(argv)
     try:
         for name in ("train", "valid", "test", "jobs", "min_word_sentences"):
@@ -331,7 +335,9 @@ def main(argv: list[str] | None = None) -> int:
         if os.path.lexists(out):
             raise InputError(f"{out}: already exists; remove it or choose another --out")
         sizes = {"train": args.train, "valid": args.valid, "test": args.test, "test_voice": args.test}
-        meta = make_dataset(out, sizes, args.seed, args.jobs, args.min_word_sentences)
+        if args.bpe and args.bpe < 40:  # the 4 specials, 28 characters and a few merges
+            raise InputError(f"--bpe must be 0 (characters) or >= 40, got {args.bpe}")
+        meta = make_dataset(out, sizes, args.seed, args.jobs, args.min_word_sentences, bpe=args.bpe)
     except SpeechSeqError as e:
         print(f"make_data.py: {e}", file=sys.stderr)
         return 2

@@ -1,6 +1,6 @@
 """The untrained recogniser that ``examples/synth/train.toml`` trains: a small Speech2Text encoder on 80 log-mel
 filterbanks (two stride-2 conv + GLU layers: 25 frames a second, 6 pre-norm transformer layers) joined to a 3-layer
-BERT-style character decoder, randomly initialised, saved with the data set's character tokenizer, its feature
+BERT-style decoder, randomly initialised, saved with the data set's tokenizer (BPE or characters), its feature
 extractor and its generation settings. ``--encoder wav2vec2`` makes a wav2vec2-style encoder on the raw waveform
 instead (layer-norm conv feature encoder, stable layer norm, SpecAugment): from scratch it learns far more slowly
 (train.toml, batch 16: validation loss 1.86 / 1.64 after 800 / 1,200 steps, against the filterbank encoder's
