@@ -11,6 +11,7 @@ derived by a rule (BART's embed_scale, RoBERTa's position_offset, per-family fla
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -348,6 +349,29 @@ def read_field(hf: Mapping, f: HFField, where: str) -> Any:
     else:
         value = number(hf, f.key, where, default, **f.limits)
     return f.transform[0](value) if f.transform else value
+
+
+def derive_fields(base: tuple[HFField, ...], *, defaults: Mapping[str, Any] | None = None,
+                  keys: Mapping[str, str] | None = None, replace: Mapping[str, HFField] | None = None,
+                  drop: tuple[str, ...] = ()) -> tuple[HFField, ...]:
+    """A family's field table made from a related family's ``base`` (RoBERTa's from BERT's, Marian's from BART's):
+    ``replace`` swaps whole fields, then ``defaults`` and ``keys`` change those attributes' defaults and HF keys;
+    ``drop`` leaves attributes out. Every attribute named must be in ``base``."""
+    defaults, keys, replace = defaults or {}, keys or {}, replace or {}
+    unknown = (set(defaults) | set(keys) | set(replace) | set(drop)) - {f.attr for f in base}
+    if unknown:  # a typo in a family's module, not a user's input
+        raise ValueError(f"derive_fields: {sorted(unknown)} not in the base table")
+    out = []
+    for f in base:
+        if f.attr in drop:
+            continue
+        f = replace.get(f.attr, f)
+        if f.attr in defaults:
+            f = dataclasses.replace(f, default=defaults[f.attr])
+        if f.attr in keys:
+            f = dataclasses.replace(f, key=keys[f.attr])
+        out.append(f)
+    return tuple(out)
 
 
 def read_fields(hf: Mapping, table: tuple[HFField, ...], where: str) -> dict[str, Any]:

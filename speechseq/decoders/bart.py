@@ -50,25 +50,31 @@ FIELDS = (
 )
 
 
-def parse_config(hf: dict, where: str) -> DecoderConfig:
-    mt = hf["model_type"]
-    hidden, _ = require_heads(hf, "d_model", "decoder_attention_heads", where)  # the divisibility check
-    mbart = mt == "mbart"
-    return DecoderConfig(
-        model_type=mt,
+def decoder_config(hf: dict, hidden: int, fields: dict, scale_embedding: bool = False, **flags) -> DecoderConfig:
+    """A DecoderConfig of the BART family (BART, mBART, Marian, Pegasus, TrOCR, Speech2Text2, Blenderbot-small,
+    XGLM): ``fields`` as ``read_fields`` gives them, BART's layout (learned positions from row 2, an embedding norm,
+    post-norm layers, nn.LayerNorm's eps since no config names one, no head transform or head bias, sqrt(d_model)
+    embedding scale where ``scale_embedding`` says, with the family's default) and a family's ``flags`` over it."""
+    values = dict(
+        model_type=hf["model_type"],
         position_offset=POSITION_OFFSET,
         padding_aware_positions=False,
         type_vocab_size=0,
-        embed_scale=math.sqrt(hidden) if hf.get("scale_embedding", False) else 1.0,
+        embed_scale=math.sqrt(hidden) if hf.get("scale_embedding", scale_embedding) else 1.0,
         embed_norm=True,
-        pre_norm=mbart,
-        final_norm=mbart,
-        layer_norm_eps=1e-5,  # nn.LayerNorm's default: BART has no config key for it
+        pre_norm=False,
+        final_norm=False,
+        layer_norm_eps=1e-5,
         attn_scale=True,
         attn_scale_by_layer=False,
         head_transform=False,
         head_act="gelu",
         head_bias=False,
-        **read_fields(hf, FIELDS, where),
-        hf=hf,
     )
+    return DecoderConfig(**{**values, **flags, **fields}, hf=hf)
+
+
+def parse_config(hf: dict, where: str) -> DecoderConfig:
+    hidden, _ = require_heads(hf, "d_model", "decoder_attention_heads", where)  # the divisibility check
+    mbart = hf["model_type"] == "mbart"
+    return decoder_config(hf, hidden, read_fields(hf, FIELDS, where), pre_norm=mbart, final_norm=mbart)

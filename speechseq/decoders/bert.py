@@ -4,10 +4,9 @@ table, a dense + norm transform before the tied output projection. RoBERTa count
 from __future__ import annotations
 
 
-import dataclasses
 
-from speechseq.config import (ACTIVATION, EOS, INT, POSITIVE, REQUIRED, TOKEN_ID, DecoderConfig, HFField, read_fields,
-                              require_heads)
+from speechseq.config import (ACTIVATION, EOS, INT, POSITIVE, REQUIRED, TOKEN_ID, DecoderConfig, HFField, derive_fields,
+                              read_fields, require_heads)
 from speechseq.decoders.transformer import DecoderNames
 from speechseq.errors import ConfigError
 
@@ -60,7 +59,17 @@ FIELDS = (
     HFField("hidden_dropout", "hidden_dropout_prob", 0.1),
     HFField("attention_dropout", "attention_probs_dropout_prob", 0.1),
 )
-ROBERTA_FIELDS = tuple(dataclasses.replace(f, default=1) if f.attr == "pad_token_id" else f for f in FIELDS)
+ROBERTA_FIELDS = derive_fields(FIELDS, defaults={"pad_token_id": 1})
+
+
+def decoder_config(hf: dict, fields: dict, **flags) -> DecoderConfig:
+    """A DecoderConfig of the BERT family (BERT, RoBERTa, ELECTRA, BertGeneration): ``fields`` as ``read_fields``
+    gives them, BERT's layout (learned positions from row 0, an embedding norm, post-norm layers, a prediction head
+    transform and an LM head bias) and a family's ``flags`` over it."""
+    values = dict(model_type=hf["model_type"], position_offset=0, padding_aware_positions=False, embed_scale=1.0,
+                  embed_norm=True, pre_norm=False, final_norm=False, attn_scale=True, attn_scale_by_layer=False,
+                  head_transform=True, head_act="gelu", head_bias=True)
+    return DecoderConfig(**{**values, **flags, **fields}, hf=hf)
 
 
 def parse_config(hf: dict, where: str) -> DecoderConfig:
@@ -75,21 +84,5 @@ def parse_config(hf: dict, where: str) -> DecoderConfig:
     pad = fields["pad_token_id"]
     if roberta and pad is None:
         raise ConfigError(f"{where}: {mt} needs pad_token_id (its positions count past padding)")
-    return DecoderConfig(
-        model_type=mt,
-        position_offset=pad + 1 if roberta else 0,
-        padding_aware_positions=roberta,
-        embed_scale=1.0,
-        embed_norm=True,
-        pre_norm=False,
-        final_norm=False,
-        attn_scale=True,
-        attn_scale_by_layer=False,
-        head_transform=True,
-        head_act="gelu" if roberta else fields["hidden_act"],
-        head_bias=True,
-        **fields,
-        hf=hf,
-    )
-
-
+    return decoder_config(hf, fields, position_offset=pad + 1 if roberta else 0, padding_aware_positions=roberta,
+                          head_act="gelu" if roberta else fields["hidden_act"])

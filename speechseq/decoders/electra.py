@@ -34,19 +34,5 @@ def parse_config(hf: dict, where: str) -> DecoderConfig:
     if pos_type != "absolute":
         raise ConfigError(f"{where}: position_embedding_type {pos_type!r} is not supported for electra; "
                           "supported: 'absolute'")
-    return DecoderConfig(
-        model_type="electra",
-        position_offset=0,
-        padding_aware_positions=False,
-        embed_scale=1.0,
-        embed_norm=True,
-        pre_norm=False,
-        final_norm=False,
-        attn_scale=True,
-        attn_scale_by_layer=False,
-        head_transform=True,
-        head_act="gelu",  # ElectraGeneratorPredictions: get_activation("gelu"), whatever hidden_act says
-        head_bias=True,
-        **read_fields(hf, FIELDS, where),
-        hf=hf,
-    )
+    # ElectraGeneratorPredictions: get_activation("gelu"), whatever hidden_act says (decoder_config's head_act)
+    return bert.decoder_config(hf, read_fields(hf, FIELDS, where))

@@ -10,9 +10,7 @@ The sinusoidal table is a frozen ``nn.Embedding`` weight that the causal-LM clas
 from __future__ import annotations
 
 import dataclasses
-import math
-
-from speechseq.config import DecoderConfig, HFField, read_fields, require_heads
+from speechseq.config import INT, DecoderConfig, HFField, derive_fields, read_fields, require_heads
 from speechseq.decoders import bart
 from speechseq.decoders.transformer import DecoderNames
 from speechseq.errors import ConfigError
@@ -23,12 +21,8 @@ NAMES: DecoderNames = dataclasses.replace(bart.NAMES, embed_norm=None, positions
 
 def _fields(**defaults) -> tuple[HFField, ...]:
     """BART's fields with other defaults, and a position table without offset rows."""
-    out = []
-    for f in bart.FIELDS:
-        if f.attr == "max_positions":
-            f = HFField("max_positions", "max_position_embeddings", 1024, f.limits)
-        out.append(dataclasses.replace(f, default=defaults[f.attr]) if f.attr in defaults else f)
-    return tuple(out)
+    return derive_fields(bart.FIELDS, defaults=defaults,
+                         replace={"max_positions": HFField("max_positions", "max_position_embeddings", 1024, INT)})
 
 
 # MarianConfig / PegasusConfig names and defaults
@@ -45,22 +39,6 @@ def parse_config(hf: dict, where: str) -> DecoderConfig:
     if dec_vocab is not None and dec_vocab != fields["vocab_size"]:
         raise ConfigError(f"{where}: decoder_vocab_size {dec_vocab} differs from vocab_size {fields['vocab_size']}; "
                           "only a decoder whose token table and LM head have the same size is supported")
-    return DecoderConfig(
-        model_type=mt,
-        position_offset=0,
-        padding_aware_positions=False,
-        type_vocab_size=0,
-        embed_scale=math.sqrt(hidden) if hf.get("scale_embedding", False) else 1.0,
-        given_embeds="scaled",  # the decoder's forward scales given decoder_inputs_embeds too
-        embed_norm=False,
-        pre_norm=pegasus,
-        final_norm=pegasus,
-        layer_norm_eps=1e-5,  # nn.LayerNorm's default: no config key for it
-        attn_scale=True,
-        attn_scale_by_layer=False,
-        head_transform=False,
-        head_act="gelu",
-        head_bias=False,
-        **fields,
-        hf=hf,
-    )
+    # given decoder_inputs_embeds: scaled too, as the decoder's forward scales them
+    return bart.decoder_config(hf, hidden, fields, position_offset=0, given_embeds="scaled", embed_norm=False,
+                               pre_norm=pegasus, final_norm=pegasus)

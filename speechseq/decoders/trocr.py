@@ -5,9 +5,8 @@ stored) whose positions count past padding like RoBERTa's. The LM head is ``outp
 from __future__ import annotations
 
 import dataclasses
-import math
 
-from speechseq.config import DecoderConfig, read_fields, require_heads
+from speechseq.config import DecoderConfig, derive_fields, read_fields, require_heads
 from speechseq.decoders import bart
 from speechseq.decoders.transformer import DecoderNames
 from speechseq.errors import ConfigError
@@ -15,7 +14,7 @@ from speechseq.errors import ConfigError
 NAMES: DecoderNames = dataclasses.replace(bart.NAMES, extra_token_names=(), head_kernel="output_projection.weight")
 
 # TrOCRConfig has BART's names and defaults but for a 512-position table
-FIELDS = tuple(dataclasses.replace(f, default=512) if f.attr == "max_positions" else f for f in bart.FIELDS)
+FIELDS = derive_fields(bart.FIELDS, defaults={"max_positions": 512})
 
 
 def parse_config(hf: dict, where: str) -> DecoderConfig:
@@ -28,25 +27,9 @@ def parse_config(hf: dict, where: str) -> DecoderConfig:
     learned = hf.get("use_learned_position_embeddings", True)
     if not learned and fields["pad_token_id"] is None:
         raise ConfigError(f"{where}: trocr with sinusoidal positions needs pad_token_id (they count past padding)")
-    return DecoderConfig(
-        model_type="trocr",
-        # learned: rows from 2; sinusoidal: from pad_token_id + 1 past padding, with the same limit of
-        # max_position_embeddings tokens (check_ids) as long as pad_token_id is 1 (every published checkpoint)
-        position_offset=bart.POSITION_OFFSET,
-        padding_aware_positions=not learned,
-        sinusoidal_positions=not learned,
-        given_embeds="unscaled" if learned else "unsupported",  # the sinusoidal table is indexed by the ids
-        type_vocab_size=0,
-        embed_scale=math.sqrt(hidden) if hf.get("scale_embedding", False) else 1.0,
-        embed_norm=hf.get("layernorm_embedding", True),
-        pre_norm=False,
-        final_norm=False,
-        layer_norm_eps=1e-5,  # nn.LayerNorm's default: TrOCR has no config key for it
-        attn_scale=True,
-        attn_scale_by_layer=False,
-        head_transform=False,
-        head_act="gelu",
-        head_bias=False,
-        **fields,
-        hf=hf,
-    )
+    # learned: rows from 2; sinusoidal: from pad_token_id + 1 past padding, with the same limit of
+    # max_position_embeddings tokens (check_ids) as long as pad_token_id is 1 (every published checkpoint); given
+    # decoder_inputs_embeds: the sinusoidal table is indexed by the ids
+    return bart.decoder_config(hf, hidden, fields, padding_aware_positions=not learned, sinusoidal_positions=not learned,
+                               given_embeds="unscaled" if learned else "unsupported",
+                               embed_norm=hf.get("layernorm_embedding", True))

@@ -3,9 +3,8 @@ sqrt(d_model) embedding scale, and fairseq's fixed sinusoidal positions (a buffe
 
 from __future__ import annotations
 
-import math
-
 from speechseq.config import ACTIVATION, EOS, INT, REQUIRED, TOKEN_ID, DecoderConfig, HFField, read_fields, require_heads
+from speechseq.decoders import bart
 from speechseq.decoders.transformer import DecoderNames
 
 _ATTN = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -50,22 +49,5 @@ FIELDS = (
 
 def parse_config(hf: dict, where: str) -> DecoderConfig:
     hidden, _ = require_heads(hf, "d_model", "attention_heads", where)  # the divisibility check
-    return DecoderConfig(
-        model_type="xglm",
-        position_offset=POSITION_OFFSET,
-        padding_aware_positions=False,
-        type_vocab_size=0,
-        embed_scale=math.sqrt(hidden) if hf.get("scale_embedding", True) else 1.0,
-        embed_norm=False,
-        pre_norm=True,
-        final_norm=True,
-        layer_norm_eps=1e-5,  # nn.LayerNorm's default: XGLM has no config key for it
-        attn_scale=True,
-        attn_scale_by_layer=False,
-        head_transform=False,
-        head_act="gelu",
-        head_bias=False,
-        sinusoidal_positions=True,
-        **read_fields(hf, FIELDS, where),
-        hf=hf,
-    )
+    return bart.decoder_config(hf, hidden, read_fields(hf, FIELDS, where), scale_embedding=True, embed_norm=False,
+                               pre_norm=True, final_norm=True, sinusoidal_positions=True)
