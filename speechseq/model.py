@@ -13,6 +13,9 @@ declares (``registry.Family.input_kind``), or either as ``inputs`` (transformers
 picks it and refuses the other kind, or the input given twice, in one line. Masks may be bool, integer or float 0/1
 (``as_mask``). ``decoder_inputs_embeds`` [B, T, D] stand in for ``decoder_input_ids`` as transformers' do.
 
+``output_hidden_states=True`` / ``output_attentions=True`` (static) add transformers' per-layer outputs to
+``Seq2SeqOutput`` / ``EncoderOutput`` (``layers.core.Captured``); without them the layer scans emit nothing more.
+
 ``params`` is ``{"encoder": ..., "decoder": ..., "enc_to_dec_proj"?: ...}`` (see ``weight_rules``).
 """
 
@@ -26,7 +29,7 @@ import jax.numpy as jnp
 from speechseq.config import INPUT_KINDS, InputKind, SpeechSeq2SeqConfig
 from speechseq.decoders import transformer
 from speechseq.errors import InputError
-from speechseq.layers.core import dense, fold
+from speechseq.layers.core import Captured, dense, fold
 from speechseq.registry import family
 from speechseq.checkpoints.table import Rule, dense as dense_rules, prefixed
 
@@ -36,6 +39,10 @@ Params = Mapping[str, Any]
 class EncoderOutput(NamedTuple):
     last_hidden_state: jax.Array  # [B, S, E] encoder frames (before enc_to_dec_proj), as transformers returns them
     attention_mask: jax.Array | None  # [B, S] bool frame mask, None when no sample mask was given
+    # output_hidden_states: the first layer's input and each layer's output, L + 1 arrays [B, S', D] (S' the layers'
+    # frames: SEW's squeezed ones), as the family's transformers model returns them
+    hidden_states: tuple[jax.Array, ...] | None = None
+    attentions: tuple[jax.Array, ...] | None = None  # output_attentions: per layer [B, N, S', S'] probabilities
 
 
 class Seq2SeqOutput(NamedTuple):
@@ -43,6 +50,12 @@ class Seq2SeqOutput(NamedTuple):
     loss: jax.Array | None  # scalar: mean cross-entropy over labels != -100 (``cross_entropy_sum`` for sum and count)
     encoder_last_hidden_state: jax.Array  # [B, S, D] encoder frames after enc_to_dec_proj, as transformers 5
     encoder_attention_mask: jax.Array | None  # [B, S]
+    # output_hidden_states / output_attentions, as transformers' Seq2SeqLMOutput (``layers.core.Captured``):
+    encoder_hidden_states: tuple[jax.Array, ...] | None = None  # the encoder's own (before enc_to_dec_proj)
+    encoder_attentions: tuple[jax.Array, ...] | None = None  # per layer [B, N, S', S']
+    decoder_hidden_states: tuple[jax.Array, ...] | None = None  # embeddings, then each layer's output [B, T, D]
+    decoder_attentions: tuple[jax.Array, ...] | None = None  # per layer [B, N, T, T]
+    cross_attentions: tuple[jax.Array, ...] | None = None  # per layer [B, N, T, S]
 
 
 def part_rules(cfg: SpeechSeq2SeqConfig, role: str) -> list[Rule]:
@@ -100,16 +113,23 @@ def as_mask(mask: jax.Array | None) -> jax.Array | None:
 
 
 def encode(cfg: SpeechSeq2SeqConfig, params: Params, inputs: jax.Array, attention_mask: jax.Array | None = None,
-           dtype: Any = jnp.float32, rng: jax.Array | None = None, remat: str = "none") -> EncoderOutput:
+           dtype: Any = jnp.float32, rng: jax.Array | None = None, remat: str = "none",
+           output_hidden_states: bool = False, output_attentions: bool = False) -> EncoderOutput:
     """The encoder's input, whatever its kind (audio [B, N] or features [B, S, F], see ``input_kind``) with its mask
-    -> EncoderOutput (frames [B, S, E], frame mask [B, S]).
+    -> EncoderOutput (frames [B, S, E], frame mask [B, S]; per-layer hidden states and attention probabilities when
+    asked, as transformers' encoder returns them).
     ``rng``: a ``jax.random`` key for dropout, LayerDrop and SpecAugment (training mode), None for eval mode.
     ``remat``: the layers' rematerialisation policy for the backward pass ("none", "layer", "dots";
     ``layers.core.remat``)."""
     apply = family(cfg.encoder.model_type, "encoder").apply
-    hidden, mask = apply(cfg.encoder, params["encoder"], inputs, as_mask(attention_mask), rng=rng, dtype=jnp.dtype(dtype),
-                         remat=remat)
-    return EncoderOutput(hidden, mask)
+    capture = output_hidden_states or output_attentions
+    out = apply(cfg.encoder, params["encoder"], inputs, as_mask(attention_mask), rng=rng, dtype=jnp.dtype(dtype),
+                remat=remat, **({"capture": True} if capture else {}))
+    if not capture:
+        return EncoderOutput(*out)
+    hidden, mask, extra = out
+    return EncoderOutput(hidden, mask, extra.hidden_states if output_hidden_states else None,
+                         extra.attentions if output_attentions else None)
 
 
 def with_frame_mask(cfg: SpeechSeq2SeqConfig, encoder_outputs: EncoderOutput | tuple,
@@ -122,13 +142,13 @@ def with_frame_mask(cfg: SpeechSeq2SeqConfig, encoder_outputs: EncoderOutput | t
             got = "an array" if hasattr(encoder_outputs, "shape") else type(encoder_outputs).__name__  # maybe traced
             raise InputError("encoder_outputs: expected an EncoderOutput or a tuple whose first element is the "
                              f"frames [B, S, E], got {got}")
-        # transformers' tuple is (last_hidden_state, hidden_states?, attentions?): only the frames are read
-        encoder_outputs = EncoderOutput(encoder_outputs[0], None)
+        # transformers' tuple, read as its BaseModelOutput(*tuple): (last_hidden_state, hidden_states?, attentions?)
+        encoder_outputs = EncoderOutput(encoder_outputs[0], None, *encoder_outputs[1:3])
     if encoder_outputs.attention_mask is not None or attention_mask is None:
         return encoder_outputs
     hidden = encoder_outputs.last_hidden_state
     mask = family(cfg.encoder.model_type, "encoder").frame_mask(cfg.encoder, attention_mask, hidden.shape[1])
-    return EncoderOutput(hidden, mask)
+    return encoder_outputs._replace(attention_mask=mask)
 
 
 def project(cfg: SpeechSeq2SeqConfig, params: Params, hidden: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
@@ -150,20 +170,23 @@ def decode(cfg: SpeechSeq2SeqConfig, params: Params, decoder_input_ids: jax.Arra
 def decode_projected(cfg: SpeechSeq2SeqConfig, params: Params, decoder_input_ids: jax.Array | None, enc: jax.Array,
                      enc_mask: jax.Array | None, decoder_attention_mask: jax.Array | None, dtype: Any,
                      rng: jax.Array | None = None, remat: str = "none",
-                     decoder_inputs_embeds: jax.Array | None = None) -> jax.Array:
+                     decoder_inputs_embeds: jax.Array | None = None,
+                     capture: bool = False) -> jax.Array | tuple[jax.Array, Captured]:
     """The decoder over frames already at its width (after ``enc_to_dec_proj``): ids [B, T] (or
     ``decoder_inputs_embeds`` [B, T, D]), frames [B, S, D], frame mask [B, S] bool or None -> float32 logits
-    [B, T, V]. What ``decode`` and ``forward`` run after ``project``, and the decoder used alone."""
+    [B, T, V]. What ``decode`` and ``forward`` run after ``project``, and the decoder used alone. ``capture``:
+    (logits, ``Captured``: transformers' decoder hidden states, self- and cross-attention probabilities)."""
     name, given = (("decoder_input_ids", decoder_input_ids) if decoder_inputs_embeds is None
                    else ("decoder_inputs_embeds", decoder_inputs_embeds))
     if given is not None and given.ndim >= 1 and enc.shape[0] != given.shape[0]:
         raise InputError(f"{name}: batch {given.shape[0]} does not match the audio batch {enc.shape[0]}")
     dtype = jnp.dtype(dtype)
     cross = cross_kv(cfg, params, enc, dtype)
-    return family(cfg.decoder.model_type, "decoder").apply(cfg.decoder, params["decoder"], decoder_input_ids, cross,
-                                                           enc_mask, decoder_attention_mask, dtype=dtype,
-                                                           rng=rng, remat=remat,
-                                                           inputs_embeds=decoder_inputs_embeds)[0]
+    out = family(cfg.decoder.model_type, "decoder").apply(cfg.decoder, params["decoder"], decoder_input_ids, cross,
+                                                          enc_mask, decoder_attention_mask, dtype=dtype, rng=rng,
+                                                          remat=remat, inputs_embeds=decoder_inputs_embeds,
+                                                          capture=capture)
+    return (out[0], out[2]) if capture else out[0]
 
 
 def cross_kv(cfg: SpeechSeq2SeqConfig, params: Params, enc: jax.Array, dtype: Any = jnp.float32) -> transformer.CrossKV:
@@ -198,25 +221,32 @@ def forward(cfg: SpeechSeq2SeqConfig, params: Params, inputs: jax.Array | None =
             decoder_attention_mask: jax.Array | None = None, labels: jax.Array | None = None,
             encoder_outputs: EncoderOutput | tuple | None = None, dtype: Any = jnp.float32,
             rng: jax.Array | None = None, remat: str = "none", input_features: jax.Array | None = None,
-            input_values: jax.Array | None = None, decoder_inputs_embeds: jax.Array | None = None
-            ) -> Seq2SeqOutput:
+            input_values: jax.Array | None = None, decoder_inputs_embeds: jax.Array | None = None,
+            output_hidden_states: bool = False, output_attentions: bool = False) -> Seq2SeqOutput:
     """Full model: the encoder's input (``inputs``, as transformers' first argument: audio [B, N] or features
     [B, S, F], whichever the encoder reads; or by name ``input_values`` / ``input_features``; or
     ``encoder_outputs``) and decoder ids [B, T], or ``decoder_inputs_embeds`` [B, T, D], or labels [B, T]
     (shifted right when neither is given) -> Seq2SeqOutput. Masks may be bool, integer or float 0/1.
 
-    ``encoder_outputs`` is an EncoderOutput or, as in transformers, a tuple whose first element is the frames
-    [B, S, E] (the rest unused). Without a frame mask of their own they get one from ``attention_mask`` (the
+    ``encoder_outputs`` is an EncoderOutput or, as in transformers, a tuple (frames [B, S, E], hidden states?,
+    attentions?), the latter two only passed on to the output. Without a frame mask of their own they get one from ``attention_mask`` (the
     input's mask). ``rng``: a ``jax.random`` key for dropout, LayerDrop and SpecAugment (training mode; the encoder
     and the decoder get keys folded from it), None for eval mode. ``remat``: the layers' rematerialisation policy
     for the backward pass ("none", "layer" or "dots"; ``layers.core.remat``).
+
+    ``output_hidden_states`` / ``output_attentions`` (static): the per-layer outputs of transformers'
+    ``Seq2SeqLMOutput`` (``encoder_hidden_states``, ``decoder_hidden_states``; ``encoder_attentions``,
+    ``decoder_attentions``, ``cross_attentions``), computed only when asked. Given ``encoder_outputs``, the encoder's
+    are those they carry, as in transformers. The probabilities are those after attention dropout, as transformers'
+    eager attention returns them; with LayerDrop in training mode a one-line ``InputError`` (``check_capture``).
     """
     inputs = encoder_input(cfg, input_values, input_features, inputs)
     attention_mask = as_mask(attention_mask)
     if encoder_outputs is None:
         if inputs is None:
             raise InputError(f"{input_kind(cfg).name}: required unless encoder_outputs are given")
-        encoder_outputs = encode(cfg, params, inputs, attention_mask, dtype, fold(rng, _ENCODER), remat)
+        encoder_outputs = encode(cfg, params, inputs, attention_mask, dtype, fold(rng, _ENCODER), remat,
+                                 output_hidden_states, output_attentions)
     encoder_outputs = with_frame_mask(cfg, encoder_outputs, attention_mask)
     if decoder_input_ids is not None and decoder_inputs_embeds is not None:
         raise InputError(transformer.BOTH_IDS_AND_EMBEDS)
@@ -228,12 +258,21 @@ def forward(cfg: SpeechSeq2SeqConfig, params: Params, inputs: jax.Array | None =
             raise InputError("labels: config needs decoder_start_token_id and pad_token_id to build decoder inputs")
         decoder_input_ids = shift_right(labels, cfg.pad_token_id, cfg.decoder_start_token_id)
     enc = project(cfg, params, encoder_outputs.last_hidden_state, dtype)
+    capture = output_hidden_states or output_attentions
     logits = decode_projected(cfg, params, decoder_input_ids, enc, encoder_outputs.attention_mask,
-                               decoder_attention_mask, dtype, fold(rng, _DECODER), remat, decoder_inputs_embeds)
+                              decoder_attention_mask, dtype, fold(rng, _DECODER), remat, decoder_inputs_embeds, capture)
+    extra = dict(encoder_hidden_states=encoder_outputs.hidden_states, encoder_attentions=encoder_outputs.attentions)
+    if capture:
+        logits, dec = logits
+        if output_hidden_states:
+            extra.update(decoder_hidden_states=dec.hidden_states)
+        if output_attentions:
+            extra.update(decoder_attentions=dec.attentions, cross_attentions=dec.cross_attentions)
     loss = None if labels is None else cross_entropy(logits, labels)
-    return Seq2SeqOutput(logits, loss, enc, encoder_outputs.attention_mask)
+    return Seq2SeqOutput(logits, loss, enc, encoder_outputs.attention_mask, **extra)
 
 
-forward_jit = jax.jit(forward, static_argnames=("cfg", "dtype", "remat"))
-encode_jit = jax.jit(encode, static_argnames=("cfg", "dtype", "remat"))
+_OUTPUT_FLAGS = ("output_hidden_states", "output_attentions")
+forward_jit = jax.jit(forward, static_argnames=("cfg", "dtype", "remat", *_OUTPUT_FLAGS))
+encode_jit = jax.jit(encode, static_argnames=("cfg", "dtype", "remat", *_OUTPUT_FLAGS))
 decode_jit = jax.jit(decode, static_argnames=("cfg", "dtype", "remat"))

@@ -39,9 +39,10 @@ class EncoderFamily(Protocol):
         """The weight table (names relative to the bare model, ``{base}`` for its prefix)."""
 
     def encode(self, cfg: Any, params: Any, inputs: Any, mask: Any, *, rng: Any = None, dtype: Any = ...,
-               remat: str = "none") -> tuple[Any, Any]:
+               remat: str = "none", capture: bool = False) -> tuple[Any, ...]:
         """Inputs of its kind (+ their mask, or None) -> (frames [B, S, cfg.output_size], frame mask [B, S] bool or
-        None). ``rng``: a ``jax.random`` key for training-mode regularisation, None for eval mode."""
+        None). ``rng``: a ``jax.random`` key for training-mode regularisation, None for eval mode. ``capture``: a
+        third element, transformers' per-layer outputs (``layers.core.Captured``)."""
 
     def frame_mask(self, cfg: Any, mask: Any, num_frames: int) -> Any:
         """The input's mask -> the mask [B, num_frames] of the frames ``encode`` returns (for precomputed frames)."""

@@ -6,7 +6,7 @@ import copy
 import dataclasses
 import math
 import os
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -262,18 +262,21 @@ class SpeechSeq2Seq:
                              f"{tuple(x.shape)}")
         return x
 
-    def encode(self, input_values: Any = None, attention_mask: Any = None, *,
-               input_features: Any = None) -> M.EncoderOutput:
+    def encode(self, input_values: Any = None, attention_mask: Any = None, *, input_features: Any = None,
+               output_hidden_states: bool = False, output_attentions: bool = False) -> M.EncoderOutput:
         """Audio [B, N] (or ``input_features`` [B, S, F], for an encoder that reads features) -> EncoderOutput
-        (frames [B, S, E], frame mask [B, S])."""
+        (frames [B, S, E], frame mask [B, S]; with ``output_hidden_states`` / ``output_attentions`` its
+        ``hidden_states`` / ``attentions`` tuples, as transformers' encoder returns them)."""
         return M.encode_jit(self.config, self.params, self._inputs(input_values, input_features),
-                            _mask(attention_mask, "attention_mask"), self.dtype)
+                            _mask(attention_mask, "attention_mask"), self.dtype,
+                            output_hidden_states=_flag(output_hidden_states, "output_hidden_states"),
+                            output_attentions=_flag(output_attentions, "output_attentions"))
 
     def __call__(self, inputs: Any = None, attention_mask: Any = None, decoder_input_ids: Any = None,
                  decoder_attention_mask: Any = None, labels: Any = None,
                  encoder_outputs: M.EncoderOutput | tuple | None = None, input_features: Any = None,
-                 rng: Any = None, *, input_values: Any = None, decoder_inputs_embeds: Any = None
-                 ) -> M.Seq2SeqOutput:
+                 rng: Any = None, *, input_values: Any = None, decoder_inputs_embeds: Any = None,
+                 output_hidden_states: bool = False, output_attentions: bool = False) -> M.Seq2SeqOutput:
         """Logits [B, T, V] (and the loss when ``labels`` [B, T] are given, -100 ignored) with transformers'
         keywords. The encoder reads ``inputs`` (transformers' first argument: audio [B, N] or features [B, S, F],
         whichever it takes), or the same by name, audio ``input_values`` [B, N] or ``input_features`` [B, S, F],
@@ -281,7 +284,9 @@ class SpeechSeq2Seq:
         [B, T, D] in their place (positions, token type and norm are added as the decoder family in transformers
         adds them), or else ``labels`` shifted right. Masks (``attention_mask`` [B, N], ``decoder_attention_mask``
         [B, T]) may be bool, integer or float, with 0/1 values. ``rng``: a ``jax.random`` key turns on dropout,
-        LayerDrop and SpecAugment (training mode); None is eval mode."""
+        LayerDrop and SpecAugment (training mode); None is eval mode. ``output_hidden_states`` /
+        ``output_attentions``: transformers' per-layer outputs as well (``Seq2SeqOutput``'s ``encoder_*``,
+        ``decoder_*`` and ``cross_attentions`` tuples), computed only when asked."""
         x = self._inputs(input_values, input_features, required=False, inputs=inputs)
         if x is None and encoder_outputs is None:
             raise InputError(f"{M.input_kind(self.config).name}: required unless encoder_outputs are given")
@@ -311,7 +316,9 @@ class SpeechSeq2Seq:
         return M.forward_jit(self.config, self.params, x, attention_mask=_mask(attention_mask, "attention_mask"),
                              decoder_input_ids=ids, decoder_attention_mask=ids_mask, labels=labels,
                              encoder_outputs=encoder_outputs, dtype=self.dtype, rng=rng,
-                             decoder_inputs_embeds=embeds)
+                             decoder_inputs_embeds=embeds,
+                             output_hidden_states=_flag(output_hidden_states, "output_hidden_states"),
+                             output_attentions=_flag(output_attentions, "output_attentions"))
 
     # -- export ----------------------------------------------------------------------------------------------------
 
@@ -424,7 +431,25 @@ class SpeechSeq2Seq:
         return result
 
 
-_decode_projected_jit = jax.jit(M.decode_projected, static_argnames=("cfg", "dtype", "remat"))
+_decode_projected_jit = jax.jit(M.decode_projected, static_argnames=("cfg", "dtype", "remat", "capture"))
+
+
+class DecoderOutput(NamedTuple):
+    """``model.decoder(...)`` with ``output_hidden_states`` / ``output_attentions``: transformers' causal-LM output
+    (``CausalLMOutputWithCrossAttentions``); each tuple None unless asked."""
+
+    logits: jax.Array  # [B, T, V] float32
+    hidden_states: tuple[jax.Array, ...] | None  # the embeddings, then each layer's output [B, T, D]
+    attentions: tuple[jax.Array, ...] | None  # per layer [B, N, T, T]
+    cross_attentions: tuple[jax.Array, ...] | None  # per layer [B, N, T, S]
+
+
+def _flag(value: Any, name: str) -> bool:
+    """A static output flag (it picks the compiled program): a plain bool, or None for False (transformers' None:
+    the config's default, False); one line otherwise (transformers 5's lists of layer indices are not taken)."""
+    if value is not None and not isinstance(value, (bool, np.bool_)):
+        raise InputError(f"{name}: expected True or False, got {value!r:.60}")
+    return bool(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -453,13 +478,16 @@ class ModelPart:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Encoder: ``SpeechSeq2Seq.encode``'s arguments -> EncoderOutput. Decoder: ``(input_ids [B, T],
         encoder_hidden_states [B, S, D], encoder_attention_mask [B, S] = None, attention_mask [B, T] = None)`` ->
-        float32 logits [B, T, V]; the frames are at the decoder's width (after ``enc_to_dec_proj``)."""
+        float32 logits [B, T, V]; the frames are at the decoder's width (after ``enc_to_dec_proj``). Both take
+        ``output_hidden_states`` / ``output_attentions`` as transformers' standalone classes do; the decoder then
+        returns a ``DecoderOutput`` (logits and the tuples) in place of the logits."""
         if self.role == "encoder":
             return self.model.encode(*args, **kwargs)
         return self._decode(*args, **kwargs)
 
     def _decode(self, input_ids: Any, encoder_hidden_states: Any, encoder_attention_mask: Any = None,
-                attention_mask: Any = None) -> jax.Array:
+                attention_mask: Any = None, *, output_hidden_states: bool = False,
+                output_attentions: bool = False) -> jax.Array | DecoderOutput:
         cfg = self.model.config
         ids = _token_ids(input_ids, "input_ids", cfg.decoder.vocab_size)
         frames = _array(encoder_hidden_states, "encoder_hidden_states", finite=True)
@@ -473,7 +501,14 @@ class ModelPart:
         if frame_mask is not None and tuple(frame_mask.shape) != tuple(frames.shape[:2]):
             raise InputError(f"encoder_attention_mask: expected shape {tuple(frames.shape[:2])}, got "
                              f"{tuple(frame_mask.shape)}")
-        return _decode_projected_jit(cfg=cfg, params=self.model.params, decoder_input_ids=ids, enc=frames,
-                                     enc_mask=None if frame_mask is None else frame_mask.astype(bool),
-                                     decoder_attention_mask=_mask(attention_mask, "attention_mask"),
-                                     dtype=self.model.dtype)
+        hidden, attentions = (_flag(output_hidden_states, "output_hidden_states"),
+                              _flag(output_attentions, "output_attentions"))
+        out = _decode_projected_jit(cfg=cfg, params=self.model.params, decoder_input_ids=ids, enc=frames,
+                                    enc_mask=None if frame_mask is None else frame_mask.astype(bool),
+                                    decoder_attention_mask=_mask(attention_mask, "attention_mask"),
+                                    dtype=self.model.dtype, capture=hidden or attentions)
+        if not (hidden or attentions):
+            return out
+        logits, extra = out
+        return DecoderOutput(logits, extra.hidden_states if hidden else None, extra.attentions if attentions else None,
+                             extra.cross_attentions if attentions else None)

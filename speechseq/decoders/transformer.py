@@ -21,8 +21,9 @@ import numpy as np
 
 from speechseq.config import DecoderConfig
 from speechseq.errors import InputError
-from speechseq.layers.core import (activation, attention, block, dense, dropout, embedding_lookup, fold, heads,
-                                   layer_drop, layer_norm, merge_heads, remat as remat_fn)
+from speechseq.layers.core import (activation, attention, block, captured, check_capture, dense, dropout,
+                                   embedding_lookup, fold, heads, layer_drop, layer_norm, merge_heads,
+                                   remat as remat_fn)
 from speechseq.checkpoints.table import Rule, dense as dense_rules, norm as norm_rules, rule
 
 Params = Mapping[str, jax.Array]
@@ -306,6 +307,9 @@ class LayerOps(NamedTuple):
       the ``cross`` argument of ``decode`` holds them, for B utterances, each shared by B' / B consecutive rows of
       x (beams, samples); mask [B, 1, 1, S] or None.
     - ``dense(p, x, dtype) -> y``: the feed-forward's dense layers.
+
+    The model's own also take ``return_probs=True`` (``decoder_layer(capture=True)``, transformers'
+    ``output_attentions``): then they also return the attention probabilities [B', N, T, S], last.
     """
 
     self_attention: Callable
@@ -315,21 +319,26 @@ class LayerOps(NamedTuple):
 
 def _self_attention(cfg: DecoderConfig, sp: Params, x: jax.Array, kv_cache: tuple | None, mask: jax.Array,
                     scale: jax.Array, start: int | jax.Array, groups: int, dtype: jnp.dtype,
-                    rng: jax.Array | None) -> tuple[jax.Array, tuple | None]:
+                    rng: jax.Array | None, return_probs: bool = False) -> tuple:
     N = cfg.num_heads
     q, k, v = (heads(sp[n], x, N, dtype) for n in "qkv")  # [B', N, T, H]
     layout, new_cache = "bnsh", None
     if kv_cache is not None:  # keys [B, N, H, Tmax * G], values [B, N, Tmax * G, H]
         k, v = write_cache(*kv_cache, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), start, groups)
         layout, new_cache = "bnhs", (k, v)
-    out = attention(q, k, v, mask, scale, layout, groups, cfg.attention_dropout, rng)
+    out = attention(q, k, v, mask, scale, layout, groups, cfg.attention_dropout, rng, return_probs=return_probs)
+    if return_probs:
+        return merge_heads(sp["o"], out[0], dtype), new_cache, out[1]
     return merge_heads(sp["o"], out, dtype), new_cache
 
 
 def _cross_attention(cfg: DecoderConfig, cp: Params, x: jax.Array, k: jax.Array, v: jax.Array,
-                     mask: jax.Array | None, scale: jax.Array, dtype: jnp.dtype, rng: jax.Array | None) -> jax.Array:
+                     mask: jax.Array | None, scale: jax.Array, dtype: jnp.dtype, rng: jax.Array | None,
+                     return_probs: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
     out = attention(heads(cp["q"], x, cfg.num_heads, dtype), k, v, mask, scale, "bnsh", x.shape[0] // k.shape[0],
-                    cfg.attention_dropout, rng)
+                    cfg.attention_dropout, rng, return_probs=return_probs)
+    if return_probs:
+        return merge_heads(cp["o"], out[0], dtype), out[1]
     return merge_heads(cp["o"], out, dtype)
 
 
@@ -344,22 +353,29 @@ def decoder_layer(cfg: DecoderConfig, lp: Params, h: jax.Array, scale: jax.Array
                   kv_cache: tuple | None, index: int | jax.Array, self_mask: jax.Array,
                   cross_mask: jax.Array | None, start: int | jax.Array = 0, groups: int = 1,
                   dtype: jnp.dtype = jnp.float32, rng: jax.Array | None = None,
-                  ops: LayerOps = MODEL_OPS) -> tuple[jax.Array, tuple | None]:
+                  ops: LayerOps = MODEL_OPS, capture: bool = False) -> tuple:
     """One decoder layer: h [B', T, D] -> (h, this layer's updated cache or None). Self-attention, cross-attention
     and the MLP, each a residual block (pre- or post-norm) with transformers' dropouts; LayerDrop over the whole
-    layer. ``rng``: the decoder's key (the layer folds in its ``index``); ``ops``: see ``LayerOps``."""
+    layer. ``rng``: the decoder's key (the layer folds in its ``index``); ``ops``: see ``LayerOps``. ``capture``
+    (the model's ops, no LayerDrop): a third element, the (self, cross) attention probabilities."""
     eps, pre = cfg.layer_norm_eps, cfg.pre_norm
     lr = fold(rng, _LAYERS, index)
     new_cache = None
+    probs = {}
+    extra = {"return_probs": True} if capture else {}  # only the model's own ops take it (``LayerOps``)
 
     def self_attn(x: jax.Array) -> jax.Array:
         nonlocal new_cache
-        out, new_cache = ops.self_attention(cfg, lp["self_attn"], x, kv_cache, self_mask, scale, start, groups,
-                                            dtype, fold(lr, _SELF_PROBS))
+        out, new_cache, *p = ops.self_attention(cfg, lp["self_attn"], x, kv_cache, self_mask, scale, start, groups,
+                                                dtype, fold(lr, _SELF_PROBS), **extra)
+        probs["self"] = p
         return dropout(out, cfg.hidden_dropout, fold(lr, _SELF_OUT))
 
     def cross_attn(x: jax.Array) -> jax.Array:
-        out = ops.cross_attention(cfg, lp["cross_attn"], x, ck, cv, cross_mask, scale, dtype, fold(lr, _CROSS_PROBS))
+        out = ops.cross_attention(cfg, lp["cross_attn"], x, ck, cv, cross_mask, scale, dtype, fold(lr, _CROSS_PROBS),
+                                  **extra)
+        if capture:
+            out, probs["cross"] = out
         return dropout(out, cfg.hidden_dropout, fold(lr, _CROSS_OUT))
 
     def feed_forward(x: jax.Array) -> jax.Array:
@@ -372,6 +388,9 @@ def decoder_layer(cfg: DecoderConfig, lp: Params, h: jax.Array, scale: jax.Array
         h = block(h, lp["cross_norm"], cross_attn, pre, eps)
         return block(h, lp["mlp_norm"], feed_forward, pre, eps)
 
+    if capture:  # no LayerDrop then (``decode`` checks): ``run`` runs here, not under a cond, and sets ``probs``
+        h = run(h)
+        return h, new_cache, (probs["self"][0], probs["cross"])
     # with a cache there is no rng (``decode``), so LayerDrop is off and ``run`` sets ``new_cache``
     return layer_drop(run, h, cfg.layerdrop, fold(lr, _LAYERDROP)), new_cache
 
@@ -420,8 +439,8 @@ def step_inputs(cfg: DecoderConfig, p: Params, input_ids: jax.Array | None, enc_
 def decode(cfg: DecoderConfig, p: Params, input_ids: jax.Array | None, cross: CrossKV, enc_mask: jax.Array | None,
            attention_mask: jax.Array | None = None, cache: KVCache | None = None, start: int | jax.Array = 0,
            dtype: jnp.dtype = jnp.float32, cache_rows: jax.Array | None = None,
-           rng: jax.Array | None = None, remat: str = "none", inputs_embeds: jax.Array | None = None
-           ) -> tuple[jax.Array, KVCache | None]:
+           rng: jax.Array | None = None, remat: str = "none", inputs_embeds: jax.Array | None = None,
+           capture: bool = False) -> tuple:
     """Decoder over ids [B', T] at steps start..start+T-1 -> (float32 logits [B', T, V], updated cache).
 
     ``cross`` holds K/V for B utterances (B' = B * beams), as ``cross_kv`` gives them. Without ``cache`` this is
@@ -443,7 +462,16 @@ def decode(cfg: DecoderConfig, p: Params, input_ids: jax.Array | None, cross: Cr
     lookup, as transformers' ``inputs_embeds``: positions counted from ``start`` whatever the padding (RoBERTa's
     too), then token type, norm and dropout as for ids; scaled by ``embed_scale`` only where transformers scales
     them (``cfg.given_embeds``).
+
+    ``capture`` (teacher-forced pass only): a third element, ``layers.core.Captured`` as transformers' decoders give
+    it for ``output_hidden_states`` / ``output_attentions``: the embeddings (the first layer's input), each layer's
+    output, the last one after the final norm where the family has one; each layer's self-attention [B', N, T, T]
+    and cross-attention [B', N, T, S] probabilities.
     """
+    if capture and cache is not None:
+        raise InputError("output_attentions / output_hidden_states: the teacher-forced pass only, not cached steps")
+    if capture:
+        check_capture(cfg.layerdrop, rng, "decoder")
     if rng is not None and cache is not None:
         raise InputError("rng: dropout applies to the teacher-forced pass only, not to cached decode steps")
     if inputs_embeds is not None and cache is not None:
@@ -455,12 +483,18 @@ def decode(cfg: DecoderConfig, p: Params, input_ids: jax.Array | None, cross: Cr
 
     def layer(h: jax.Array, xs: tuple) -> tuple[jax.Array, tuple | None]:
         lp, scale, ck, cv, kv_cache, i = xs
-        return decoder_layer(cfg, lp, h, scale, ck, cv, kv_cache, i, self_mask, cross_mask, start, groups, dtype,
-                             rng)
+        out = decoder_layer(cfg, lp, h, scale, ck, cv, kv_cache, i, self_mask, cross_mask, start, groups, dtype,
+                            rng, capture=capture)
+        if capture:  # each layer's output and probabilities as scan outputs (no cache here)
+            return out[0], (out[0], *out[2])
+        return out
 
     xs = (p["layers"], layer_scales(cfg), cross.k, cross.v, None if cache is None else tuple(cache),
           jnp.arange(cfg.num_layers))
-    h, new_cache = jax.lax.scan(remat_fn(layer, remat), h, xs)
+    first = h
+    h, per_layer = jax.lax.scan(remat_fn(layer, remat), h, xs)
     if cfg.final_norm:
         h = layer_norm(p["final_norm"], h, cfg.layer_norm_eps)
-    return lm_head(cfg, p, h, dtype), None if cache is None else KVCache(*new_cache)
+    if capture:  # transformers' decoders put last_hidden_state (after the final norm) last
+        return lm_head(cfg, p, h, dtype), None, captured(first, per_layer, last=h)
+    return lm_head(cfg, p, h, dtype), None if cache is None else KVCache(*per_layer)

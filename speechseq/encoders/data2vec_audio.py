@@ -65,8 +65,8 @@ def positional_convs(cfg: Data2VecAudioConfig, p: Params, h: jax.Array) -> jax.A
 
 def encode(cfg: Data2VecAudioConfig, p: Params, input_values: jax.Array, attention_mask: jax.Array | None, *,
            rng: jax.Array | None = None, dtype: jnp.dtype = jnp.float32,
-           remat: str = "none") -> tuple[jax.Array, jax.Array | None]:
+           remat: str = "none", capture: bool = False) -> tuple:
     """``wav2vec2.encode`` with the positional conv stack: audio [B, N] (+ mask [B, N]) -> (frames [B, S, E],
-    frame mask [B, S] or None)."""
+    frame mask [B, S] or None) (+ ``Captured`` with ``capture``)."""
     return wav2vec2.encode(cfg, p, input_values, attention_mask, rng=rng, dtype=dtype, remat=remat,
-                           positional=positional_convs)
+                           positional=positional_convs, capture=capture)

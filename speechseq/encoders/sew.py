@@ -25,7 +25,7 @@ from speechseq.encoders import unispeech, wav2vec2
 from speechseq.encoders.wav2vec2 import _FEAT_PROJ, _POS, _SPEC_AUGMENT, Params  # its random sites: the same keys
 from speechseq.encoders.wav2vec2 import INPUT_KIND  # noqa: F401 (the family API)
 from speechseq.errors import InputError
-from speechseq.layers.core import activation, dense, dropout, fold, layer_norm
+from speechseq.layers.core import activation, captured, dense, dropout, fold, layer_norm
 
 
 @dataclass(frozen=True)
@@ -137,9 +137,11 @@ def features(cfg: SEWConfig, p: Params, input_values: jax.Array, attention_mask:
 
 def encode(cfg: SEWConfig, p: Params, input_values: jax.Array, attention_mask: jax.Array | None, *,
            rng: jax.Array | None = None, dtype: jnp.dtype = jnp.float32,
-           remat: str = "none") -> tuple[jax.Array, jax.Array | None]:
+           remat: str = "none", capture: bool = False) -> tuple:
     """Audio [B, N] (+ sample mask [B, N]) -> (frames [B, S, hidden_size], frame mask [B, S] bool or None), S the
-    feature encoder's frame count.
+    feature encoder's frame count. ``capture``: a third element, ``layers.core.Captured`` as transformers gives it:
+    the squeezed frames [B, S // squeeze_factor, D] that enter the layers and each layer's output (before the
+    upsampling), with each layer's attention probabilities.
 
     ``rng`` turns on training-mode regularisation as in ``wav2vec2.encode``: dropout after the (optional) feature
     projection, SpecAugment (time spans over the padded length), dropout after the squeeze's norm, and the layers'
@@ -147,6 +149,8 @@ def encode(cfg: SEWConfig, p: Params, input_values: jax.Array, attention_mask: j
     h, mask = features(cfg, p, input_values, attention_mask, rng=rng, dtype=dtype, eps=cfg.layer_norm_eps)
     S = h.shape[1]
     h, pooled_mask = squeeze(cfg, p["pos_conv"], h, mask)
-    h = dropout(layer_norm(p["norm"], h, cfg.layer_norm_eps), cfg.hidden_dropout, fold(rng, _POS))
-    h = wav2vec2.transformer_layers(cfg, p, h, pooled_mask, rng=rng, dtype=dtype, remat=remat)
+    h = first = dropout(layer_norm(p["norm"], h, cfg.layer_norm_eps), cfg.hidden_dropout, fold(rng, _POS))
+    h = wav2vec2.transformer_layers(cfg, p, h, pooled_mask, rng=rng, dtype=dtype, remat=remat, capture=capture)
+    if capture:
+        return upsample(cfg, p["upsample"], h[0], S, dtype), mask, captured(first, h[1])
     return upsample(cfg, p["upsample"], h, S, dtype), mask

@@ -28,7 +28,8 @@ from speechseq.encoders import sew, wav2vec2
 from speechseq.encoders.sew import frame_mask  # noqa: F401 (the family API)
 from speechseq.encoders.wav2vec2 import INPUT_KIND, Params, SelfAttention  # noqa: F401 (the family API)
 from speechseq.errors import ConfigError
-from speechseq.layers.core import attention, dense, dropout, fold, heads, layer_norm, merge_heads, split_heads
+from speechseq.layers.core import (attention, captured, dense, dropout, fold, heads, layer_norm, merge_heads,
+                                   split_heads)
 
 POS_ATT_TYPES = ("c2p", "p2c")
 
@@ -180,7 +181,8 @@ def disentangled_attention(cfg: SEWDConfig, p: Params, num_frames: int, dtype: j
         c2p_rows = np.clip(buckets + A, 0, 2 * A - 1)  # [query, key]
         p2c_rows = np.clip(-buckets + A, 0, 2 * A - 1)  # [key, query]
 
-    def attend(lp: Params, x: jax.Array, mask: jax.Array | None, rng: jax.Array | None) -> jax.Array:
+    def attend(lp: Params, x: jax.Array, mask: jax.Array | None, rng: jax.Array | None,
+               return_probs: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
         q, k, v = (heads(lp[n], x, N, dtype) for n in ("q", "k", "v"))  # [B, N, S, H]
         bias = None
         if terms:
@@ -199,7 +201,10 @@ def disentangled_attention(cfg: SEWDConfig, p: Params, num_frames: int, dtype: j
                 bias = bias + jnp.swapaxes(jnp.take_along_axis(scores, jnp.asarray(p2c_rows)[None, None], axis=-1),
                                            -1, -2)
             bias = bias * scale
-        out = attention(q, k, v, mask, scale, dropout_rate=cfg.attention_dropout, rng=fold(rng, 0), bias=bias)
+        out = attention(q, k, v, mask, scale, dropout_rate=cfg.attention_dropout, rng=fold(rng, 0), bias=bias,
+                        return_probs=return_probs)
+        if return_probs:
+            return merge_heads(lp["o"], out[0], dtype), out[1]
         return merge_heads(lp["o"], out, dtype)
 
     return attend
@@ -207,13 +212,16 @@ def disentangled_attention(cfg: SEWDConfig, p: Params, num_frames: int, dtype: j
 
 def encode(cfg: SEWDConfig, p: Params, input_values: jax.Array, attention_mask: jax.Array | None, *,
            rng: jax.Array | None = None, dtype: jnp.dtype = jnp.float32,
-           remat: str = "none") -> tuple[jax.Array, jax.Array | None]:
+           remat: str = "none", capture: bool = False) -> tuple:
     """Audio [B, N] (+ sample mask [B, N]) -> (frames [B, S, hidden_size], frame mask [B, S] bool or None), S the
-    feature encoder's frame count. ``rng``: dropout after the (optional) feature projection, SpecAugment, and the
+    feature encoder's frame count (+ ``Captured`` with ``capture``, as ``sew.encode``'s: no norm before the layers
+    here, so the first entry is the squeezed frames). ``rng``: dropout after the (optional) feature projection, SpecAugment, and the
     layers' dropouts (on attention probabilities, relative embeddings, attention and feed-forward outputs)."""
     h, mask = sew.features(cfg, p, input_values, attention_mask, rng=rng, dtype=dtype, eps=cfg.feature_layer_norm_eps)
     S = h.shape[1]
     h, pooled_mask = sew.squeeze(cfg, p["pos_conv"], h, mask)
-    h = wav2vec2.transformer_layers(cfg, p, h, pooled_mask, rng=rng, dtype=dtype, remat=remat,
-                                    attention=disentangled_attention)
-    return sew.upsample(cfg, p["upsample"], h, S, dtype), mask
+    out = wav2vec2.transformer_layers(cfg, p, h, pooled_mask, rng=rng, dtype=dtype, remat=remat,
+                                      attention=disentangled_attention, capture=capture)
+    if capture:
+        return sew.upsample(cfg, p["upsample"], out[0], S, dtype), mask, captured(h, out[1])
+    return sew.upsample(cfg, p["upsample"], out, S, dtype), mask

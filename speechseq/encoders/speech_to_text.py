@@ -22,8 +22,8 @@ from speechseq.config import (ACTIVATION, INT, INT_LIST, EncoderConfig, HFField,
 from speechseq.decoders.transformer import sinusoidal_table
 from speechseq.encoders.wav2vec2 import TORCH_NORM_EPS, _conv
 from speechseq.errors import ConfigError, InputError
-from speechseq.layers.core import (block, dropout, fold, layer_drop, layer_norm, mlp, multi_head_attention,
-                                   remat as remat_fn)
+from speechseq.layers.core import (block, captured, check_capture, dropout, fold, layer_drop, layer_norm, mlp,
+                                   multi_head_attention, remat as remat_fn)
 
 Params = Mapping[str, jax.Array]
 
@@ -189,8 +189,11 @@ _ATTN_PROBS, _ATTN_OUT, _ACT, _MLP_OUT, _LAYERDROP = range(5)  # per layer
 
 def encode(cfg: Speech2TextConfig, p: Params, input_features: jax.Array, attention_mask: jax.Array | None, *,
            rng: jax.Array | None = None, dtype: jnp.dtype = jnp.float32,
-           remat: str = "none") -> tuple[jax.Array, jax.Array | None]:
-    """Filterbanks [B, F, C] (+ frame mask [B, F]) -> (frames [B, S, D], frame mask [B, S] bool or None).
+           remat: str = "none", capture: bool = False) -> tuple:
+    """Filterbanks [B, F, C] (+ frame mask [B, F]) -> (frames [B, S, D], frame mask [B, S] bool or None), and with
+    ``capture`` a third element, ``layers.core.Captured`` as transformers gives it: the first layer's input, each
+    layer's output but the last, then the final norm's output (transformers puts ``last_hidden_state`` there), and
+    each layer's attention probabilities.
 
     ``rng`` turns on transformers' training-mode dropout (``dropout`` after the positions, the attention output and
     the feed-forward; ``attention_dropout``; ``activation_dropout``) and LayerDrop (``encoder_layerdrop``).
@@ -202,14 +205,21 @@ def encode(cfg: Speech2TextConfig, p: Params, input_features: jax.Array, attenti
     mask = None if attention_mask is None else frame_mask(cfg, attention_mask, h.shape[1])
     h = dropout(h + positions(cfg, mask, h.shape[1]).astype(dtype), cfg.hidden_dropout, fold(rng, _POS))
     attn_mask = None if mask is None else mask[:, None, None, :]
+    if capture:
+        check_capture(cfg.layerdrop, rng, "encoder")
 
-    def layer(h: jax.Array, xs: tuple[Params, jax.Array]) -> tuple[jax.Array, None]:
+    def layer(h: jax.Array, xs: tuple[Params, jax.Array]) -> tuple[jax.Array, tuple | None]:
         lp, i = xs
         lr = fold(rng, _LAYERS, i)
+        probs = None
 
         def attend(x: jax.Array) -> jax.Array:
+            nonlocal probs
             out = multi_head_attention(lp["attn"], x, x, attn_mask, cfg.num_heads, dtype,
-                                       dropout_rate=cfg.attention_dropout, rng=fold(lr, _ATTN_PROBS))
+                                       dropout_rate=cfg.attention_dropout, rng=fold(lr, _ATTN_PROBS),
+                                       return_probs=capture)
+            if capture:
+                out, probs = out
             return dropout(out, cfg.hidden_dropout, fold(lr, _ATTN_OUT))
 
         def feed_forward(x: jax.Array) -> jax.Array:
@@ -220,7 +230,12 @@ def encode(cfg: Speech2TextConfig, p: Params, input_features: jax.Array, attenti
             h = block(h, lp["attn_norm"], attend, True, TORCH_NORM_EPS)
             return block(h, lp["mlp_norm"], feed_forward, True, TORCH_NORM_EPS)
 
+        if capture:  # no LayerDrop then (check_capture): ``run`` runs here, not under a cond, and sets ``probs``
+            h = run(h)
+            return h, (h, probs)
         return layer_drop(run, h, cfg.layerdrop, fold(lr, _LAYERDROP)), None
 
-    h, _ = jax.lax.scan(remat_fn(layer, remat), h, (p["layers"], jnp.arange(cfg.num_layers)))
-    return layer_norm(p["norm"], h, TORCH_NORM_EPS), mask
+    first = h
+    h, per_layer = jax.lax.scan(remat_fn(layer, remat), h, (p["layers"], jnp.arange(cfg.num_layers)))
+    h = layer_norm(p["norm"], h, TORCH_NORM_EPS)
+    return (h, mask, captured(first, per_layer, last=h)) if capture else (h, mask)

@@ -19,8 +19,8 @@ import jax.numpy as jnp
 from speechseq.config import (ACTIVATION, INT, INT_LIST, POSITIVE, REQUIRED, TEXT, EncoderConfig, HFField, number,
                               hf_dict_field, numbers, read_fields, require_heads)
 from speechseq.errors import ConfigError, InputError
-from speechseq.layers.core import (activation, block, dense, dropout, fold, layer_drop, layer_norm,
-                                   mlp, multi_head_attention, remat as remat_fn)
+from speechseq.layers.core import (Captured, activation, block, captured, check_capture, dense, dropout, fold,
+                                   layer_drop, layer_norm, mlp, multi_head_attention, remat as remat_fn)
 from speechseq.layers.spec_augment import apply_masks, spec_augment_masks
 from speechseq.checkpoints.table import Rule, dense as dense_rules, norm as norm_rules, rule
 
@@ -452,14 +452,18 @@ def spec_augment(cfg: Wav2Vec2Config, p: Params, h: jax.Array, mask: jax.Array |
 
 
 # One layer's self-attention as ``encode`` calls it: (the layer's "attn" params, x [B, S, D], key mask [B, 1, 1, S]
-# bool or None, dropout key or None) -> [B, S, D], before the residual's dropout.
-SelfAttention = Callable[[Params, jax.Array, jax.Array | None, jax.Array | None], jax.Array]
+# bool or None, dropout key or None, return_probs) -> [B, S, D], before the residual's dropout; with return_probs
+# True, (that, the attention probabilities [B, N, S, S] transformers returns for ``output_attentions``).
+SelfAttention = Callable[[Params, jax.Array, jax.Array | None, jax.Array | None, bool],
+                         jax.Array | tuple[jax.Array, jax.Array]]
 
 
 def self_attention(cfg: Wav2Vec2Config, p: Params, num_frames: int, dtype: jnp.dtype) -> SelfAttention:
     """Plain multi-head self-attention with attention dropout (``encode``'s default ``attention``)."""
-    def attend(lp: Params, x: jax.Array, mask: jax.Array | None, rng: jax.Array | None) -> jax.Array:
-        return multi_head_attention(lp, x, x, mask, cfg.num_heads, dtype, dropout_rate=cfg.attention_dropout, rng=rng)
+    def attend(lp: Params, x: jax.Array, mask: jax.Array | None, rng: jax.Array | None,
+               return_probs: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
+        return multi_head_attention(lp, x, x, mask, cfg.num_heads, dtype, dropout_rate=cfg.attention_dropout, rng=rng,
+                                    return_probs=return_probs)
 
     return attend
 
@@ -467,21 +471,28 @@ def self_attention(cfg: Wav2Vec2Config, p: Params, num_frames: int, dtype: jnp.d
 def transformer_layers(cfg: Wav2Vec2Config, p: Params, h: jax.Array, mask: jax.Array | None, *,
                        rng: jax.Array | None = None, dtype: jnp.dtype = jnp.float32, remat: str = "none",
                        attention: Callable[[Wav2Vec2Config, Params, int, jnp.dtype], SelfAttention] = self_attention,
-                       ) -> jax.Array:
+                       capture: bool = False) -> jax.Array | tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """The transformer layers (``p["layers"]``, stacked, under ``lax.scan``): [B, S, D] (+ frame mask [B, S] bool or
     None) -> [B, S, D], pre-norm when ``cfg.stable_layer_norm``, post-norm otherwise. ``rng``: the encoder's key
     (each layer folds its own ids); ``remat`` and ``attention`` as ``encode`` describes them. SEW runs it between its
-    squeeze and its upsampling."""
+    squeeze and its upsampling. ``capture``: also return each layer's (output [L, B, S, D], attention probabilities
+    [L, B, N, S, S]) as scan outputs (``layers.core.captured``)."""
     attn_mask = None if mask is None else mask[:, None, None, :]
     eps, pre = cfg.layer_norm_eps, cfg.stable_layer_norm
     self_attend = attention(cfg, p, h.shape[1], dtype)
+    if capture:
+        check_capture(cfg.layerdrop, rng, "encoder")
 
-    def layer(h: jax.Array, xs: tuple[Params, jax.Array]) -> tuple[jax.Array, None]:
+    def layer(h: jax.Array, xs: tuple[Params, jax.Array]) -> tuple[jax.Array, tuple | None]:
         lp, i = xs
         lr = fold(rng, _LAYERS, i)
+        probs = None
 
         def attend(x: jax.Array) -> jax.Array:
-            out = self_attend(lp["attn"], x, attn_mask, fold(lr, _ATTN_PROBS))
+            nonlocal probs
+            out = self_attend(lp["attn"], x, attn_mask, fold(lr, _ATTN_PROBS), capture)
+            if capture:
+                out, probs = out
             return dropout(out, cfg.hidden_dropout, fold(lr, _ATTN_OUT))
 
         def feed_forward(x: jax.Array) -> jax.Array:
@@ -495,20 +506,26 @@ def transformer_layers(cfg: Wav2Vec2Config, p: Params, h: jax.Array, mask: jax.A
         def droppable(h: jax.Array) -> jax.Array:
             return layer_drop(run, h, cfg.layerdrop, fold(lr, _LAYERDROP))
 
+        if capture:  # no LayerDrop then (check_capture): ``run`` runs here, not under a cond, and sets ``probs``
+            h = run(h)
+            return h, (h, probs)
         if cfg.layerdrop_first_layer or rng is None or cfg.layerdrop == 0:
             return droppable(h), None
         return jax.lax.cond(i == 0, run, droppable, h), None
 
-    h, _ = jax.lax.scan(remat_fn(layer, remat), h, (p["layers"], jnp.arange(cfg.num_layers)))
-    return h
+    h, per_layer = jax.lax.scan(remat_fn(layer, remat), h, (p["layers"], jnp.arange(cfg.num_layers)))
+    return (h, per_layer) if capture else h
 
 
 def encode(cfg: Wav2Vec2Config, p: Params, input_values: jax.Array, attention_mask: jax.Array | None, *,
            rng: jax.Array | None = None, dtype: jnp.dtype = jnp.float32, remat: str = "none",
            positional: Callable[[Wav2Vec2Config, Params, jax.Array], jax.Array] = positional_conv,
            attention: Callable[[Wav2Vec2Config, Params, int, jnp.dtype], SelfAttention] = self_attention,
-           ) -> tuple[jax.Array, jax.Array | None]:
-    """Audio [B, N] (+ sample mask [B, N]) -> (frames [B, S, output_size], frame mask [B, S] bool or None).
+           capture: bool = False) -> tuple[jax.Array, jax.Array | None] | tuple[jax.Array, jax.Array | None, Captured]:
+    """Audio [B, N] (+ sample mask [B, N]) -> (frames [B, S, output_size], frame mask [B, S] bool or None), and with
+    ``capture`` a third element, transformers' ``hidden_states`` and ``attentions`` (``layers.core.Captured``): the
+    first layer's input, then each layer's output as it leaves the layer (transformers 5's hooks: a stable-layer-norm
+    encoder's final norm is in none of them), all before the adapter.
 
     ``rng`` (a ``jax.random`` key) turns on transformers' training-mode regularisation: dropout after the feature
     projection (``feat_proj_dropout``), SpecAugment after it (``apply_spec_augment``, ``mask_time_*``,
@@ -532,8 +549,10 @@ def encode(cfg: Wav2Vec2Config, p: Params, input_values: jax.Array, attention_ma
     h = h + positional(cfg, p["pos_conv"], h)
     if not cfg.stable_layer_norm:
         h = layer_norm(p["norm"], h, cfg.layer_norm_eps)
-    h = dropout(h, cfg.hidden_dropout, fold(rng, _POS))
-    h = transformer_layers(cfg, p, h, mask, rng=rng, dtype=dtype, remat=remat, attention=attention)
+    h = first = dropout(h, cfg.hidden_dropout, fold(rng, _POS))
+    h = transformer_layers(cfg, p, h, mask, rng=rng, dtype=dtype, remat=remat, attention=attention, capture=capture)
+    if capture:
+        h, per_layer = h
     if cfg.stable_layer_norm:
         h = layer_norm(p["norm"], h, cfg.layer_norm_eps)
     if cfg.add_adapter:
@@ -542,4 +561,4 @@ def encode(cfg: Wav2Vec2Config, p: Params, input_values: jax.Array, attention_ma
         h = adapter(cfg, p["adapter"], h, dtype)
     if attention_mask is not None:
         mask = frame_mask(cfg, attention_mask, h.shape[1], with_adapter=cfg.add_adapter)
-    return h, mask
+    return (h, mask, captured(first, per_layer)) if capture else (h, mask)

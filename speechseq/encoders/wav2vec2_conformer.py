@@ -34,8 +34,8 @@ from speechseq.config import INT, TEXT, HFField
 from speechseq.encoders import wav2vec2
 from speechseq.encoders.wav2vec2 import INPUT_KIND, TORCH_NORM_EPS, Params, frame_mask  # noqa: F401 (the family API)
 from speechseq.errors import ConfigError
-from speechseq.layers.core import (activation, attention, dense, dropout, fold, heads, layer_drop, layer_norm,
-                                   merge_heads, mlp, remat as remat_fn)
+from speechseq.layers.core import (activation, attention, captured, check_capture, dense, dropout, fold, heads,
+                                   layer_drop, layer_norm, merge_heads, mlp, remat as remat_fn)
 
 POSITION_TYPES = ("relative", "rotary", None)
 BATCH_NORM_EPS = 1e-5  # nn.BatchNorm1d's default
@@ -207,9 +207,11 @@ def conv_module(cfg: Wav2Vec2ConformerConfig, p: Params, x: jax.Array, dtype: jn
 
 
 def self_attention(cfg: Wav2Vec2ConformerConfig, p: Params, x: jax.Array, mask: jax.Array | None,
-                   positions: jax.Array | None, dtype: jnp.dtype, rng: jax.Array | None) -> jax.Array:
-    """x [B, S, D] (key mask [B, 1, 1, S] or None) -> [B, S, D]. ``positions``: the rotary ``inv_freq`` [H / 2] or
-    the relative table [2S - 1, D] (None without position embeddings)."""
+                   positions: jax.Array | None, dtype: jnp.dtype, rng: jax.Array | None,
+                   return_probs: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """x [B, S, D] (key mask [B, 1, 1, S] or None) -> [B, S, D] (and with ``return_probs`` the attention
+    probabilities [B, N, S, S]). ``positions``: the rotary ``inv_freq`` [H / 2] or the relative table [2S - 1, D]
+    (None without position embeddings)."""
     N = cfg.num_heads
     qk = rotate(x, positions, N) if cfg.position_embeddings_type == "rotary" else x
     q, k, v = heads(p["q"], qk, N, dtype), heads(p["k"], qk, N, dtype), heads(p["v"], x, N, dtype)
@@ -220,7 +222,10 @@ def self_attention(cfg: Wav2Vec2ConformerConfig, p: Params, x: jax.Array, mask: 
         q_v = q + p["pos_bias_v"].astype(dtype)[None, :, None, :]
         bias = skew(jnp.einsum("bnth,jnh->bntj", q_v, pos, preferred_element_type=jnp.float32)) * scale
         q = q + p["pos_bias_u"].astype(dtype)[None, :, None, :]
-    out = attention(q, k, v, mask, scale, dropout_rate=cfg.attention_dropout, rng=rng, bias=bias)
+    out = attention(q, k, v, mask, scale, dropout_rate=cfg.attention_dropout, rng=rng, bias=bias,
+                    return_probs=return_probs)
+    if return_probs:
+        return merge_heads(p["o"], out[0], dtype), out[1]
     return merge_heads(p["o"], out, dtype)
 
 
@@ -230,8 +235,11 @@ _FFN1_ACT, _FFN1_OUT, _ATTN_PROBS, _ATTN_OUT, _CONV, _FFN2_ACT, _FFN2_OUT, _LAYE
 
 def encode(cfg: Wav2Vec2ConformerConfig, p: Params, input_values: jax.Array, attention_mask: jax.Array | None, *,
            rng: jax.Array | None = None, dtype: jnp.dtype = jnp.float32,
-           remat: str = "none") -> tuple[jax.Array, jax.Array | None]:
-    """Audio [B, N] (+ sample mask [B, N]) -> (frames [B, S, output_size], frame mask [B, S] bool or None).
+           remat: str = "none", capture: bool = False) -> tuple:
+    """Audio [B, N] (+ sample mask [B, N]) -> (frames [B, S, output_size], frame mask [B, S] bool or None), and with
+    ``capture`` a third element, ``layers.core.Captured`` as transformers 5 gives it: the first block's input and
+    each block's output (the encoder's final norm in none of them, all before the adapter), and each block's
+    attention probabilities.
 
     ``rng``: training mode, as ``wav2vec2.encode`` (dropout, SpecAugment, LayerDrop), plus the convolution module's
     dropout and BatchNorm on batch statistics (module docstring); None: eval mode. ``remat``: the layers' policy."""
@@ -253,10 +261,13 @@ def encode(cfg: Wav2Vec2ConformerConfig, p: Params, input_values: jax.Array, att
         positions = jnp.asarray(relative_sinusoids(h.shape[1], cfg.hidden_size))
     attn_mask = None if mask is None else mask[:, None, None, :]
     training = rng is not None
+    if capture:
+        check_capture(cfg.layerdrop, rng, "encoder")
 
-    def layer(h: jax.Array, xs: tuple[Params, jax.Array]) -> tuple[jax.Array, None]:
+    def layer(h: jax.Array, xs: tuple[Params, jax.Array]) -> tuple[jax.Array, tuple | None]:
         lp, i = xs
         lr = fold(rng, wav2vec2._LAYERS, i)
+        probs = None
 
         def half_ffn(h: jax.Array, name: str, act_site: int, out_site: int) -> jax.Array:
             out = mlp(lp[name], layer_norm(lp[f"{name}_norm"], h, TORCH_NORM_EPS), cfg.hidden_act, dtype,
@@ -264,20 +275,27 @@ def encode(cfg: Wav2Vec2ConformerConfig, p: Params, input_values: jax.Array, att
             return h + 0.5 * dropout(out, cfg.hidden_dropout, fold(lr, out_site))
 
         def run(h: jax.Array) -> jax.Array:
+            nonlocal probs
             h = half_ffn(h, "ffn1", _FFN1_ACT, _FFN1_OUT)
             out = self_attention(cfg, lp["attn"], layer_norm(lp["attn_norm"], h, TORCH_NORM_EPS), attn_mask,
-                                 positions, dtype, fold(lr, _ATTN_PROBS))
+                                 positions, dtype, fold(lr, _ATTN_PROBS), capture)
+            if capture:
+                out, probs = out
             h = h + dropout(out, cfg.attention_dropout, fold(lr, _ATTN_OUT))  # transformers' self_attn_dropout rate
             h = h + conv_module(cfg, lp["conv"], h, dtype, training, fold(lr, _CONV))
             h = half_ffn(h, "ffn2", _FFN2_ACT, _FFN2_OUT)
             return layer_norm(lp["final_norm"], h, TORCH_NORM_EPS)
 
+        if capture:  # no LayerDrop then (check_capture): ``run`` runs here, not under a cond, and sets ``probs``
+            h = run(h)
+            return h, (h, probs)
         return layer_drop(run, h, cfg.layerdrop, fold(lr, _LAYERDROP)), None
 
-    h, _ = jax.lax.scan(remat_fn(layer, remat), h, (p["layers"], jnp.arange(cfg.num_layers)))
+    first = h
+    h, per_layer = jax.lax.scan(remat_fn(layer, remat), h, (p["layers"], jnp.arange(cfg.num_layers)))
     h = layer_norm(p["norm"], h, cfg.layer_norm_eps)
     if cfg.add_adapter:  # (transformers' adapter LayerDrop is not done: see wav2vec2.encode)
         h = wav2vec2.adapter(cfg, p["adapter"], h, dtype)
     if attention_mask is not None:
         mask = frame_mask(cfg, attention_mask, h.shape[1], with_adapter=cfg.add_adapter)
-    return h, mask
+    return (h, mask, captured(first, per_layer)) if capture else (h, mask)

@@ -86,7 +86,8 @@ def gated_attention(cfg: WavLMConfig, p: Params, num_frames: int, dtype: jnp.dty
     bias = position_bias(cfg, p["rel_attn_embed"], num_frames)
     N = cfg.num_heads
 
-    def attend(lp: Params, x: jax.Array, mask: jax.Array | None, rng: jax.Array | None) -> jax.Array:
+    def attend(lp: Params, x: jax.Array, mask: jax.Array | None, rng: jax.Array | None,
+               return_probs: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
         B, S, _ = x.shape
         q, k, v = (heads(lp[n], x, N, dtype) for n in ("q", "k", "v"))
         per_head = jnp.transpose(x.reshape(B, S, N, -1), (0, 2, 1, 3))  # [B, N, S, D/N]
@@ -94,16 +95,21 @@ def gated_attention(cfg: WavLMConfig, p: Params, num_frames: int, dtype: jnp.dty
         gate_a, gate_b = jnp.split(jax.nn.sigmoid(g), 2, axis=-1)  # [B, N, S, 1] each
         gate = gate_a * (gate_b * lp["gate_const"].astype(jnp.float32) - 1.0) + 2.0
         out = attention(q, k, v, mask, 1.0 / math.sqrt(q.shape[-1]), dropout_rate=cfg.attention_dropout, rng=rng,
-                        bias=gate * bias)
-        return merge_heads(lp["o"], out, dtype)
+                        bias=gate * bias, return_probs=return_probs)
+        if not return_probs:
+            return merge_heads(lp["o"], out, dtype)
+        # transformers' WavLM attention (torch's multi_head_attention_forward) returns the probabilities averaged
+        # over the heads, repeated for each head
+        out, probs = out
+        return merge_heads(lp["o"], out, dtype), jnp.broadcast_to(probs.mean(1, keepdims=True), probs.shape)
 
     return attend
 
 
 def encode(cfg: WavLMConfig, p: Params, input_values: jax.Array, attention_mask: jax.Array | None, *,
            rng: jax.Array | None = None, dtype: jnp.dtype = jnp.float32,
-           remat: str = "none") -> tuple[jax.Array, jax.Array | None]:
+           remat: str = "none", capture: bool = False) -> tuple:
     """``wav2vec2.encode`` with WavLM's attention: audio [B, N] (+ mask [B, N]) -> (frames [B, S, E], frame mask
-    [B, S] or None)."""
+    [B, S] or None) (+ ``Captured`` with ``capture``)."""
     return wav2vec2.encode(cfg, p, input_values, attention_mask, rng=rng, dtype=dtype, remat=remat,
-                           attention=gated_attention)
+                           attention=gated_attention, capture=capture)

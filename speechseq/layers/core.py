@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Callable, Mapping
+from typing import Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from speechseq.errors import ConfigError
+from speechseq.errors import ConfigError, InputError
 
 Params = Mapping[str, jax.Array]
 
@@ -99,6 +99,35 @@ def layer_drop(fn: Callable[[jax.Array], jax.Array], h: jax.Array, rate: float, 
     if rng is None or rate == 0:
         return fn(h)
     return jax.lax.cond(jax.random.bernoulli(rng, rate), lambda h: h, fn, h)
+
+
+class Captured(NamedTuple):
+    """What transformers returns for ``output_hidden_states`` / ``output_attentions`` of one encoder or decoder:
+    ``hidden_states`` (the first layer's input, then each layer's output, L + 1 arrays [B, S, D]; the last one as
+    the family's transformers class gives it, e.g. after a decoder's final norm), ``attentions`` (each layer's
+    self-attention probabilities [B, N, S, S]) and, for a decoder, ``cross_attentions`` [B, N, T, S]."""
+
+    hidden_states: tuple[jax.Array, ...]
+    attentions: tuple[jax.Array, ...]
+    cross_attentions: tuple[jax.Array, ...] | None = None
+
+
+def captured(first: jax.Array, per_layer: tuple[jax.Array, ...], last: jax.Array | None = None) -> Captured:
+    """``Captured`` from a layer scan's outputs: ``first`` the first layer's input [B, S, D], ``per_layer`` the
+    stacked (outputs [L, B, S, D], self-attention probabilities [L, B, N, S, S], cross-attention ones [L, ...]?);
+    ``last``: what stands in for the last layer's output (a final norm's result), where transformers puts it."""
+    outs, *probs = per_layer
+    L = outs.shape[0]
+    hidden = (first, *(outs[i] for i in range(L - 1)), outs[L - 1] if last is None else last)
+    return Captured(hidden, *(tuple(p[i] for i in range(L)) for p in probs))
+
+
+def check_capture(layerdrop: float, rng: jax.Array | None, where: str) -> None:
+    """A one-line ``InputError`` for per-layer outputs asked with LayerDrop on (training mode): transformers' tuples
+    then lack the layers it skipped, a number that changes from call to call and cannot be a static shape here."""
+    if rng is not None and layerdrop > 0:
+        raise InputError(f"output_hidden_states / output_attentions: the {where}'s LayerDrop ({layerdrop}) in "
+                         "training mode skips layers at random; ask for them in eval mode (rng=None) or with layerdrop 0")
 
 
 REMAT_POLICIES = ("none", "layer", "dots")
@@ -195,7 +224,8 @@ def _softmax_jvp(primals: tuple[jax.Array], tangents: tuple[jax.Array]) -> tuple
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, scale: float | jax.Array,
               layout: str = "bnsh", groups: int = 1, dropout_rate: float = 0.0,
-              rng: jax.Array | None = None, bias: jax.Array | None = None) -> jax.Array:
+              rng: jax.Array | None = None, bias: jax.Array | None = None,
+              return_probs: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Scaled dot-product attention, head-major.
 
     q [B*G, N, T, H]; k [B, N, S, H] (``layout="bnsh"``) or transposed [B, N, H, S] (``"bnhs"``, the layout of the
@@ -205,6 +235,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, 
     Returns [B*G, N, T, H]. Scores and softmax in float32; a fully masked row is uniform, as in transformers. With
     ``rng``, the probabilities get ``dropout(dropout_rate)`` (transformers' attention dropout). ``bias``: added to
     the scaled scores before the mask, broadcastable to them (WavLM's gated relative position bias).
+    ``return_probs``: also return the probabilities [B*G, N, T, S] the values were weighted by, after the dropout,
+    as transformers' eager attention returns them (``output_attentions``).
     """
     if layout not in ("bnsh", "bnhs"):
         raise ValueError(f"attention: layout must be 'bnsh' or 'bnhs', got {layout!r}")
@@ -223,8 +255,12 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, 
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = dropout(softmax(scores).astype(v.dtype), dropout_rate, rng)
     if groups == 1:
-        return jnp.einsum("bnts,bnsh->bnth", probs, v)
-    return jnp.einsum("bgnts,bnsh->bgnth", probs, v).reshape(B * groups, N, T, H)
+        out = jnp.einsum("bnts,bnsh->bnth", probs, v)
+    else:
+        out = jnp.einsum("bgnts,bnsh->bgnth", probs, v).reshape(B * groups, N, T, H)
+    if return_probs:
+        return out, probs.reshape(B * groups, N, T, -1)
+    return out
 
 
 def explicit_axes(x: jax.Array) -> tuple[str, ...]:
@@ -250,14 +286,18 @@ def split_heads(x: jax.Array, num_heads: int) -> jax.Array:
 
 def multi_head_attention(p: Params, x: jax.Array, kv: jax.Array, mask: jax.Array | None, num_heads: int,
                          dtype: jnp.dtype, scale: float | jax.Array | None = None, dropout_rate: float = 0.0,
-                         rng: jax.Array | None = None) -> jax.Array:
+                         rng: jax.Array | None = None, return_probs: bool = False
+                         ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Project queries from x [B, T, D] and keys/values from kv [B, S, Dkv], attend, project out: [B, T, D].
     mask broadcastable to [B, N, T, S]; ``dropout_rate`` and ``rng``: dropout on the attention probabilities (see
-    ``attention``)."""
+    ``attention``); ``return_probs``: also return them, [B, N, T, S]."""
     q, k, v = (heads(p[n], y, num_heads, dtype) for n, y in (("q", x), ("k", kv), ("v", kv)))
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    return merge_heads(p["o"], attention(q, k, v, mask, scale, dropout_rate=dropout_rate, rng=rng), dtype)
+    out = attention(q, k, v, mask, scale, dropout_rate=dropout_rate, rng=rng, return_probs=return_probs)
+    if return_probs:
+        return merge_heads(p["o"], out[0], dtype), out[1]
+    return merge_heads(p["o"], out, dtype)
 
 
 def mlp(p: Params, x: jax.Array, act: str, dtype: jnp.dtype, dropout_rate: float = 0.0,
