@@ -94,3 +94,13 @@ def speech_clips(tmp_path_factory):
     """[(wav path, text)] for ``SPEECH_TEXTS``, synthesized once per test session at 22050 Hz."""
     folder = tmp_path_factory.mktemp("speech")
     return [(synthesize(text, folder / f"clip{i:02d}.wav"), text) for i, text in enumerate(SPEECH_TEXTS)]
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one thread for a whole test module (``hf_factory.one_torch_thread``); a module that compares against
+    transformers opts in with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import hf_factory
+
+    with hf_factory.one_torch_thread():
+        yield

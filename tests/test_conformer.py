@@ -68,10 +68,7 @@ def hf_model(variant: str, dec: str | None = None, tie: bool = True, seed: int =
     return perturb_batch_norms(model, seed)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    with F.one_torch_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

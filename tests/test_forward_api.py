@@ -29,10 +29,7 @@ S2T2 = Path(__file__).parent / "reference" / "speech2text2" / "tied"  # Speech2T
 BOTH = "decoder_inputs_embeds: give decoder_input_ids or decoder_inputs_embeds, not both"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    with F.one_torch_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -22,10 +22,7 @@ X, MASK = F.audio_batch(LENGTHS)
 CLASS_DEFAULTS = {"bart": {"forced_eos_token_id": 2}, "mbart": {"forced_eos_token_id": 2}}  # what the factory unsets
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    with F.one_torch_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def hf_generate(model, **kwargs) -> tuple[np.ndarray, np.ndarray | None]:

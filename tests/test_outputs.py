@@ -60,10 +60,7 @@ def _eager(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    with F.one_torch_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -20,10 +20,7 @@ from speechseq.decoding import processors, search
 from speechseq.decoding.config import GenerationConfig
 from speechseq.decoding.generate import TRACES
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    with F.one_torch_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # -- on a model ---------------------------------------------------------------------------------------------------

@@ -63,10 +63,7 @@ def hf_model(enc: str, dec: str, tie: bool = True) -> torch.nn.Module:
     return F.seq2seq_from_configs(sew_config(enc), F.decoder_config(dec, tie=tie))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    with F.one_torch_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

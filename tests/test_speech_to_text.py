@@ -41,10 +41,7 @@ START, PAD, NEW = 0, 1, 8
 BEAM = dict(num_beams=3, num_return_sequences=2, early_stopping=False)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    with F.one_torch_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
