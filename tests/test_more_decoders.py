@@ -20,7 +20,7 @@ from speechseq.config import decoder_config_from_hf
 from test_config_roundtrip import DEC_CHANGES, check_written
 from test_parity import LOGITS_TOL, LOSS_RTOL, assert_parity, check_labels_parity, right_padded_ids
 from test_roundtrip import test_transformers_speechseq_transformers as roundtrip
-from test_warm_start import ENCODER_SOURCES, build_encoder, check_part, compare_logits, CROSS_ATTENTION
+from test_warm_start import ENCODER_SOURCES, build_encoder, check_joined, check_part, compare_logits, CROSS_ATTENTION
 
 DECODERS = list(F.MORE_DECODERS)
 ENC = "w2v-layer-stable"  # 16 wide: the 20-wide decoders need enc_to_dec_proj
@@ -150,13 +150,7 @@ def test_warm_start(tmp_path, dec):
     # (BART-like) fill it from the source
     assert {"enc_to_dec_proj.weight", "enc_to_dec_proj.bias"} <= fresh <= cross | {"enc_to_dec_proj.weight",
                                                                                    "enc_to_dec_proj.bias"}
-    ours.save_pretrained(tmp_path / "joined")
-    hf, hf_info = T.SpeechEncoderDecoderModel.from_pretrained(tmp_path / "joined", output_loading_info=True)
-    assert not any(hf_info.values()), hf_info
-    hf_state = hf.state_dict()
-    for name, value in state.items():
-        assert torch.equal(hf_state[name], torch.from_numpy(np.array(value))), name
-    compare_logits(ours, hf.eval())
+    check_joined(ours, tmp_path / "joined")
 
 
 @pytest.mark.parametrize("dec", DECODERS)

@@ -115,14 +115,20 @@ def check_encoder_warm_start(encoder: torch.nn.Module, spec: tuple, tmp_path: Pa
     fresh = set(state) - filled
     assert sorted(info.missing) == sorted(fresh)
     assert not any(n.startswith("encoder.") for n in fresh)  # the whole encoder came from the source
-    ours.save_pretrained(tmp_path / "joined")
-    hf, hf_info = T.SpeechEncoderDecoderModel.from_pretrained(tmp_path / "joined", output_loading_info=True)
+    check_joined(ours, tmp_path / "joined")
+    return info.unexpected
+
+
+def check_joined(ours: SpeechSeq2Seq, folder) -> None:
+    """The warm-started model saved to ``folder`` loads in transformers with every tensor as ours and no loading
+    report, and gives our logits and loss."""
+    ours.save_pretrained(folder)
+    hf, hf_info = T.SpeechEncoderDecoderModel.from_pretrained(folder, output_loading_info=True)
     assert not any(hf_info.values()), hf_info
     hf_state = hf.state_dict()
-    for name, value in state.items():
+    for name, value in ours.state_dict().items():
         assert torch.equal(hf_state[name], torch.from_numpy(np.array(value))), name
     compare_logits(ours, hf.eval())
-    return info.unexpected
 
 
 def compare_logits(ours: SpeechSeq2Seq, hf: torch.nn.Module) -> None:
@@ -158,13 +164,7 @@ def test_warm_start(tmp_path, enc, dec):
     head = {n for n in state if n.startswith("decoder.cls.predictions.")}  # BertModel has no LM head
     assert fresh - proj - cross <= (head if dec == "BertModel" else set())
 
-    ours.save_pretrained(tmp_path / "joined")
-    hf, hf_info = T.SpeechEncoderDecoderModel.from_pretrained(tmp_path / "joined", output_loading_info=True)
-    assert not any(hf_info.values()), hf_info
-    hf_state = hf.state_dict()
-    for name, value in state.items():
-        assert torch.equal(hf_state[name], torch.from_numpy(np.array(value))), name
-    compare_logits(ours, hf.eval())
+    check_joined(ours, tmp_path / "joined")
 
 
 def test_decoder_start_token_id_is_top_level(tmp_path):
