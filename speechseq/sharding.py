@@ -10,7 +10,8 @@ Params and optimizer moments are sharded over ``fsdp`` (FSDP: XLA gathers each w
 ``tensor`` (heads, MLP, vocabulary); the batch is split over ``data`` x ``fsdp``. Nothing here names a model family:
 every sharding comes from ``model.weight_rules(cfg)``.
 
-``load_sharded(path, mesh)`` loads a checkpoint straight into those shardings. Across processes
+``SpeechSeq2Seq.from_pretrained(path, mesh=mesh)`` (``load_sharded``) and ``from_encoder_decoder_pretrained(...,
+mesh=mesh)`` load straight into those shardings. Across processes
 (``speechseq train --coordinator ...``): ``initialize_distributed`` joins the run, ``global_batch`` turns each
 process's rows into one global batch, ``gather`` brings params whole to every host, ``barrier`` waits for all.
 """
@@ -276,43 +277,44 @@ def barrier(name: str) -> None:
 
 def load_sharded(name_or_path: str | os.PathLike, mesh: Mesh, rules: Rules = DEFAULT_RULES, *, seed: int = 0,
                  dtype: Any = np.float32) -> "SpeechSeq2Seq":
-    """``SpeechSeq2Seq.from_pretrained`` with every param born in its sharding (``param_shardings(cfg, mesh,
-    rules)``), so no device ever holds the whole model. A Hugging Face checkpoint is read one weight at a time (the
-    host holds one param, stacked over layers, at a time) and each of this process's devices receives only its
-    slice of it (``jax.make_array_from_callback``); weights it lacks are initialised from ``seed`` and placed the
-    same way. A speechseq checkpoint (``speechseq convert``) is restored by orbax straight into the shardings, each
-    process reading only its shards. In a multi-process run every process calls it."""
-    from speechseq.checkpoints import storage, table
-    from speechseq.checkpoints.hf import fill_missing, init_std, log_report
-    from speechseq.checkpoints.readers import open_checkpoint
-    from speechseq.config import config_from_dict, read_json
-    from speechseq.hub import resolve
+    """``SpeechSeq2Seq.from_pretrained(name_or_path, mesh=mesh, rules=rules)``: every param born in its sharding."""
     from speechseq.speech_seq2seq import SpeechSeq2Seq
 
-    path = resolve(name_or_path)
-    cfg = config_from_dict(read_json(path / "config.json"), str(path / "config.json"))
-    weights = M.weight_rules(cfg)
-    shardings = flatten(param_shardings(cfg, mesh, rules))
+    return SpeechSeq2Seq.from_pretrained(name_or_path, dtype=dtype, seed=seed, mesh=mesh, rules=rules)
 
-    def put(p: str, value: np.ndarray) -> jax.Array:
-        value = np.asarray(value, np.float32)  # params are float32 (``to_tree``)
-        return jax.make_array_from_callback(value.shape, shardings[p], lambda index: value[index])
 
-    if storage.is_speechseq(path):
-        target = unflatten({p: jax.ShapeDtypeStruct(r.shape, np.float32, sharding=shardings[p])
-                            for r in weights for p in r.paths})
-        flat = flatten(storage.restore_params(path, target))
-        report = table.LoadReport([], [], [])
-    else:
-        flat = {}
-        with open_checkpoint(path) as ckpt:
-            shapes = {k: tuple(ckpt.shape(k)) for k in ckpt}
-            _, report = table.plan(weights, shapes, where=str(path))
-            for r in weights:  # one rule at a time: its params come out in r.paths order
-                paths = iter(r.paths)
-                part, _ = table.load([r], ckpt, where=str(path), shapes=shapes, place=lambda v: put(next(paths), v))
-                flat.update(part)
-        log_report(report, str(path))
-        flat.update({p: put(p, v) for p, v in fill_missing(weights, {}, report, seed, init_std(cfg)).items()})
-    gen_path = path / "generation_config.json"
-    return SpeechSeq2Seq(cfg, unflatten(flat), dtype, report, read_json(gen_path) if gen_path.exists() else None)
+def put(value: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """A host array as a float32 global array in ``sharding``, each of this process's devices given its slice."""
+    value = np.asarray(value, np.float32)  # params are float32 (``to_tree``)
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
+def read_shards(r: Any, found: Sequence[str], ckpt: Mapping[str, np.ndarray],
+                shardings: Mapping[str, NamedSharding]) -> dict[str, jax.Array]:
+    """The params of weight rule ``r`` (``checkpoints.table``) in their ``shardings``, from the checkpoint tensors
+    ``found`` for its layers: the tensors are read one at a time (``table.layer_parts``) and each distinct slice this
+    process's devices hold is copied into its own float32 host buffer, so the host holds one layer's tensor plus
+    its devices' shards, never a whole stacked param."""
+    from speechseq.checkpoints import table
+
+    L = r.shape[0] if r.stacked else 1
+    slices: list[dict[tuple, np.ndarray]] = []  # per path: slice key -> host buffer
+    devices: list[dict[jax.Device, tuple]] = []  # per path: device -> slice key
+    for p in r.paths:
+        index = shardings[p].addressable_devices_indices_map(r.shape)
+        keys = {d: tuple(sl.indices(n) for sl, n in zip(idx, r.shape)) for d, idx in index.items()}
+        slices.append({k: np.empty([len(range(*b)) for b in k], np.float32) for k in set(keys.values())})
+        devices.append(keys)
+    read = 0
+    for i, parts in enumerate(table.layer_parts(r, found, ckpt)):
+        read += 1
+        for part, buffers in zip(parts, slices):
+            for key, out in buffers.items():
+                if not r.stacked:
+                    out[...] = part[tuple(slice(*b) for b in key)]
+                elif i in (layers := range(*key[0])):
+                    out[layers.index(i)] = part[tuple(slice(*b) for b in key[1:])]
+    assert read == L, (r.paths, read, L)
+    return {p: jax.make_array_from_single_device_arrays(
+                r.shape, shardings[p], [jax.device_put(buffers[key], d) for d, key in keys.items()])
+            for p, buffers, keys in zip(r.paths, slices, devices)}

@@ -6,7 +6,7 @@ import copy
 import dataclasses
 import math
 import os
-from typing import TYPE_CHECKING, Any, Mapping, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -58,6 +58,43 @@ def _dtype(dtype: Any) -> jnp.dtype:
     if out is None or out.name not in COMPUTE_DTYPES:  # an integer compute dtype would silently truncate weights
         raise InputError(f"dtype: expected float32 or bfloat16 (or float16), got {dtype!r}")
     return out
+
+
+class _Placement:
+    """Where loaded params go: host / default device arrays (``mesh`` None), or straight into the shardings of a
+    device mesh (``speechseq.sharding``, imported only then)."""
+
+    def __init__(self, cfg: SpeechSeq2SeqConfig, mesh: Any, rules: Any):
+        self.shardings: dict[str, Any] = {}
+        if mesh is not None:
+            from speechseq import sharding as S
+
+            self.shardings = table.flatten(S.param_shardings(cfg, mesh, S.DEFAULT_RULES if rules is None else rules))
+
+    def assemble(self, prefix: str = "") -> Callable | None:
+        """``table.load``'s ``assemble`` for params under ``prefix`` ("encoder" for a warm start's encoder part)."""
+        if not self.shardings:
+            return None
+        from speechseq import sharding as S
+
+        cut = f"{prefix}/" if prefix else ""
+        shardings = {p[len(cut):]: s for p, s in self.shardings.items() if p.startswith(cut)}
+        return lambda r, names, tensors: S.read_shards(r, names, tensors, shardings)
+
+    def target(self, weights: list[table.Rule]) -> Any:
+        """``storage.restore_params``' target: the params' shapes in their shardings (None: as saved)."""
+        if not self.shardings:
+            return None
+        return table.unflatten({p: jax.ShapeDtypeStruct(r.shape, np.float32, sharding=self.shardings[p])
+                                for r in weights for p in r.paths})
+
+    def __call__(self, flat: Mapping[str, np.ndarray]) -> dict[str, Any]:
+        """Freshly made host params, each placed in its sharding (as they are without a mesh)."""
+        if not self.shardings:
+            return dict(flat)
+        from speechseq import sharding as S
+
+        return {p: S.put(v, self.shardings[p]) for p, v in flat.items()}
 
 
 def _check_init_memory(rules: list[table.Rule], paths: Any = None) -> None:
@@ -172,30 +209,38 @@ class SpeechSeq2Seq:
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, *, dtype: Any = jnp.float32, seed: int = 0,
-                        revision: str | None = None) -> "SpeechSeq2Seq":
+                        revision: str | None = None, mesh: Any = None, rules: Any = None) -> "SpeechSeq2Seq":
         """Load a HF ``SpeechEncoderDecoderModel`` checkpoint (directory or hub id; safetensors or .bin, sharded or
-        not) without torch. Weights the checkpoint lacks are initialised from ``seed`` and reported."""
+        not) without torch. Weights the checkpoint lacks are initialised from ``seed`` and reported.
+
+        ``mesh`` (``sharding.make_mesh``): every param is born in its sharding (``sharding.param_shardings(cfg,
+        mesh, rules)``; ``rules`` default ``sharding.DEFAULT_RULES``), so no device ever holds the whole model: a
+        Hugging Face checkpoint is read one tensor (one layer's weight) at a time and each process keeps only its
+        devices' slices (``sharding.read_shards``), a speechseq checkpoint is restored by orbax straight into the
+        shardings. In a multi-process run every process calls it."""
         path = resolve(name_or_path, revision)
         cfg = config_from_dict(read_json(path / "config.json"), str(path / "config.json"))
-        rules = M.weight_rules(cfg)
+        weights = M.weight_rules(cfg)
+        place = _Placement(cfg, mesh, rules)
         if storage.is_speechseq(path):  # orbax params written by `speechseq convert`
-            flat = table.flatten(storage.restore_params(path))
-            needed = [p for r in rules for p in r.paths]
+            flat = table.flatten(storage.restore_params(path, place.target(weights)))
+            needed = [p for r in weights for p in r.paths]
             report = table.LoadReport([p for p in needed if p not in flat], sorted(set(flat) - set(needed)),
                                       [p for p in needed if p not in flat])
         else:
             with open_checkpoint(path) as ckpt:
-                flat, report = table.load(rules, ckpt, where=str(path))
+                flat, report = table.load(weights, ckpt, where=str(path), assemble=place.assemble())
         log_report(report, str(path))
-        _check_init_memory(rules, report.missing_paths)
-        flat = fill_missing(rules, flat, report, seed, init_std(cfg))
+        _check_init_memory(weights, report.missing_paths)
+        flat.update(place(fill_missing(weights, {}, report, seed, init_std(cfg))))
         gen_path = path / "generation_config.json"
         gen_json = read_json(gen_path) if gen_path.exists() else None
         return cls(cfg, to_tree(flat), dtype, report, gen_json)
 
     @classmethod
     def from_encoder_decoder_pretrained(cls, encoder: str | os.PathLike, decoder: str | os.PathLike, *,
-                                        dtype: Any = jnp.float32, seed: int = 0, **kwargs: Any) -> "SpeechSeq2Seq":
+                                        dtype: Any = jnp.float32, seed: int = 0, mesh: Any = None, rules: Any = None,
+                                        **kwargs: Any) -> "SpeechSeq2Seq":
         """Warm start from a speech encoder checkpoint and a text decoder checkpoint.
 
         ``encoder_*`` / ``decoder_*`` keyword arguments update the sub-configs under the family's HF names
@@ -205,6 +250,7 @@ class SpeechSeq2Seq:
         ``bos_token_id``).
         The decoder becomes a decoder with cross-attention; its cross-attention (and ``enc_to_dec_proj``, and any
         adapter the encoder checkpoint lacks) are freshly initialised and listed in ``loading_info.missing``.
+        ``mesh`` / ``rules``: every param born in its sharding, as ``from_pretrained``'s.
         """
         top = {k: kwargs.pop(k) for k in TOP_LEVEL_KEYS if k in kwargs}  # "decoder_start_token_id" is not a decoder_*
         unknown = [k for k in kwargs if not k.startswith(("encoder_", "decoder_"))]
@@ -228,19 +274,20 @@ class SpeechSeq2Seq:
             parts[role] = (path, parse(hf, str(path / "config.json")))
         cfg = make_seq2seq_config(parts["encoder"][1], parts["decoder"][1],
                                   {"model_type": "speech-encoder-decoder", "is_encoder_decoder": True, **top})
-        flat: dict[str, np.ndarray] = {}
+        place = _Placement(cfg, mesh, rules)
+        flat: dict[str, Any] = {}
         unexpected: list[str] = []
         for role, (path, sub) in parts.items():
             with open_checkpoint(path) as ckpt:
-                part, report = load_part(family(sub.model_type, role), sub, ckpt, str(path))
+                part, report = load_part(family(sub.model_type, role), sub, ckpt, str(path), place.assemble(role))
             flat.update({f"{role}/{k}": v for k, v in part.items()})
             unexpected += [f"{role}.{n}" for n in report.unexpected]
-        rules = M.weight_rules(cfg)
-        fresh = [p for r in rules for p in r.paths if p not in flat]
-        _check_init_memory(rules, fresh)
-        flat.update(table.init_params(rules, seed, init_std(cfg), only=fresh))
+        weights = M.weight_rules(cfg)
+        fresh = [p for r in weights for p in r.paths if p not in flat]
+        _check_init_memory(weights, fresh)
+        flat.update(place(table.init_params(weights, seed, init_std(cfg), only=fresh)))
         fresh_set = set(fresh)  # named as the joined model names them (not as the standalone sources did)
-        missing = [r.names(i)[0] for r in rules if fresh_set.intersection(r.paths) for i in range(r.num_layers)]
+        missing = [r.names(i)[0] for r in weights if fresh_set.intersection(r.paths) for i in range(r.num_layers)]
         report = table.LoadReport(missing, unexpected, fresh)
         log_report(report, "from_encoder_decoder_pretrained", " (train them before use)")
         return cls(cfg, to_tree(flat), dtype, report)

@@ -8,7 +8,9 @@ the shardings the weight table gives it. FSDP memory: with fsdp=N (N = 2, 4, 8) 
 state on each device, read from the arrays' shards, are at most 1/N of the total plus the largest tensor, and only
 tensors the weight table gives no logical axis are left whole; the compiled step's per-device arguments
 (``memory_analysis()``) keep that bound plus the batch's share. ``generate`` (XLA decode plan) on the same three meshes, with the batch over ``data`` x
-``fsdp`` and the params over ``fsdp`` / ``tensor``, gives one device's greedy and beam tokens.
+``fsdp`` and the params over ``fsdp`` / ``tensor``, gives one device's greedy and beam tokens. FSDP is per layer: in
+the compiled fsdp=8 step's HLO the layer scans' loop bodies all-gather each layer's weights, no stacked weight is
+gathered whole before them, and no activation is gathered over the batch's rows.
 
 The model is a tiny one from ``hf_factory`` with widths divisible by 8 (a vocabulary of 64), so every weight has a
 dimension FSDP can split; the one-device references are the plain ``make_train_step`` and ``generate_jit``.
@@ -28,7 +30,7 @@ import hf_factory as F
 from speechseq.errors import ConfigError
 
 CHILD = textwrap.dedent("""
-    import sys
+    import re, sys
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
     from speechseq import SpeechSeq2Seq, model as M, sharding as S
@@ -146,6 +148,31 @@ CHILD = textwrap.dedent("""
               "compiled arguments", analysis.argument_size_in_bytes, "temp", analysis.temp_size_in_bytes,
               "params", params_bytes)
 
+    # FSDP gathers each layer's weights inside the layer scans and keeps the activations split by rows: in the
+    # compiled fsdp=8 step (no accumulation, so its 16 rows are the batch) no float array of rank >= 3 led by the
+    # 16 rows is gathered, the layer scans' loop bodies gather weights, and no stacked layer weight [L, ...] is
+    # gathered whole before them
+    mesh = S.make_mesh("fsdp=8")
+    state = S.init_state_sharded(cfg, model.params, optim, 0, mesh)
+    one_step = StepConfig(dropout=False)
+    hlo = S.make_sharded_train_step(cfg, optim, one_step, mesh=mesh).jitted.lower(
+        state, jax.device_put(check_batch(batch, 1), S.batch_sharding(mesh))).compile().as_text()
+    stacked = [tuple(a.shape) for p, a in flatten(model.params).items() if "/layers/" in p]
+    gathers = {"entry": [], "loops": []}
+    for comp in re.split(r"\\n(?=\\S.*\\{\\n)", hlo):
+        where = "entry" if comp.startswith("ENTRY") else "loops"
+        for dtype, dims in re.findall(r"= (\\w+)\\[([\\d,]*)\\]\\{[\\d,]*\\} all-gather(?:-start)?\\(", comp):
+            gathers[where].append((dtype, tuple(int(d) for d in dims.split(",") if d)))
+    rows = [g for g in gathers["entry"] + gathers["loops"] if g[0].startswith("f") and len(g[1]) >= 3 and g[1][0] == B]
+    assert not rows, f"activations gathered over the batch: {rows}"
+    whole_stacks = [g for g in gathers["entry"]
+                    if any(g[1][:1] == s[:1] and np.prod(g[1]) == np.prod(s) for s in stacked)]
+    assert not whole_stacks, f"stacked layer weights gathered whole before the scan: {whole_stacks}"
+    per_layer = {int(np.prod(s[1:])) for s in stacked if len(s) >= 3}
+    in_loops = {int(np.prod(g[1])) for g in gathers["loops"]}
+    assert per_layer & in_loops and len(gathers["loops"]) >= len(stacked), (per_layer, gathers["loops"])
+    print("gathers ok fsdp=8:", len(gathers["loops"]), "in the layer scans,", len(gathers["entry"]), "outside")
+
     # generate with the batch over data (x fsdp) and the params over fsdp / tensor: one device's tokens
     model = SpeechSeq2Seq.from_pretrained(sys.argv[2])
     cfg = model.config
@@ -209,7 +236,7 @@ def test_sharded_training_step_equals_one_device_and_fsdp_splits_the_state(tmp_p
     generated = [f"generate ok {mode} {spec}" for mode in ("greedy", "beam")
                  for spec in ("data=8", "fsdp=8", "data=2,fsdp=2,tensor=2")]
     for name in ("mesh ok data=8", "mesh ok fsdp=8", "mesh ok data=2,fsdp=2,tensor=2", "fsdp ok 2", "fsdp ok 4",
-                 "fsdp ok 8", *generated):
+                 "fsdp ok 8", "gathers ok fsdp=8", *generated):
         assert any(line.startswith(name) for line in lines), proc.stdout
 
 
@@ -241,7 +268,7 @@ def test_mesh_specs_and_logical_rules():
 
 
 LOAD_CHILD = textwrap.dedent("""
-    import sys
+    import re, sys
     import jax, numpy as np
     from speechseq import SpeechSeq2Seq, sharding as S
     from speechseq.checkpoints.table import flatten
@@ -275,19 +302,36 @@ LOAD_CHILD = textwrap.dedent("""
             assert max(per_device.values()) <= bound, (spec, per_device, total, bound)
             print("load ok", spec, "hf" if source == hf else "speechseq", "per device", max(per_device.values()),
                   "total", total, "split tensors", split, "of", len(got))
+        # a warm start from the standalone encoder and decoder (plus a fresh adapter) into the same shardings
+        warm = dict(encoder_add_adapter=True, decoder_start_token_id=0, pad_token_id=1)
+        one = SpeechSeq2Seq.from_encoder_decoder_pretrained(sys.argv[3], sys.argv[4], **warm)
+        want_warm = flatten(one.params)
+        expected = flatten(S.param_shardings(one.config, mesh))
+        got = flatten(SpeechSeq2Seq.from_encoder_decoder_pretrained(sys.argv[3], sys.argv[4], mesh=mesh, **warm).params)
+        assert got.keys() == want_warm.keys() and any("adapter" in p for p in got)
+        for p, a in got.items():
+            assert a.sharding.is_equivalent_to(expected[p], a.ndim), (spec, p, a.sharding, expected[p])
+            assert np.array_equal(np.asarray(a), np.asarray(want_warm[p])), (spec, p)
+        print("load ok", spec, "warm start", len(got), "params")
 """)
 
 
 def test_load_sharded_places_each_tensor_in_its_shards(tmp_path):
     """``sharding.load_sharded`` of a Hugging Face checkpoint and of its ``speechseq convert``: every param has the
     sharding the rules give it, every device holds only its shard (shape ``shard_shape``; per-device bytes at most
-    the total over the param-splitting devices plus the largest tensor), and the values equal ``from_pretrained``'s."""
-    tiny_divisible_model().save_pretrained(tmp_path / "hf")
+    the total over the param-splitting devices plus the largest tensor), and the values equal ``from_pretrained``'s.
+    ``from_encoder_decoder_pretrained(..., mesh=mesh)`` (with a fresh adapter) likewise equals the unsharded warm
+    start, each param in its sharding."""
+    model = tiny_divisible_model()
+    model.save_pretrained(tmp_path / "hf")
+    model.encoder.save_pretrained(tmp_path / "encoder")
+    model.decoder.save_pretrained(tmp_path / "decoder")
     flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8".strip()
     env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, "-c", LOAD_CHILD, str(tmp_path / "hf"), str(tmp_path / "converted")],
+    proc = subprocess.run([sys.executable, "-c", LOAD_CHILD, *(str(tmp_path / name) for name in
+                                                                ("hf", "converted", "encoder", "decoder"))],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     lines = [line for line in proc.stdout.split("\n") if line.startswith("load ok")]
     print("\n".join(lines))
-    assert len(lines) == 4, proc.stdout
+    assert len(lines) == 6, proc.stdout

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -59,16 +59,17 @@ def _short(names: list[str], n: int = 8) -> str:
     return ", ".join(names[:n]) + (f", ... ({len(names) - n} more)" if len(names) > n else "")
 
 
-def load_part(fam: Family, cfg: Any, tensors: Mapping[str, np.ndarray], where: str) -> tuple[dict, table.LoadReport]:
+def load_part(fam: Family, cfg: Any, tensors: Mapping[str, np.ndarray], where: str,
+              assemble: Callable | None = None) -> tuple[dict, table.LoadReport]:
     """Load a standalone encoder or decoder checkpoint, finding where its base model sits (``wav2vec2.``, ``bert.``).
 
-    Returns flat params relative to the part and the report.
+    Returns flat params relative to the part and the report. ``assemble``: as ``table.load``'s.
     """
     keys = set(tensors.keys())
     best = max(fam.prefixes, key=lambda base: sum(
         any(n in keys for n in r.names(0)) for r in table.prefixed(fam.weight_rules(cfg), "", "", base=base)))
     rules = table.prefixed(fam.weight_rules(cfg), "", "", base=best)
-    return table.load(rules, tensors, where=where)
+    return table.load(rules, tensors, where=where, assemble=assemble)
 
 
 def save_hf(directory: str | os.PathLike, config: dict, tensors: Mapping[str, np.ndarray],

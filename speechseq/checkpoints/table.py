@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -168,11 +168,15 @@ def plan(rules: Sequence[Rule], shapes: Mapping[str, tuple[int, ...]], *, where:
 def load(rules: Sequence[Rule], tensors: Mapping[str, np.ndarray], *, where: str = "checkpoint",
          dtype: np.dtype | None = None, progress: Callable[[Iterable], Iterable] | None = None,
          shapes: Mapping[str, tuple[int, ...]] | None = None,
-         place: Callable[[np.ndarray], object] | None = None) -> tuple[dict[str, np.ndarray], LoadReport]:
+         place: Callable[[np.ndarray], object] | None = None,
+         assemble: Callable[[Rule, Sequence[str], Mapping[str, np.ndarray]], Mapping[str, object]] | None = None,
+         ) -> tuple[dict[str, np.ndarray], LoadReport]:
     """Fill parameter paths from HF tensors, one tensor at a time. Returns (flat params, report); the paths of
     missing tensors are absent. ``shapes`` (name -> shape) avoids reading data to plan; ``progress`` wraps the
     iteration over rules (a progress bar); ``dtype`` casts (default: keep the checkpoint's dtype); ``place`` turns
-    each finished parameter into what is kept (e.g. ``jax.device_put``), so host copies are freed as it goes."""
+    each finished parameter into what is kept (e.g. ``jax.device_put``), so host copies are freed as it goes.
+    ``assemble(rule, names, tensors)`` replaces the stacking of a rule's layers: it returns the rule's params from
+    the checkpoint tensors ``names`` of its layers (``sharding.read_shards`` reads them into device shards)."""
     if shapes is None:  # a Checkpoint knows shapes without reading data; a plain dict of arrays is read
         shape_of = getattr(tensors, "shape", None)
         shapes = {k: tuple(shape_of(k)) if callable(shape_of) else np.shape(tensors[k]) for k in tensors}
@@ -182,16 +186,26 @@ def load(rules: Sequence[Rule], tensors: Mapping[str, np.ndarray], *, where: str
     for r, found in (progress(pairs) if progress else pairs):
         if found is None:
             continue
+        if assemble is not None:
+            params.update(assemble(r, found, tensors))
+            continue
         per_layer: list[list[np.ndarray]] = [[] for _ in r.paths]
-        for name in found:
-            x = _to_jax(np.asarray(tensors[name]), r.layout)
-            parts = np.split(x, len(r.paths), axis=r.split_axis) if len(r.paths) > 1 else [x]
+        for parts in layer_parts(r, found, tensors):
             for acc, part in zip(per_layer, parts):
                 acc.append(part if dtype is None else part.astype(dtype))
         for path, acc in zip(r.paths, per_layer):
             value = np.stack(acc) if r.stacked else np.ascontiguousarray(acc[0])
             params[path] = place(value) if place else value
     return params, report
+
+
+def layer_parts(r: Rule, found: Sequence[str], tensors: Mapping[str, np.ndarray]) -> Iterator[list[np.ndarray]]:
+    """For each layer of rule ``r`` (one for an unstacked rule), in order: its value for each of ``r.paths`` in
+    JAX layout (one layer's slice of a stacked param), read from the checkpoint tensor ``plan`` found for it. Only
+    one layer's tensor is read at a time."""
+    for name in found:
+        x = _to_jax(np.asarray(tensors[name]), r.layout)
+        yield np.split(x, len(r.paths), axis=r.split_axis) if len(r.paths) > 1 else [x]
 
 
 def save(rules: Sequence[Rule], params: Mapping[str, np.ndarray], consume: bool = False) -> dict[str, np.ndarray]:

@@ -20,7 +20,8 @@ from speechseq.config import (ACTIVATION, INT, INT_LIST, POSITIVE, REQUIRED, TEX
                               hf_dict_field, numbers, read_fields, require_heads)
 from speechseq.errors import ConfigError, InputError
 from speechseq.layers.core import (Captured, activation, block, captured, check_capture, dense, dropout, fold,
-                                   layer_drop, layer_norm, mlp, multi_head_attention, remat as remat_fn)
+                                   keep_rows, layer_drop, layer_norm, mlp, multi_head_attention, on_mesh,
+                                   remat as remat_fn, whole)
 from speechseq.layers.spec_augment import apply_masks, spec_augment_masks
 from speechseq.checkpoints.table import Rule, dense as dense_rules, norm as norm_rules, rule
 
@@ -209,14 +210,14 @@ def weight_rules(cfg: Wav2Vec2Config) -> list[Rule]:
     out += dense_rules(f"{lay}.feed_forward.output_dense", "layers/mlp/wo", F, D, ("mlp", "embed"), layers=L)
     out += norm_rules(f"{lay}.final_layer_norm", "layers/mlp_norm", D, layers=L)
     if cfg.add_adapter:
-        O = cfg.output_hidden_size
-        if O != D:
-            out += dense_rules("{base}adapter.proj", "adapter/proj", D, O, ("embed", "embed_out"))
-            out += norm_rules("{base}adapter.proj_layer_norm", "adapter/proj_norm", O, axis="embed_out")
+        E = cfg.output_hidden_size
+        if E != D:
+            out += dense_rules("{base}adapter.proj", "adapter/proj", D, E, ("embed", "embed_out"))
+            out += norm_rules("{base}adapter.proj_layer_norm", "adapter/proj_norm", E, axis="embed_out")
         out += [
-            rule("{base}adapter.layers.{i}.conv.weight", "adapter/layers/kernel", (cfg.adapter_kernel_size, O, 2 * O),
+            rule("{base}adapter.layers.{i}.conv.weight", "adapter/layers/kernel", (cfg.adapter_kernel_size, E, 2 * E),
                  (None, "embed_out", "mlp"), layout="conv", init="conv", layers=cfg.num_adapter_layers),
-            rule("{base}adapter.layers.{i}.conv.bias", "adapter/layers/bias", (2 * O,), ("mlp",), init="zeros",
+            rule("{base}adapter.layers.{i}.conv.bias", "adapter/layers/bias", (2 * E,), ("mlp",), init="zeros",
                  layers=cfg.num_adapter_layers),
         ]
     return out
@@ -264,7 +265,11 @@ def frame_mask(cfg: Wav2Vec2Config, attention_mask: jax.Array, num_frames: int,
 def _conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int | tuple = 0, groups: int = 1) -> jax.Array:
     """1-D convolution, x [B, S, Cin], kernel [K, Cin/groups, Cout] -> [B, S', Cout]."""
     pad = [(padding, padding)] if isinstance(padding, int) else [padding]
-    return jax.lax.conv_general_dilated(x, kernel.astype(x.dtype), (stride,), pad, dimension_numbers=("NWC", "WIO", "NWC"),
+    kernel = kernel.astype(x.dtype)
+    if groups > 1 and on_mesh():  # XLA's SPMD partitioner gathers the batch's rows for a grouped convolution
+        return jnp.concatenate([_conv(xg, kg, stride, padding) for xg, kg in
+                                zip(jnp.split(x, groups, -1), jnp.split(kernel, groups, -1))], -1)
+    return jax.lax.conv_general_dilated(x, kernel, (stride,), pad, dimension_numbers=("NWC", "WIO", "NWC"),
                                         feature_group_count=groups)
 
 
@@ -355,8 +360,9 @@ def positional_conv(cfg: Wav2Vec2Config, p: Params, h: jax.Array) -> jax.Array:
     k = cfg.num_conv_pos_embeddings
     # an even kernel: transformers pads k // 2 on both sides and drops the last frame; padding one less on the
     # right gives the same frames
-    y = grouped_conv(h, w.astype(h.dtype), (k // 2, (k - 1) // 2), cfg.num_conv_pos_embedding_groups)
-    return activation(cfg.feat_extract_activation)(y + p["bias"].astype(h.dtype))
+    # on a mesh the rows stay split and the small kernel is gathered (XLA would gather the batch's rows instead)
+    y = grouped_conv(keep_rows(h), whole(w).astype(h.dtype), (k // 2, (k - 1) // 2), cfg.num_conv_pos_embedding_groups)
+    return activation(cfg.feat_extract_activation)(keep_rows(y) + p["bias"].astype(h.dtype))
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3))

@@ -6,9 +6,11 @@ from an explicit ``rng`` (a ``jax.random`` key, or None for transformers' eval m
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from functools import partial
-from typing import Callable, Mapping, NamedTuple
+from typing import Any, Callable, Iterator, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -130,6 +132,47 @@ def check_capture(layerdrop: float, rng: jax.Array | None, where: str) -> None:
                          "training mode skips layers at random; ask for them in eval mode (rng=None) or with layerdrop 0")
 
 
+# Where the rows of a batch live while a sharded training step is traced (``rows_sharding``), else None.
+_ROWS: contextvars.ContextVar[Any] = contextvars.ContextVar("speechseq_rows_sharding", default=None)
+
+
+@contextlib.contextmanager
+def rows_sharding(sharding: Any) -> Iterator[None]:
+    """While tracing under this context, every layer's input [B, ...] is kept split by rows as ``sharding`` (a
+    ``NamedSharding`` whose spec names the batch's mesh axes first) splits a batch (``keep_rows``). On an FSDP mesh
+    that makes XLA gather each layer's weights inside the layer scan (FSDP) instead of gathering the activations
+    over the batch (what it picks for small layers otherwise, and what would not fit for large ones)."""
+    token = _ROWS.set(sharding)
+    try:
+        yield
+    finally:
+        _ROWS.reset(token)
+
+
+def on_mesh() -> bool:
+    """Whether a sharded training step is being traced (``rows_sharding``)."""
+    return _ROWS.get() is not None
+
+
+def keep_rows(x: jax.Array) -> jax.Array:
+    """``x`` [B, ...] constrained to the rows sharding of ``rows_sharding`` (``x`` itself outside it)."""
+    sharding = _ROWS.get()
+    if sharding is None:
+        return x
+    rows = sharding.spec[0] if len(sharding.spec) else None
+    spec = type(sharding.spec)(rows, *(None,) * (x.ndim - 1))
+    return jax.lax.with_sharding_constraint(x, type(sharding)(sharding.mesh, spec))
+
+
+def whole(x: jax.Array) -> jax.Array:
+    """``x`` (a weight) gathered whole on every device under ``rows_sharding`` (``x`` itself outside it): for an
+    operation XLA would otherwise split by the weight's sharded axis, gathering the batch's rows instead."""
+    sharding = _ROWS.get()
+    if sharding is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, type(sharding)(sharding.mesh, type(sharding.spec)()))
+
+
 REMAT_POLICIES = ("none", "layer", "dots")
 
 
@@ -140,7 +183,14 @@ def remat(fn: Callable, policy: str) -> Callable:
     projections), so only the cheap element-wise work and attention are recomputed.
 
     No optimisation barrier (``prevent_cse=False``): the scan already keeps XLA from merging the recomputation with
-    the forward pass, as JAX's documentation notes, and the barrier would only limit XLA's fusion."""
+    the forward pass, as JAX's documentation notes, and the barrier would only limit XLA's fusion.
+
+    The layer's input (the scan's carry [B, S, D]) is kept split by rows under ``rows_sharding`` (``keep_rows``)."""
+    inner = fn
+
+    def fn(h: jax.Array, xs: Any) -> Any:
+        return inner(keep_rows(h), xs)
+
     if policy == "none":
         return fn
     if policy == "layer":

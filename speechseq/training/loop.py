@@ -21,9 +21,9 @@ checkpoint, taken before it, as it was; Ctrl-C stops it with one line, saving no
 SIGTERM (a scheduler's or a preemptible host's stop) lets the step finish, saves its checkpoint and stops with one
 line and status 143, so ``--resume`` loses nothing.
 
-With ``mesh.shape`` (``--mesh``) the step runs on a device mesh (``speechseq.sharding``): a ``model.init`` checkpoint
-is loaded straight into its shardings, the state is born in them, and each batch is split over data x fsdp. Several
-processes (``jax.distributed``, ``speechseq train --coordinator ...``) run the same loop on one mesh over all their
+With ``mesh.shape`` (``--mesh``) the step runs on a device mesh (``speechseq.sharding``): the model (``model.init``
+or a warm start) is loaded straight into its shardings, the state is born in them, and each batch is split over
+data x fsdp. Several processes (``jax.distributed``, ``speechseq train --coordinator ...``) run the same loop on one mesh over all their
 devices: each reads its own rows of every global batch, all write the checkpoints (into the shared output_dir) and
 take part in every collective; process 0 alone writes config.toml, the logs, curves.png and the final model.
 Evaluation and the final model read the params gathered whole on every host, so each process evaluates the whole
@@ -69,8 +69,8 @@ class NonFiniteLoss(SpeechSeqError):
 
 def load_model(config: TrainConfig, mesh: Any = None) -> tuple["SpeechSeq2Seq", "Processor", Path]:
     """The model to train, its processor, and the folder its tokenizer files come from (copied into the final
-    model): ``model.init``'s checkpoint (with a ``mesh``, loaded straight into its shardings), or a warm start of
-    ``model.encoder`` + ``model.decoder`` whose processor is the encoder's feature extractor and the decoder's
+    model): ``model.init``'s checkpoint, or a warm start of ``model.encoder`` + ``model.decoder`` (with a ``mesh``,
+    either loaded straight into its shardings) whose processor is the encoder's feature extractor and the decoder's
     tokenizer."""
     from speechseq.audio import FeatureExtractor
     from speechseq.hub import resolve
@@ -81,16 +81,12 @@ def load_model(config: TrainConfig, mesh: Any = None) -> tuple["SpeechSeq2Seq", 
     m, seed = config.model, config.train.seed
     if m.init:
         path = resolve(m.init)
-        if mesh is None:
-            model = SpeechSeq2Seq.from_pretrained(path, seed=seed)
-        else:
-            from speechseq.sharding import load_sharded
-
-            model = load_sharded(path, mesh, seed=seed)
+        model = SpeechSeq2Seq.from_pretrained(path, seed=seed, mesh=mesh)
         processor = Processor.from_pretrained(path)
     else:
         try:
-            model = SpeechSeq2Seq.from_encoder_decoder_pretrained(m.encoder, m.decoder, seed=seed, **m.overrides)
+            model = SpeechSeq2Seq.from_encoder_decoder_pretrained(m.encoder, m.decoder, seed=seed, mesh=mesh,
+                                                                  **m.overrides)
         except InputError as e:
             raise ConfigError(f"model.overrides: {e}") from None
         path = resolve(m.decoder)
@@ -527,8 +523,8 @@ class _Placement:
 
         from speechseq import sharding as S
 
-        # a warm start's params are on one device: host copies, which every process passes alike and jit takes as
-        # replicated inputs of its mesh (a model.init checkpoint is already in its shardings: load_sharded)
+        # the model's params are in their shardings already (load_model); the CTC head is made on one device: a
+        # host copy, which every process passes alike and jit takes as a replicated input of its mesh
         params = jax.tree.map(lambda a: a if getattr(a, "sharding", None) is not None and
                               a.sharding.device_set == set(self.mesh.devices.flat) else jax.device_get(a), params)
         return S.init_state_sharded(model.config, params, config.optim, config.train.seed, self.mesh)

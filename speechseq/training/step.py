@@ -27,7 +27,7 @@ from speechseq import model as M
 from speechseq.checkpoints.table import flatten, unflatten
 from speechseq.config import SpeechSeq2SeqConfig, check_number
 from speechseq.errors import ConfigError, InputError
-from speechseq.layers.core import REMAT_POLICIES, fold
+from speechseq.layers.core import REMAT_POLICIES, fold, rows_sharding
 from speechseq.training import ctc
 from speechseq.training.optim import OptimConfig, learning_rate_schedule, merge, optimizer, partition
 
@@ -218,7 +218,8 @@ def make_train_step(model_cfg: SpeechSeq2SeqConfig, optim: OptimConfig, step: St
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         trainable, frozen = partition(state.params, optim.freeze)
         rng = jax.random.fold_in(state.rng, state.step) if step.dropout else None
-        loss, tokens, grads = loss_and_grad(model_cfg, step, trainable, frozen, batch, rng)
+        with rows_sharding(None if shardings is None else shardings[1]):
+            loss, tokens, grads = loss_and_grad(model_cfg, step, trainable, frozen, batch, rng)
         updates, opt_state = tx.update(grads, state.opt_state, trainable)
         # params this forward never reads (masked_spec_embed without SpecAugment): transformers leaves their grad
         # None and torch's AdamW skips them, weight decay included. Their grads are 0, so their moments stay 0.
