@@ -468,14 +468,24 @@ class SpeechSeq2Seq:
             key = jax.random.key(seed)
         args = (self.config, self.params, x, mask, gen, key, self.dtype)
         out = self.decode_layouts.run(args)
-        length = int(out.length)
-        sequences = np.asarray(out.sequences)[:, :length]
+        length = int(_host(out.length))
+        sequences = _host(out.sequences)[:, :length]
         if not return_dict:
             return sequences
         result = {"sequences": sequences}
         if gen.num_beams > 1:
-            result["sequences_scores"] = np.asarray(out.scores)
+            result["sequences_scores"] = _host(out.scores)
         return result
+
+
+def _host(x: jax.Array) -> np.ndarray:
+    """``x`` whole as a numpy array; a global array spread over several processes is gathered (``process_allgather``:
+    a collective, so with inputs spread over processes every process calls ``generate``)."""
+    if x.is_fully_addressable or x.is_fully_replicated:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 _decode_projected_jit = jax.jit(M.decode_projected, static_argnames=("cfg", "dtype", "remat", "capture"))

@@ -1,8 +1,9 @@
 """`speechseq train` across processes (``jax.distributed``): 2 processes x 4 simulated CPU devices on 127.0.0.1 train
 the tiny model of test_training_loop for 20 steps on a device mesh (data=2 x fsdp=2 x tensor=2), each process
-reading its own rows of every batch, and end with the data order, the loss and the final params (within 1e-6
-relative; the gradient sums cross processes through gloo, in another order than within one process, so not bit for
-bit) of 1 process x 8 devices on the same mesh; a 2-process run killed with SIGKILL after a checkpoint and resumed
+reading its own rows of every batch (evaluation's too, decoding with the sharded params), and end with the data
+order, the loss, the validation loss and WER and the final params (within 1e-6 relative; the gradient sums cross
+processes through gloo, in another order than within one process, so not bit for bit) of 1 process x 8 devices on
+the same mesh; a 2-process run killed with SIGKILL after a checkpoint and resumed
 (its processes joined from the environment variables instead of the flags) ends bit for bit as the uninterrupted
 one: params, optimizer state, metrics.jsonl, data order, kept checkpoints and final model.
 
@@ -37,15 +38,18 @@ def free_port() -> int:
 
 
 def sections(tiny_init: Path, corpus: Path, out: Path) -> dict:  # noqa: F811 (the fixtures' values)
-    """20 steps of 8 utterances (3 batches an epoch), no dropout, a checkpoint every 5 steps, every step logged."""
+    """20 steps of 8 utterances (3 batches an epoch), no dropout, a checkpoint every 5 steps, every step logged, an
+    evaluation of the 3 validation utterances (one batch of 4: a padding row) at steps 10 and 20."""
     return {
         "model": {"init": str(tiny_init)},
-        "data": {"train": str(corpus / "train.jsonl"), "batch_size": 8, "num_workers": 1},
+        "data": {"train": str(corpus / "train.jsonl"), "valid": str(corpus / "valid.jsonl"), "batch_size": 8,
+                 "num_workers": 1},
+        "eval": {"batch_size": 4, "max_new_tokens": 6},
         # AdamW's eps 1e-3: with the default 1e-8 the first update of an entry whose gradient is ~0 is +-lr whatever
         # its rounding (see test_scale_out), so any difference in summation order would show as a full step
         "optim": {"learning_rate": 2e-3, "warmup_steps": 2, "weight_decay": 0.01, "adam_eps": 1e-3},
         "step": {"dropout": False},
-        "train": {"steps": STEPS, "eval_every": 0, "save_every": 5, "keep_last": 2, "log_every": 1, "seed": 3,
+        "train": {"steps": STEPS, "eval_every": 10, "save_every": 5, "keep_last": 2, "log_every": 1, "seed": 3,
                   "output_dir": str(out)},
         "log": {"data_order": True, "plot": False, "tensorboard": False, "progress": False},
     }
@@ -123,6 +127,13 @@ def test_two_processes_train_as_one_and_resume_after_kill_9(tiny_init, corpus, t
     last_one, last_two = (json.loads(results[n][0][0].splitlines()[-1]) for n in ("one", "two"))
     assert last_one["step"] == last_two["step"] == STEPS
     assert abs(last_one["loss"] - last_two["loss"]) <= 1e-5 * abs(last_one["loss"]), (last_one, last_two)
+    # the evaluations decode with the sharded params, each process its rows: the same as 1 x 8 devices
+    valid = {n: [json.loads(x) for x in (tmp_path / n / "metrics.jsonl").read_text().splitlines()
+                 if json.loads(x)["split"] == "valid"] for n in ("one", "two")}
+    assert [r["step"] for r in valid["two"]] == [10, 20] and all(r["utterances"] == 3 for r in valid["two"])
+    for a, b in zip(valid["one"], valid["two"]):
+        assert (a["wer"], a["cer"]) == (b["wer"], b["cer"]), (a, b)
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"]), (a, b)
     assert not any("no checkpoint" in err for _, err in results["cut"])  # it continued from one
     a, b, c = (tmp_path / n for n in ("one", "two", "cut"))
     assert lines(b / "data_order.jsonl") == STEPS

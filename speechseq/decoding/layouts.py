@@ -28,9 +28,11 @@ class DecodeLayouts:
     def plan(self, generate_args: tuple) -> Any:
         """The decode plan for ``generate_jit(*generate_args)`` (``decoding.plan.choose``)."""
         from speechseq.decoding.generate import group_size, platform_of
-        from speechseq.decoding.plan import choose
+        from speechseq.decoding.plan import XlaPlan, choose
 
         config, params, x, _, gen, _, dtype = generate_args
+        if not x.is_fully_addressable:  # rows spread over processes: XLA's program (the CPU kernels run per host)
+            return XlaPlan()
         return choose(platform_of(x), x.shape[0] * group_size(gen))
 
     def get(self, generate_args: tuple, plan: Any) -> Any:

@@ -26,8 +26,8 @@ or a warm start) is loaded straight into its shardings, the state is born in the
 data x fsdp. Several processes (``jax.distributed``, ``speechseq train --coordinator ...``) run the same loop on one mesh over all their
 devices: each reads its own rows of every global batch, all write the checkpoints (into the shared output_dir) and
 take part in every collective; process 0 alone writes config.toml, the logs, curves.png and the final model.
-Evaluation and the final model read the params gathered whole on every host, so each process evaluates the whole
-validation set on one of its devices.
+Evaluation decodes each validation batch with the sharded params on the mesh, each process reading its rows (the
+texts come back to every process); the final model reads the params gathered whole on every host.
 """
 
 from __future__ import annotations
@@ -101,8 +101,7 @@ def load_model(config: TrainConfig, mesh: Any = None) -> tuple["SpeechSeq2Seq", 
 
 def _loaders(config: TrainConfig, processor: "Processor", start_token: int | None, process_index: int = 0,
              process_count: int = 1) -> tuple["Loader", "Loader | None"]:
-    """The training loader (this process's rows of each global batch) and the validation loader (every row: each
-    process evaluates the whole set)."""
+    """The training loader and the validation loader, each reading this process's rows of every global batch."""
     from speechseq.data import Loader, read_manifest
 
     d = config.data
@@ -118,7 +117,7 @@ def _loaders(config: TrainConfig, processor: "Processor", start_token: int | Non
     valid = None
     if d.valid:
         valid = Loader(rows(d.valid), processor, batch_size=config.eval.batch_size, shuffle=False,
-                       drop_remainder=False, **common)
+                       drop_remainder=False, process_index=process_index, process_count=process_count, **common)
         _report_skipped(d.valid, valid)
     return train, valid
 
@@ -136,7 +135,7 @@ def _report_skipped(path: str, loader: "Loader") -> None:
 
 def evaluate(model: "SpeechSeq2Seq", examples: "Sequence[Example] | Loader", *, processor: "Processor | None" = None,
              batch_size: int = 8, task: str = "transcribe", normalize: bool = False, eval_step: Any = None,
-             num_workers: int = 4, on_bad: str = "skip", progress: bool = False,
+             num_workers: int = 4, on_bad: str = "skip", progress: bool = False, place: Any = None,
              **generate_kwargs: Any) -> dict[str, Any]:
     """Generate text for every usable example and score it against the references.
 
@@ -144,6 +143,9 @@ def evaluate(model: "SpeechSeq2Seq", examples: "Sequence[Example] | Loader", *, 
     ``batch_size``, ``num_workers`` and ``on_bad``) or a ready ``Loader`` whose ``epoch()`` is read. Decoding is
     ``model.generate`` with ``generate_kwargs`` (``num_beams``, ``max_new_tokens``; None values mean the
     checkpoint's settings). ``eval_step`` (``training.make_eval_step``; made here when None) gives the loss.
+    ``place``: the training loop's placement on a device mesh, where the model's params are sharded and each process
+    reads its rows of every batch (``loader`` made with its ``process_index``): the rows become one global batch
+    and the texts of all of them come back to every process (call it in every process).
 
     Returns ``{"loss", "wer", "cer"(, "bleu" when task is "translate"), "utterances", "skipped", "audio_seconds",
     "seconds" (decoding time), "rtf" (seconds / audio_seconds), "rows": [{"id", "audio", "reference",
@@ -178,6 +180,8 @@ def evaluate(model: "SpeechSeq2Seq", examples: "Sequence[Example] | Loader", *, 
     try:
         for batch in loader.epoch():
             ids = batch.pop("ids")
+            if place is not None:
+                ids, batch = place.global_ids(ids, loader), place.batch(batch)
             out = eval_step(model.params, batch)
             loss_sum += float(out["loss_sum"])
             tokens += int(out["tokens"])
@@ -479,8 +483,8 @@ def _settle(pending: list[tuple[int, Any]], window: dict[str, Any], ckpt: Any) -
 class _Placement:
     """Where the loop's arrays live: one device (``mesh`` None: the state and batches as they are), or a device mesh
     over every process's devices (``mesh.shape``; several processes always have one), where the state is born in
-    its shardings, each process's batch rows become a global batch, and evaluation and the final model read params
-    gathered whole on every host."""
+    its shardings, each process's batch rows become a global batch (evaluation's too: it decodes with the sharded
+    params), and the final model reads the params gathered whole on every host."""
 
     def __init__(self, config: TrainConfig):
         import jax
@@ -504,7 +508,15 @@ class _Placement:
             if micro % rows:
                 raise ConfigError(f"mesh.shape {spec!r}: data.batch_size / step.accum_steps = {micro} rows per "
                                   f"microbatch do not split over data x fsdp = {rows} devices")
+            if config.data.valid and config.eval.batch_size % rows:
+                raise ConfigError(f"mesh.shape {spec!r}: eval.batch_size {config.eval.batch_size} does not split over "
+                                  f"data x fsdp = {rows} devices")
             self.batch_sharding = S.batch_sharding(self.mesh)
+
+    @property
+    def sharded(self) -> "_Placement | None":
+        """This placement where batches become global arrays (a mesh), else None."""
+        return None if self.mesh is None else self
 
     @property
     def primary(self) -> bool:
@@ -562,8 +574,11 @@ class _Placement:
         from speechseq import sharding as S
 
         if not hasattr(self, "_positions"):
-            self._positions = {ex.id: i for i, ex in enumerate(loader.examples)}
-        local = np.asarray([-1 if i is None else self._positions[i] for i in ids], np.int64)
+            self._positions: dict[int, dict[str, int]] = {}  # per loader (training, validation)
+        if id(loader) not in self._positions:
+            self._positions[id(loader)] = {ex.id: i for i, ex in enumerate(loader.examples)}
+        positions = self._positions[id(loader)]
+        local = np.asarray([-1 if i is None else positions[i] for i in ids], np.int64)
         everyone = np.asarray(S.gather(local)).reshape(-1)  # the processes' rows, concatenated
         return [None if k < 0 else loader.examples[k].id for k in everyone]
 
@@ -679,10 +694,10 @@ def train(config: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
                     window = _empty_window()
                 evaluated = None
                 if eval_now:
-                    current = SpeechSeq2Seq(model.config, ctc.model_params(place.whole(state.params)), model.dtype,
+                    current = SpeechSeq2Seq(model.config, ctc.model_params(state.params), model.dtype,
                                             generation_json=model.generation_json)
                     result = evaluate(current, valid_loader, task=config.eval.task, normalize=config.eval.normalize,
-                                      eval_step=eval_step, **gen)
+                                      eval_step=eval_step, place=place.sharded, **gen)
                     evaluated = {k: result[k] for k in ("loss", "wer", "cer", "bleu") if k in result}
                     logs.valid(step, evaluated, result["utterances"])
                     last["valid"] = evaluated
