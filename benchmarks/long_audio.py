@@ -1,6 +1,8 @@
 """Peak memory and time of `speechseq transcribe` on long recordings: chunked windows against the whole file.
 
     python benchmarks/long_audio.py [--minutes 1 4 10 30] [--whole-up-to 4] [--model CKPT] [--workdir DIR]
+    python benchmarks/long_audio.py --model models/synth-en --sentences-from data/synth/test.jsonl \
+        --chunk-length-s 6 --whole-up-to 0 --minutes 1 4 10
 
 Synthesizes multi-sentence English speech with espeak-ng (sentences from Python's own documentation,
 `pydoc_data.topics`, spoken one after another), then runs `speechseq transcribe` on each clip in a fresh process,
@@ -9,7 +11,12 @@ window (`--chunk-length-s 0`: the encoder's self-attention over the whole clip, 
 peak resident memory (ru_maxrss) and wall time beside the RSS of a process that only loads the model.
 
 `--model` takes a checkpoint that really transcribes (with its tokenizer and preprocessor); with one, the word
-error rate of each run against the spoken text is printed too (needs `jiwer`). Without it, a model of the demo's
+error rate of each run against the spoken text is printed too (needs `jiwer`; both sides lower-cased, punctuation
+dropped), beside the WER of the same sentences spoken one per clip by the same voice and transcribed as a batch
+("sentences": what perfect segmentation would give, so the difference is what windowing and stitching cost).
+`--sentences-from MANIFEST` speaks the text column of a manifest (e.g. a held-out set of the data the model was
+trained on) instead of Python's documentation; `--chunk-length-s` sets the window for a model trained on short
+utterances (a decoder with few positions cannot emit a 30-s window's text). Without it, a model of the demo's
 size (configs/demo-wav2vec2-bert.json) with random weights and a 1000-token word-level tokenizer stands in: its
 memory and time are representative, its text is not.
 """
@@ -38,29 +45,38 @@ def sentences() -> list[str]:
     return out
 
 
-def synthesize(path: Path, minutes: float, work: Path) -> str:
-    """Write about ``minutes`` of 16 kHz speech to ``path``; returns the text spoken."""
+def manifest_sentences(path: Path) -> list[str]:
+    from speechseq.data import read_manifest
+
+    return [example.text for example in read_manifest(path)]
+
+
+def speak(text: str, path: Path, work: Path) -> None:
+    """``text`` spoken by espeak-ng (en-us, 160 words a minute) as 16 kHz 16-bit WAV in ``path``."""
     import soundfile as sf
 
     from speechseq.audio import load_audio
 
     if shutil.which("espeak-ng") is None:
         raise SystemExit("espeak-ng not found: apt-get install espeak-ng (Debian/Ubuntu)")
-    pool = sentences()
+    (work / "text.txt").write_text(text)
+    raw = work / "raw.wav"
+    subprocess.run(["espeak-ng", "-v", "en-us", "-s", "160", "-w", str(raw), "-f", str(work / "text.txt")],
+                   check=True)
+    sf.write(path, load_audio(raw, 16000), 16000, subtype="PCM_16")
+
+
+def synthesize(path: Path, minutes: float, work: Path, pool: list[str]) -> list[str]:
+    """Write about ``minutes`` of 16 kHz speech to ``path``; returns the sentences spoken."""
     words_needed = int(minutes * 160)  # espeak-ng -s 160: 160 words a minute
     spoken, n = [], 0
     while n < words_needed:
         s = pool[len(spoken) % len(pool)]
         spoken.append(s)
         n += len(s.split())
-    text = " ".join(spoken)
-    (work / "text.txt").write_text(text)
-    raw = work / "raw.wav"
-    subprocess.run(["espeak-ng", "-v", "en-us", "-s", "160", "-w", str(raw), "-f", str(work / "text.txt")],
-                   check=True)
-    audio = load_audio(raw, 16000)
-    sf.write(path, audio, 16000, subtype="PCM_16")
-    return text
+    # one sentence per line: espeak-ng pauses at the line ends as at a full stop
+    speak("\n".join(spoken), path, work)
+    return spoken
 
 
 def random_model(path: Path) -> None:
@@ -96,11 +112,25 @@ def measure(cmd: list[str]) -> tuple[float, float, int, str]:
     return float(dt), float(rss), int(rc), rest
 
 
+def word_error_rate(references: list[str], hypotheses: list[str]) -> str:
+    from speechseq.metrics import wer
+
+    return f"{100 * wer(references, hypotheses, normalize=True):.1f}%"
+
+
+def transcripts(out: str) -> list[str]:
+    """The text column of `speechseq transcribe`'s output lines (``file<TAB>text``), in input order."""
+    return [line.split("\t", 1)[1] if "\t" in line else "" for line in out.splitlines()]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--minutes", type=float, nargs="+", default=[1, 4, 10, 30])
     ap.add_argument("--whole-up-to", type=float, default=4, help="also decode clips up to this long as one window")
     ap.add_argument("--model", help="a checkpoint that transcribes (default: random weights, demo size)")
+    ap.add_argument("--sentences-from", type=Path, metavar="MANIFEST",
+                    help="speak this manifest's text column (default: sentences of Python's documentation)")
+    ap.add_argument("--chunk-length-s", type=float, default=30.0, help="transcribe's window (default 30)")
     ap.add_argument("--max-new-tokens", type=int, default=16, help="per window (random model: it never stops)")
     ap.add_argument("--workdir", default="/tmp/speechseq-long-audio")
     args = ap.parse_args()
@@ -111,35 +141,48 @@ def main() -> None:
         model = str(work / "model")
         if not (work / "model" / "tokenizer.json").exists():
             random_model(work / "model")
+    pool = manifest_sentences(args.sentences_from) if args.sentences_from else sentences()
+    tag = args.sentences_from.stem if args.sentences_from else "pydoc"
     base = [sys.executable, "-m", "speechseq.cli", "-q", "--cache-dir", str(work / "jax-cache"), "transcribe",
             "--model", model]
     if args.model is None:
         base += ["--max-new-tokens", str(args.max_new_tokens)]
     load_only = [sys.executable, "-c", f"from speechseq import SpeechSeq2Seq; SpeechSeq2Seq.from_pretrained({model!r})"]
     _, rss0, _, _ = measure(load_only)
-    print(f"model {model}; a process that only loads it: {rss0 / 2**30:.2f} GiB")
-    print(f"{'minutes':>7} {'mode':>8} {'peak RSS':>9} {'seconds':>8} {'x real':>7} {'WER':>6}")
+    print(f"model {model}; a process that only loads it: {rss0 / 2**30:.2f} GiB; sentences: {tag}; "
+          f"window {args.chunk_length_s:g} s")
+    print(f"{'minutes':>7} {'mode':>9} {'peak RSS':>9} {'seconds':>8} {'x real':>7} {'WER':>6}")
+    import soundfile as sf
+
     for minutes in args.minutes:
-        clip = work / f"speech-{minutes:g}min.wav"
-        text_file = work / f"speech-{minutes:g}min.txt"
+        clip = work / f"speech-{tag}-{minutes:g}min.wav"
+        text_file = work / f"speech-{tag}-{minutes:g}min.txt"
         if not clip.exists():
             t = time.perf_counter()
-            text_file.write_text(synthesize(clip, minutes, work))
+            text_file.write_text("\n".join(synthesize(clip, minutes, work, pool)))
             print(f"  (synthesized {clip.name} in {time.perf_counter() - t:.0f} s)", file=sys.stderr)
-        import soundfile as sf
-
+        spoken = text_file.read_text().splitlines()
         seconds = sf.info(str(clip)).duration
-        modes = [("chunked", [])] + ([("whole", ["--chunk-length-s", "0"])] if minutes <= args.whole_up_to else [])
+        modes = [("chunked", ["--chunk-length-s", f"{args.chunk_length_s:g}"])]
+        modes += [("whole", ["--chunk-length-s", "0"])] if minutes <= args.whole_up_to else []
         for mode, flags in modes:
             dt, rss, rc, out = measure(base + flags + [str(clip)])
             wer = "-"
             if rc == 0 and args.model:
-                import jiwer
-
-                hyp = out.split("\t", 1)[1] if "\t" in out else ""
-                wer = f"{jiwer.wer(text_file.read_text().lower(), hyp.lower()) * 100:.1f}%"
+                wer = word_error_rate([" ".join(spoken)], transcripts(out)[:1] or [""])
             status = f"{rss / 2**30:8.2f}G" if rc == 0 else f"{'exit ' + str(rc):>9}"
-            print(f"{minutes:7g} {mode:>8} {status} {dt:8.1f} {seconds / dt:7.1f} {wer:>6}", flush=True)
+            print(f"{minutes:7g} {mode:>9} {status} {dt:8.1f} {seconds / dt:7.1f} {wer:>6}", flush=True)
+        if args.model:  # the same sentences, one clip each: perfect segmentation
+            folder = work / f"sentences-{tag}-{minutes:g}min"
+            if not folder.exists():
+                folder.mkdir()
+                for i, sentence in enumerate(spoken):
+                    speak(sentence, folder / f"{i:04d}.wav", work)
+            files = [str(folder / f"{i:04d}.wav") for i in range(len(spoken))]
+            dt, rss, rc, out = measure(base + ["--chunk-length-s", "0"] + files)
+            wer = word_error_rate(spoken, transcripts(out)) if rc == 0 else "-"
+            status = f"{rss / 2**30:8.2f}G" if rc == 0 else f"{'exit ' + str(rc):>9}"
+            print(f"{minutes:7g} {'sentences':>9} {status} {dt:8.1f} {seconds / dt:7.1f} {wer:>6}", flush=True)
 
 
 if __name__ == "__main__":
