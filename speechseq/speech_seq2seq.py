@@ -6,7 +6,7 @@ import copy
 import dataclasses
 import math
 import os
-from typing import TYPE_CHECKING, Any, Callable, Mapping, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +30,6 @@ from speechseq.hub import resolve
 from speechseq.registry import family
 from speechseq.checkpoints import table
 from speechseq.checkpoints.hf import (
-    fill_missing,
     init_std,
     load_part,
     log_report,
@@ -88,13 +87,14 @@ class _Placement:
         return table.unflatten({p: jax.ShapeDtypeStruct(r.shape, np.float32, sharding=self.shardings[p])
                                 for r in weights for p in r.paths})
 
-    def __call__(self, flat: Mapping[str, np.ndarray]) -> dict[str, Any]:
-        """Freshly made host params, each placed in its sharding (as they are without a mesh)."""
+    def __call__(self, made: Iterable[tuple[str, np.ndarray]]) -> dict[str, Any]:
+        """Freshly made host params ((path, value) pairs, e.g. ``table.iter_params``), each placed in its sharding
+        as it comes (kept as they are without a mesh)."""
         if not self.shardings:
-            return dict(flat)
+            return dict(made)
         from speechseq import sharding as S
 
-        return {p: S.put(v, self.shardings[p]) for p, v in flat.items()}
+        return {p: S.put(v, self.shardings[p]) for p, v in made}
 
 
 def _check_init_memory(rules: list[table.Rule], paths: Any = None) -> None:
@@ -198,13 +198,16 @@ class SpeechSeq2Seq:
     # -- construction ----------------------------------------------------------------------------------------------
 
     @classmethod
-    def from_config(cls, config: SpeechSeq2SeqConfig | Mapping, seed: int = 0, dtype: Any = jnp.float32
-                    ) -> "SpeechSeq2Seq":
-        """Random init from a HF ``speech-encoder-decoder`` dict or a ``SpeechSeq2SeqConfig``."""
+    def from_config(cls, config: SpeechSeq2SeqConfig | Mapping, seed: int = 0, dtype: Any = jnp.float32, *,
+                    mesh: Any = None, rules: Any = None) -> "SpeechSeq2Seq":
+        """Random init from a HF ``speech-encoder-decoder`` dict or a ``SpeechSeq2SeqConfig``. ``mesh`` / ``rules``:
+        each param placed in its sharding as it is made (the same values), so the host never holds the whole model
+        (``from_pretrained``'s)."""
         cfg = config_from_dict(config)
-        rules = M.weight_rules(cfg)
-        _check_init_memory(rules)
-        flat = table.init_params(rules, seed, init_std(cfg))
+        weights = M.weight_rules(cfg)
+        if mesh is None:
+            _check_init_memory(weights)
+        flat = _Placement(cfg, mesh, rules)(table.iter_params(weights, seed, init_std(cfg)))
         return cls(cfg, to_tree(flat), dtype)
 
     @classmethod
@@ -232,7 +235,7 @@ class SpeechSeq2Seq:
                 flat, report = table.load(weights, ckpt, where=str(path), assemble=place.assemble())
         log_report(report, str(path))
         _check_init_memory(weights, report.missing_paths)
-        flat.update(place(fill_missing(weights, {}, report, seed, init_std(cfg))))
+        flat.update(place(table.iter_params(weights, seed, init_std(cfg), only=report.missing_paths)))
         gen_path = path / "generation_config.json"
         gen_json = read_json(gen_path) if gen_path.exists() else None
         return cls(cfg, to_tree(flat), dtype, report, gen_json)
@@ -285,7 +288,7 @@ class SpeechSeq2Seq:
         weights = M.weight_rules(cfg)
         fresh = [p for r in weights for p in r.paths if p not in flat]
         _check_init_memory(weights, fresh)
-        flat.update(place(table.init_params(weights, seed, init_std(cfg), only=fresh)))
+        flat.update(place(table.iter_params(weights, seed, init_std(cfg), only=fresh)))
         fresh_set = set(fresh)  # named as the joined model names them (not as the standalone sources did)
         missing = [r.names(i)[0] for r in weights if fresh_set.intersection(r.paths) for i in range(r.num_layers)]
         report = table.LoadReport(missing, unexpected, fresh)

@@ -268,7 +268,7 @@ def test_mesh_specs_and_logical_rules():
 
 
 LOAD_CHILD = textwrap.dedent("""
-    import re, sys
+    import json, re, sys
     import jax, numpy as np
     from speechseq import SpeechSeq2Seq, sharding as S
     from speechseq.checkpoints.table import flatten
@@ -282,7 +282,7 @@ LOAD_CHILD = textwrap.dedent("""
     largest = max(a.size * 4 for a in want.values())
     for spec in ("fsdp=8", "data=2,fsdp=2,tensor=2"):
         mesh = S.make_mesh(spec)
-        expected = flatten(S.param_shardings(SpeechSeq2Seq.from_pretrained(hf).config, mesh))
+        expected = expected_model = flatten(S.param_shardings(SpeechSeq2Seq.from_pretrained(hf).config, mesh))
         for source in (hf, converted):
             got = flatten(S.load_sharded(source, mesh).params)
             assert got.keys() == want.keys()
@@ -313,6 +313,15 @@ LOAD_CHILD = textwrap.dedent("""
             assert a.sharding.is_equivalent_to(expected[p], a.ndim), (spec, p, a.sharding, expected[p])
             assert np.array_equal(np.asarray(a), np.asarray(want_warm[p])), (spec, p)
         print("load ok", spec, "warm start", len(got), "params")
+        # a fresh model: each param made on the host and placed in its shards as it comes, the same values
+        config = json.loads(open(f"{hf}/config.json").read())
+        fresh = flatten(SpeechSeq2Seq.from_config(config, seed=1).params)
+        got = flatten(SpeechSeq2Seq.from_config(config, seed=1, mesh=mesh).params)
+        assert got.keys() == fresh.keys() == want.keys()
+        for p, a in got.items():
+            assert a.sharding.is_equivalent_to(expected_model[p], a.ndim), (spec, p, a.sharding)
+            assert np.array_equal(np.asarray(a), np.asarray(fresh[p])), (spec, p)
+        print("load ok", spec, "from_config", len(got), "params")
 """)
 
 
@@ -320,8 +329,8 @@ def test_load_sharded_places_each_tensor_in_its_shards(tmp_path):
     """``sharding.load_sharded`` of a Hugging Face checkpoint and of its ``speechseq convert``: every param has the
     sharding the rules give it, every device holds only its shard (shape ``shard_shape``; per-device bytes at most
     the total over the param-splitting devices plus the largest tensor), and the values equal ``from_pretrained``'s.
-    ``from_encoder_decoder_pretrained(..., mesh=mesh)`` (with a fresh adapter) likewise equals the unsharded warm
-    start, each param in its sharding."""
+    ``from_encoder_decoder_pretrained(..., mesh=mesh)`` (with a fresh adapter) and ``from_config(..., mesh=mesh)``
+    likewise equal their unsharded results, each param in its sharding."""
     model = tiny_divisible_model()
     model.save_pretrained(tmp_path / "hf")
     model.encoder.save_pretrained(tmp_path / "encoder")
@@ -334,4 +343,4 @@ def test_load_sharded_places_each_tensor_in_its_shards(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     lines = [line for line in proc.stdout.split("\n") if line.startswith("load ok")]
     print("\n".join(lines))
-    assert len(lines) == 6, proc.stdout
+    assert len(lines) == 8, proc.stdout

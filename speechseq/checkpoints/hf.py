@@ -38,12 +38,6 @@ def to_flat_numpy(params: Mapping) -> dict[str, np.ndarray]:
     return {k: np.asarray(jax.device_get(v)) for k, v in table.flatten(params).items()}
 
 
-def fill_missing(rules: list[table.Rule], flat: dict[str, np.ndarray], report: table.LoadReport, seed: int,
-                 std: float) -> dict[str, np.ndarray]:
-    """Freshly initialise the parameters the checkpoint did not have."""
-    if report.missing_paths:
-        flat = {**flat, **table.init_params(rules, seed, std, only=report.missing_paths)}
-    return flat
 
 
 def log_report(report: table.LoadReport, where: str, fresh_note: str = "") -> None:

@@ -274,9 +274,17 @@ def _sinusoidal_positions(shape: tuple[int, ...]) -> np.ndarray:
 def init_params(rules: Sequence[Rule], seed: int, std: float = 0.02,
                 only: Iterable[str] | None = None) -> dict[str, np.ndarray]:
     """Random float32 params for every path (or only the paths in ``only``), as transformers initialises them."""
+    return dict(iter_params(rules, seed, std, only))
+
+
+def iter_params(rules: Sequence[Rule], seed: int, std: float = 0.02,
+                only: Iterable[str] | None = None) -> Iterator[tuple[str, np.ndarray]]:
+    """``init_params``' (path, value) pairs one at a time, the same values: a caller that places each one (on
+    devices, in its shards) never holds the whole model on the host."""
     rng = np.random.default_rng(seed)
     wanted = None if only is None else set(only)
-    out: dict[str, np.ndarray] = {}
+    norms = {p[: -len("weight_g")] + "weight_v" for r in rules for p in r.paths if r.init == "weight_g"}
+    directions: dict[str, np.ndarray] = {}  # the weight_v tensors a weight_g is computed from
     inits: dict[str, Callable[[tuple[int, ...]], np.ndarray]] = {
         "zeros": lambda s: np.zeros(s, np.float32),
         "ones": lambda s: np.ones(s, np.float32),
@@ -291,11 +299,13 @@ def init_params(rules: Sequence[Rule], seed: int, std: float = 0.02,
                 continue
             if r.init == "weight_g":  # weight-norm magnitude: the norm of the matching direction tensor
                 continue
-            out[p] = r.init(r.shape) if callable(r.init) else inits[r.init](r.shape)
+            value = r.init(r.shape) if callable(r.init) else inits[r.init](r.shape)
+            if p in norms:
+                directions[p] = value
+            yield p, value
     for r in rules:  # weight_g after its weight_v exists
         for p in r.paths:
             if r.init == "weight_g" and (wanted is None or p in wanted):
-                v = out.get(p[: -len("weight_g")] + "weight_v")
-                out[p] = (np.sqrt((v**2).sum(axis=(-2, -1), keepdims=True)) if v is not None
+                v = directions.get(p[: -len("weight_g")] + "weight_v")
+                yield p, (np.sqrt((v**2).sum(axis=(-2, -1), keepdims=True)) if v is not None
                           else np.ones(r.shape, np.float32)).astype(np.float32)
-    return out
