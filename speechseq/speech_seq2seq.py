@@ -59,7 +59,7 @@ def _dtype(dtype: Any) -> jnp.dtype:
     return out
 
 
-class _Placement:
+class _ParamPlacement:
     """Where loaded params go: host / default device arrays (``mesh`` None), or straight into the shardings of a
     device mesh (``speechseq.sharding``, imported only then)."""
 
@@ -207,7 +207,7 @@ class SpeechSeq2Seq:
         weights = M.weight_rules(cfg)
         if mesh is None:
             _check_init_memory(weights)
-        flat = _Placement(cfg, mesh, rules)(table.iter_params(weights, seed, init_std(cfg)))
+        flat = _ParamPlacement(cfg, mesh, rules)(table.iter_params(weights, seed, init_std(cfg)))
         return cls(cfg, to_tree(flat), dtype)
 
     @classmethod
@@ -224,7 +224,7 @@ class SpeechSeq2Seq:
         path = resolve(name_or_path, revision)
         cfg = config_from_dict(read_json(path / "config.json"), str(path / "config.json"))
         weights = M.weight_rules(cfg)
-        place = _Placement(cfg, mesh, rules)
+        place = _ParamPlacement(cfg, mesh, rules)
         if storage.is_speechseq(path):  # orbax params written by `speechseq convert`
             flat = table.flatten(storage.restore_params(path, place.target(weights)))
             needed = [p for r in weights for p in r.paths]
@@ -277,7 +277,7 @@ class SpeechSeq2Seq:
             parts[role] = (path, parse(hf, str(path / "config.json")))
         cfg = make_seq2seq_config(parts["encoder"][1], parts["decoder"][1],
                                   {"model_type": "speech-encoder-decoder", "is_encoder_decoder": True, **top})
-        place = _Placement(cfg, mesh, rules)
+        place = _ParamPlacement(cfg, mesh, rules)
         flat: dict[str, Any] = {}
         unexpected: list[str] = []
         for role, (path, sub) in parts.items():
