@@ -20,7 +20,7 @@ import soundfile as sf
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "synth" / "make_data.py"
-SIZES = ("--train", "12", "--valid", "4", "--test", "4")
+SIZES = ("--train", "12", "--valid", "4", "--test", "4", "--generated", "2")
 KEYS = {"id", "audio", "text", "voice", "duration"}
 
 
@@ -63,7 +63,7 @@ def dataset(tmp_path_factory):
 @needs_both
 def test_manifests_and_audio(dataset):
     rows = _manifests(dataset)
-    assert {k: len(v) for k, v in rows.items()} == {"train": 12, "valid": 4, "test": 4, "test_voice": 4}
+    assert {k: len(v) for k, v in rows.items()} == {"train": 14, "valid": 4, "test": 4, "test_voice": 4}
     assert sorted(p.name for p in dataset.iterdir()) == sorted(
         [*md.SPLITS, *(f"{s}.jsonl" for s in md.SPLITS), "meta.json", "tokenizer"])  # no scratch files left
     ids = [r["id"] for split in rows.values() for r in split]
@@ -88,14 +88,14 @@ def test_manifests_and_audio(dataset):
     assert saved == json.loads(_module("make_tokenizer").build_tokenizer([r["text"] for r in rows["train"]], 500)
                                .to_str())
     meta = json.loads((dataset / "meta.json").read_text())
-    assert meta["splits"]["train"]["utterances"] == 12 and meta["held_out_variant"] == md.HELD_OUT_VARIANT
+    assert meta["splits"]["train"]["utterances"] == 14 and meta["held_out_variant"] == md.HELD_OUT_VARIANT
     assert meta["tokenizer"] == "bpe 500"
 
 
 @needs_both
 def test_splits_share_no_sentence(dataset):
     texts = {name: {r["text"] for r in split} for name, split in _manifests(dataset).items()}
-    assert [len(texts[n]) for n in md.SPLITS] == [4, 4, 4, 12]
+    assert [len(texts[n]) for n in md.SPLITS] == [4, 4, 4, 14]  # 12 fortunes, 2 generated
     for i, a in enumerate(md.SPLITS):
         for b in md.SPLITS[i + 1:]:
             assert not texts[a] & texts[b], (a, b)
@@ -120,6 +120,23 @@ def test_deal_at_full_size():
     big = md.plan(md.deal(sentences, {**sizes, "train": len(sentences)}, 0), {**sizes, "train": len(sentences)}, 0)
     train = [u for u in big if u.split == "train"]
     assert len({u.text for u in train}) == len(sentences) - 800 and len(train) == len(sentences)
+
+
+@needs_fortunes
+def test_generated_sentences_are_new_and_made_of_training_bigrams():
+    sentences = md.load_sentences()
+    sets = md.deal(sentences, {"train": 6000, "valid": 200, "test": 300, "test_voice": 300}, seed=0)
+    held_out = {s for name in ("test", "test_voice", "valid") for s in sets[name]}
+    made = md.generate(sets["train"], 2000, seed=0, avoid=held_out)
+    assert made == md.generate(sets["train"], 2000, seed=0, avoid=held_out) != md.generate(sets["train"], 2000, 1)
+    assert len(set(made)) == 2000 and not set(made) & (set(sentences) | held_out)
+    pairs = {p for s in sets["train"] for p in zip(["<s>", *s.split()], [*s.split(), "</s>"])}
+    for s in made:
+        words = s.split()
+        assert md.MIN_WORDS <= len(words) <= md.MAX_WORDS and len(s) <= md.MAX_CHARS, s
+        assert set(zip(["<s>", *words], [*words, "</s>"])) <= pairs, s
+    with pytest.raises(md.InputError, match="fewer than --generated 5"):
+        md.generate(["one two three"], 5, seed=0)  # a chain with one path makes nothing new
 
 
 @needs_both

@@ -177,6 +177,41 @@ def deal(sentences: list[str], sizes: dict[str, int], seed: int) -> dict[str, li
     return out
 
 
+def generate(train: list[str], count: int, seed: int, avoid: set[str] = frozenset()) -> list[str]:
+    """``count`` distinct new sentences made by a word bigram chain over the ``train`` sentences: the first word as a
+    training sentence starts, each next word (or the end) drawn as often as it follows the word before in training,
+    kept when it has ``MIN_WORDS``..``MAX_WORDS`` words and at most ``MAX_CHARS`` characters and is neither a
+    training sentence nor in ``avoid``. Every word and every pair of neighbouring words occurs in training, but the
+    sentences do not: a recogniser trained on them cannot transcribe by completing a sentence it remembers, so it
+    has to listen (on the default data set the fortunes alone gave 3.5% CER on training sentences and 50% on
+    unseen ones)."""
+    follow: dict[str, Counter] = {}
+    for sentence in train:
+        words = ["<s>", *sentence.split(), "</s>"]
+        for a, b in zip(words, words[1:]):
+            follow.setdefault(a, Counter())[b] += 1
+    table = {a: (list(c), np.cumsum(list(c.values()))) for a, c in sorted(follow.items())}
+    rng = np.random.default_rng([seed, 3])
+    seen, out = set(train) | set(avoid), []
+    for _ in range(count * 50):
+        if len(out) == count:
+            break
+        words, word = [], "<s>"
+        while len(words) <= MAX_WORDS:
+            options, cum = table[word]
+            word = options[int(np.searchsorted(cum, rng.integers(cum[-1]), side="right"))]
+            if word == "</s>":
+                break
+            words.append(word)
+        text = " ".join(words)
+        if MIN_WORDS <= len(words) <= MAX_WORDS and len(text) <= MAX_CHARS and text not in seen:
+            seen.add(text)
+            out.append(text)
+    if len(out) < count:
+        raise InputError(f"the bigram chain gave {len(out)} distinct new sentences, fewer than --generated {count}")
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------- speech
 @dataclass(frozen=True)
 class Utterance:
@@ -189,18 +224,22 @@ class Utterance:
     seed: tuple[int, ...]  # of the noise and gain
 
 
-def plan(sets: dict[str, list[str]], sizes: dict[str, int], seed: int) -> list[Utterance]:
+def plan(sets: dict[str, list[str]], sizes: dict[str, int], seed: int,
+         generated: list[str] = ()) -> list[Utterance]:
     """One `Utterance` per line of every manifest: the set's sentences in order (train cycling over its sentences
-    when ``sizes["train"]`` is larger), each with a voice, speed and pitch drawn from its own seeded generator."""
+    when ``sizes["train"]`` is larger, then the ``generated`` sentences), each with a voice, speed and pitch drawn
+    from its own seeded generator."""
     utterances = []
     for k, name in enumerate(SPLITS):
         rng = np.random.default_rng([seed, 1, k])
         variants = (HELD_OUT_VARIANT,) if name == "test_voice" else TRAIN_VARIANTS
-        for i in range(sizes[name]):
+        texts = [sets[name][i % len(sets[name])] for i in range(sizes[name])]
+        texts += list(generated) if name == "train" else []
+        for i, text in enumerate(texts):
             voice = TRAIN_VOICES[rng.integers(len(TRAIN_VOICES))]
             variant = variants[rng.integers(len(variants))]
             utterances.append(Utterance(
-                id=f"{name}-{i:05d}", split=name, text=sets[name][i % len(sets[name])],
+                id=f"{name}-{i:05d}", split=name, text=text,
                 voice=f"{voice}+{variant}" if variant else voice,
                 speed=int(rng.integers(SPEED_WPM[0], SPEED_WPM[1] + 1)),
                 pitch=int(rng.integers(PITCH[0], PITCH[1] + 1)), seed=(seed, 2, k, i)))
@@ -254,13 +293,15 @@ def missing_tools(fortunes: Path) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------------- main
 def make_dataset(out: Path, sizes: dict[str, int], seed: int = 0, jobs: int = 2, min_word_sentences: int = 2,
-                 fortunes: Path = FORTUNES, progress: bool = True, bpe: int = 500) -> dict:
+                 fortunes: Path = FORTUNES, progress: bool = True, bpe: int = 500, generated: int = 0) -> dict:
     """Write the data set described in the module docstring into ``out`` (which must not exist); returns meta.json's
-    content. ``bpe``: the tokenizer's vocabulary size (0: characters)."""
+    content. ``bpe``: the tokenizer's vocabulary size (0: characters); ``generated``: training utterances of
+    sentences made by `generate` after the ``sizes["train"]`` fortunes."""
     start = time.monotonic()
     sentences = load_sentences(fortunes, min_word_sentences)
     sets = deal(sentences, sizes, seed)
-    utterances = plan(sets, sizes, seed)
+    held_out = {s for name in SPLITS if name != "train" for s in sets[name]}
+    utterances = plan(sets, sizes, seed, generate(sets["train"], generated, seed, held_out) if generated else ())
     with atomic_dir(out) as tmp:
         scratch = tmp / ".espeak"
         for name in (*SPLITS, scratch.name):
@@ -283,6 +324,7 @@ def make_dataset(out: Path, sizes: dict[str, int], seed: int = 0, jobs: int = 2,
         save_tokenizer(tmp / "tokenizer", [r["text"] for r in rows["train"]] if bpe else None, bpe)
         meta = _meta(rows, sentences, sizes, seed, jobs, min_word_sentences, fortunes, time.monotonic() - start)
         meta["tokenizer"] = f"bpe {bpe}" if bpe else "characters"
+        meta["generated"] = generated
         write_json(tmp / "meta.json", meta)
     return meta
 
@@ -323,8 +365,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="keep sentences whose every word occurs in >= K sentences of the source (default 2)")
     parser.add_argument("--bpe", type=int, default=500, metavar="N",
                         help="tokenizer: a BPE of N ids learnt from the training sentences (default 500; 0: characters)")
+    parser.add_argument("--generated", type=int, default=0, metavar="N",
+                        help="N more training utterances of new sentences made by a word bigram chain over the "
+                             "training sentences (default 0)")
     args = parser.parse_args(argv)
     try:
+        if args.generated < 0:
+            raise InputError(f"--generated must be >= 0, got {args.generated}")
         for name in ("train", "valid", "test", "jobs", "min_word_sentences"):
             if getattr(args, name) < 1:
                 raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -337,7 +384,8 @@ def main(argv: list[str] | None = None) -> int:
         sizes = {"train": args.train, "valid": args.valid, "test": args.test, "test_voice": args.test}
         if args.bpe and args.bpe < 40:  # the 4 specials, 28 characters and a few merges
             raise InputError(f"--bpe must be 0 (characters) or >= 40, got {args.bpe}")
-        meta = make_dataset(out, sizes, args.seed, args.jobs, args.min_word_sentences, bpe=args.bpe)
+        meta = make_dataset(out, sizes, args.seed, args.jobs, args.min_word_sentences, bpe=args.bpe,
+                            generated=args.generated)
     except SpeechSeqError as e:
         print(f"make_data.py: {e}", file=sys.stderr)
         return 2
@@ -346,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"make_data.py: {'interrupted' if signum == 2 else 'terminated'}; nothing written", file=sys.stderr)
         return 128 + signum
     hours = sum(s["hours"] for s in meta["splits"].values())
-    print(f"{out}: {sum(sizes.values())} utterances, {hours:.2f} h of audio, in {meta['seconds']:.0f} s "
+    print(f"{out}: {sum(sizes.values()) + args.generated} utterances, {hours:.2f} h of audio, in {meta['seconds']:.0f} s "
           f"({meta['sentences_available']} sentences available)")
     return 0
 
