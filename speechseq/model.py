@@ -181,7 +181,8 @@ def decode_projected(cfg: SpeechSeq2SeqConfig, params: Params, decoder_input_ids
     if given is not None and given.ndim >= 1 and enc.shape[0] != given.shape[0]:
         raise InputError(f"{name}: batch {given.shape[0]} does not match the audio batch {enc.shape[0]}")
     dtype = jnp.dtype(dtype)
-    cross = cross_kv(cfg, params, enc, dtype)
+    # rematerialised, each layer makes its cross K/V in the scan (recomputed in the backward pass, not kept)
+    cross = cross_kv(cfg, params, enc, dtype) if remat == "none" else transformer.CrossFrames(enc)
     out = family(cfg.decoder.model_type, "decoder").apply(cfg.decoder, params["decoder"], decoder_input_ids, cross,
                                                           enc_mask, decoder_attention_mask, dtype=dtype, rng=rng,
                                                           remat=remat, inputs_embeds=decoder_inputs_embeds,

@@ -400,6 +400,26 @@ def test_remat_policies_keep_loss_and_grads(programs):
         assert_grads_close(got, want)
 
 
+def test_remat_recomputes_cross_attention_keys_and_values(zoo):
+    """Rematerialised, the decoder's layers make their cross-attention K/V inside the scan (``CrossFrames``): the
+    compiled gradient holds no stacked [L, B, N, S, H] keys or values (nor their gradients), which remat "none"
+    keeps for the backward pass."""
+    _, ours = zoo(*MODEL)
+    batch = check_batch(padded_batch(**BIG))
+    dec = ours.config.decoder
+    frames = M.encode(ours.config, ours.params, jnp.asarray(batch["input_values"]),
+                      jnp.asarray(batch["attention_mask"])).last_hidden_state.shape[1]
+    stacked = f"f32[{dec.num_layers},{batch['labels'].shape[0]},{dec.num_heads},{frames},{dec.head_dim}]"
+
+    def hlo(remat: str) -> str:
+        cfg = dataclasses.replace(EVAL_MODE, remat=remat)
+        fn = jax.jit(lambda p, b: loss_and_grad(ours.config, cfg, p, {}, b))
+        return fn.lower(ours.params, batch).compile().as_text()
+
+    assert stacked in hlo("none")
+    assert stacked not in hlo("layer")
+
+
 def test_bfloat16_compute_keeps_float32_state(zoo, programs):
     _, ours = zoo(*MODEL)
     step, _ = programs

@@ -248,14 +248,23 @@ class KVCache(NamedTuple):
     v: Any
 
 
+class CrossFrames(NamedTuple):
+    """In place of `CrossKV` for the teacher-forced pass under a remat policy: the encoder frames [B, S, D], from
+    which each layer computes its own keys and values inside the layer scan. Rematerialised, they are then
+    recomputed in the backward pass rather than kept for every layer ([L, B, N, S, H] twice, and their gradients)."""
+
+    frames: jax.Array
+
+
+def layer_cross_kv(cfg: DecoderConfig, cp: Params, enc: jax.Array, dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
+    """One layer's cross-attention params and encoder frames [B, S, D] -> its keys and values [B, N, S, H]."""
+    enc = enc.astype(dtype)
+    return heads(cp["k"], enc, cfg.num_heads, dtype), heads(cp["v"], enc, cfg.num_heads, dtype)
+
+
 def cross_kv(cfg: DecoderConfig, p: Params, enc: jax.Array, dtype: jnp.dtype) -> CrossKV:
     """Encoder frames [B, S, D] -> cross-attention keys and values of every layer [L, B, N, S, H]."""
-    enc = enc.astype(dtype)
-
-    def one(lp: Params) -> tuple[jax.Array, jax.Array]:
-        return heads(lp["k"], enc, cfg.num_heads, dtype), heads(lp["v"], enc, cfg.num_heads, dtype)
-
-    return CrossKV(*jax.lax.map(one, p["layers"]["cross_attn"]))
+    return CrossKV(*jax.lax.map(lambda cp: layer_cross_kv(cfg, cp, enc, dtype), p["layers"]["cross_attn"]))
 
 
 def init_cache(cfg: DecoderConfig, batch: int, max_len: int, dtype: jnp.dtype, groups: int = 1) -> KVCache:
@@ -436,14 +445,16 @@ def step_inputs(cfg: DecoderConfig, p: Params, input_ids: jax.Array | None, enc_
     return h, self_mask, cross_mask, groups
 
 
-def decode(cfg: DecoderConfig, p: Params, input_ids: jax.Array | None, cross: CrossKV, enc_mask: jax.Array | None,
+def decode(cfg: DecoderConfig, p: Params, input_ids: jax.Array | None, cross: CrossKV | CrossFrames,
+           enc_mask: jax.Array | None,
            attention_mask: jax.Array | None = None, cache: KVCache | None = None, start: int | jax.Array = 0,
            dtype: jnp.dtype = jnp.float32, cache_rows: jax.Array | None = None,
            rng: jax.Array | None = None, remat: str = "none", inputs_embeds: jax.Array | None = None,
            capture: bool = False) -> tuple:
     """Decoder over ids [B', T] at steps start..start+T-1 -> (float32 logits [B', T, V], updated cache).
 
-    ``cross`` holds K/V for B utterances (B' = B * beams), as ``cross_kv`` gives them. Without ``cache`` this is
+    ``cross`` holds K/V for B utterances (B' = B * beams), as ``cross_kv`` gives them (or, teacher-forced,
+    `CrossFrames`: each layer computes its own). Without ``cache`` this is
     the teacher-forced pass over the whole sequence; with it (``init_cache``), keys/values are written at ``start``
     and attention reads the cache up to there. The layers run under one ``lax.scan`` over the stacked params.
 
@@ -483,13 +494,18 @@ def decode(cfg: DecoderConfig, p: Params, input_ids: jax.Array | None, cross: Cr
 
     def layer(h: jax.Array, xs: tuple) -> tuple[jax.Array, tuple | None]:
         lp, scale, ck, cv, kv_cache, i = xs
+        if isinstance(cross, CrossFrames):
+            ck, cv = layer_cross_kv(cfg, lp["cross_attn"], cross.frames, dtype)
         out = decoder_layer(cfg, lp, h, scale, ck, cv, kv_cache, i, self_mask, cross_mask, start, groups, dtype,
                             rng, capture=capture)
         if capture:  # each layer's output and probabilities as scan outputs (no cache here)
             return out[0], (out[0], *out[2])
         return out
 
-    xs = (p["layers"], layer_scales(cfg), cross.k, cross.v, None if cache is None else tuple(cache),
+    if isinstance(cross, CrossFrames) and cache is not None:
+        raise InputError("CrossFrames: the teacher-forced pass only; cached decode steps read CrossKV")
+    ck, cv = (None, None) if isinstance(cross, CrossFrames) else cross
+    xs = (p["layers"], layer_scales(cfg), ck, cv, None if cache is None else tuple(cache),
           jnp.arange(cfg.num_layers))
     first = h
     h, per_layer = jax.lax.scan(remat_fn(layer, remat), h, xs)
