@@ -172,7 +172,8 @@ def test_bad_input_is_one_line(tmp_path):
     exists.mkdir()
     cases = [((exists,), "already exists; remove it or choose another --out"),
              ((tmp_path / "a", "--train", "0"), "--train must be >= 1, got 0"),
-             ((tmp_path / "b", "--min-word-sentences", "0"), "--min-word-sentences must be >= 1, got 0")]
+             ((tmp_path / "b", "--min-word-sentences", "0"), "--min-word-sentences must be >= 1, got 0"),
+             ((tmp_path / "e", "--generated", "-1"), "--generated must be >= 0, got -1")]
     if HAVE_ESPEAK and HAVE_FORTUNES:  # with a tool missing, that message comes first
         for (out, *args), message in cases:
             done = _run(out, *args)

@@ -22,7 +22,7 @@ Outputs in --out (default data/synth; it must not exist yet, and appears whole o
                                                           --bpe 0: one token per character)
     meta.json                                             settings, espeak-ng version, counts and statistics
 
-    python examples/synth/make_data.py [--out data/synth] [--train 6000] [--seed 0] [--jobs 2] [--bpe 500]
+    python examples/synth/make_data.py [--out data/synth] [--train 15000] [--generated 10000] [--seed 0] [--jobs 2]
 """
 
 from __future__ import annotations
@@ -355,7 +355,8 @@ def _meta(rows: dict[str, list[dict]], sentences: list[str], sizes: dict[str, in
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="data/synth", help="folder to create (default data/synth)")
-    parser.add_argument("--train", type=int, default=6000, help="training utterances (default 6000)")
+    parser.add_argument("--train", type=int, default=15000,
+                        help="training utterances of the fortunes (default 15000: each of the 7,747 left ~twice)")
     parser.add_argument("--valid", type=int, default=200, help="validation utterances (default 200)")
     parser.add_argument("--test", type=int, default=300,
                         help="utterances in each of test and test_voice (default 300)")
@@ -365,9 +366,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="keep sentences whose every word occurs in >= K sentences of the source (default 2)")
     parser.add_argument("--bpe", type=int, default=500, metavar="N",
                         help="tokenizer: a BPE of N ids learnt from the training sentences (default 500; 0: characters)")
-    parser.add_argument("--generated", type=int, default=0, metavar="N",
+    parser.add_argument("--generated", type=int, default=10000, metavar="N",
                         help="N more training utterances of new sentences made by a word bigram chain over the "
-                             "training sentences (default 0)")
+                             "training sentences (default 10000)")
     args = parser.parse_args(argv)
     try:
         if args.generated < 0:
