@@ -38,8 +38,6 @@ def to_flat_numpy(params: Mapping) -> dict[str, np.ndarray]:
     return {k: np.asarray(jax.device_get(v)) for k, v in table.flatten(params).items()}
 
 
-
-
 def log_report(report: table.LoadReport, where: str, fresh_note: str = "") -> None:
     """Report missing and unexpected weights the way transformers does (a warning, not an error)."""
     if report.unexpected:

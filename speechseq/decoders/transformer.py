@@ -454,9 +454,9 @@ def decode(cfg: DecoderConfig, p: Params, input_ids: jax.Array | None, cross: Cr
     """Decoder over ids [B', T] at steps start..start+T-1 -> (float32 logits [B', T, V], updated cache).
 
     ``cross`` holds K/V for B utterances (B' = B * beams), as ``cross_kv`` gives them (or, teacher-forced,
-    `CrossFrames`: each layer computes its own). Without ``cache`` this is
-    the teacher-forced pass over the whole sequence; with it (``init_cache``), keys/values are written at ``start``
-    and attention reads the cache up to there. The layers run under one ``lax.scan`` over the stacked params.
+    `CrossFrames`: each layer computes its own). Without ``cache`` this is the teacher-forced pass over the whole
+    sequence; with it (``init_cache``), keys/values are written at ``start`` and attention reads the cache up to
+    there. The layers run under one ``lax.scan`` over the stacked params.
 
     ``cache_rows`` [B', Tmax] int (beam search): the cache is grouped, ``init_cache(groups=G)``, Tmax * G positions
     with B' = B * G rows, and row r = (b, g) writes its keys to group slot g. Entry [r, t] says which slot of its
@@ -487,6 +487,9 @@ def decode(cfg: DecoderConfig, p: Params, input_ids: jax.Array | None, cross: Cr
         raise InputError("rng: dropout applies to the teacher-forced pass only, not to cached decode steps")
     if inputs_embeds is not None and cache is not None:
         raise InputError("decoder_inputs_embeds: the teacher-forced pass only; cached decode steps read token ids")
+    frames = cross.frames if isinstance(cross, CrossFrames) else None
+    if frames is not None and cache is not None:
+        raise InputError("CrossFrames: the teacher-forced pass only; cached decode steps read CrossKV")
     key_len = None if cache is None else cache.k.shape[-1]
     h, self_mask, cross_mask, groups = step_inputs(cfg, p, input_ids, enc_mask, attention_mask, key_len, start,
                                                     dtype, cache_rows, None if cache is None else cache.k.shape[1],
@@ -494,17 +497,15 @@ def decode(cfg: DecoderConfig, p: Params, input_ids: jax.Array | None, cross: Cr
 
     def layer(h: jax.Array, xs: tuple) -> tuple[jax.Array, tuple | None]:
         lp, scale, ck, cv, kv_cache, i = xs
-        if isinstance(cross, CrossFrames):
-            ck, cv = layer_cross_kv(cfg, lp["cross_attn"], cross.frames, dtype)
+        if frames is not None:
+            ck, cv = layer_cross_kv(cfg, lp["cross_attn"], frames, dtype)
         out = decoder_layer(cfg, lp, h, scale, ck, cv, kv_cache, i, self_mask, cross_mask, start, groups, dtype,
                             rng, capture=capture)
         if capture:  # each layer's output and probabilities as scan outputs (no cache here)
             return out[0], (out[0], *out[2])
         return out
 
-    if isinstance(cross, CrossFrames) and cache is not None:
-        raise InputError("CrossFrames: the teacher-forced pass only; cached decode steps read CrossKV")
-    ck, cv = (None, None) if isinstance(cross, CrossFrames) else cross
+    ck, cv = (None, None) if frames is not None else cross
     xs = (p["layers"], layer_scales(cfg), ck, cv, None if cache is None else tuple(cache),
           jnp.arange(cfg.num_layers))
     first = h
