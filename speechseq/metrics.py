@@ -1,7 +1,8 @@
 """Text metrics of generated output against references: WER and CER (jiwer), BLEU (sacrebleu), over a corpus.
 
-jiwer and sacrebleu (and the training loop's tensorboardX and matplotlib) are the optional ``train`` extra: they are
-imported on first use through ``require``, which turns a missing one into one line naming the install command.
+jiwer is a dependency (``speechseq evaluate`` and the demo score with it); sacrebleu (and the training loop's
+tensorboardX and matplotlib) are the optional ``train`` extra: they are imported on first use through ``require``,
+which turns a missing one into one line naming the install command.
 """
 
 from __future__ import annotations

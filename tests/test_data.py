@@ -412,6 +412,25 @@ def test_same_seed_same_batches_whatever_the_workers(manifest, processor):
     assert_same_batches(ordered[10:], ordered[:1])  # epoch 2 of an unshuffled loader repeats epoch 1
 
 
+def test_feature_cache_gives_the_same_batches_and_reads_each_file_once(manifest, processor, monkeypatch):
+    import speechseq.data.loader as loader_module
+
+    rows = read_manifest(manifest)
+    reference = take(iter(Loader(rows, processor, batch_size=4, seed=3, num_workers=2)), 25)
+    reads = Counter()
+    real_load = loader_module.load_audio
+    monkeypatch.setattr(loader_module, "load_audio", lambda path, rate: reads.update([path]) or real_load(path, rate))
+    cached = Loader(rows, processor, batch_size=4, seed=3, num_workers=2, cache_gb=1.0)
+    assert_same_batches(take(iter(cached), 25), reference)  # 2.5 epochs of 10 batches
+    assert sorted(reads) == sorted({r.audio for r in rows}) and set(reads.values()) == {1}
+    reads.clear()
+    tiny = Loader(rows, processor, batch_size=4, seed=3, num_workers=0, cache_gb=1e-9)  # nothing fits: no cache
+    assert_same_batches(take(iter(tiny), 25), reference)
+    assert sum(reads.values()) == 100
+    with pytest.raises(ConfigError, match="cache_gb"):
+        Loader(rows, processor, batch_size=4, cache_gb=-1)
+
+
 @pytest.mark.parametrize("stop", [3, 9, 10, 23])  # mid-epoch, the epoch's last batch, its end, two epochs later
 def test_state_restores_the_exact_continuation(manifest, processor, stop):
     rows = read_manifest(manifest)

@@ -31,6 +31,7 @@ import hashlib
 import json
 import math
 import sys
+import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -92,6 +93,10 @@ class Loader:
     fails to decode although its header read fine are padding rows: zero mask, labels all -100 (no loss, no
     gradient), id None.
 
+    ``cache_gb`` > 0 keeps each row's features in memory, as long as the total stays within that many GiB, so
+    that later epochs neither read nor featurise its audio again (features depend on the row alone, so batches are
+    the same with or without the cache).
+
     ``shuffle=True``: each epoch length-grouped and shuffled from ``(seed, epoch)``; ``shuffle=False``: manifest order.
     With ``drop_remainder`` an epoch leaves out ``usable_rows % batch_size`` rows (a different set each epoch).
     ``skipped`` counts rows left out by reason (``REASONS``): the scan's, the same in every process, plus this
@@ -105,7 +110,8 @@ class Loader:
                  max_label_tokens: int | None = None, audio_buckets: Sequence[float] = DEFAULT_BUCKET_SECONDS,
                  label_buckets: Sequence[int] = DEFAULT_LABEL_BUCKETS, num_workers: int = 4,
                  process_index: int = 0, process_count: int = 1, drop_remainder: bool = True, on_bad: str = "skip",
-                 decoder_start_token_id: int | None = None, mega_batch_mult: int | None = None, prefetch: int = 2):
+                 decoder_start_token_id: int | None = None, mega_batch_mult: int | None = None, prefetch: int = 2,
+                 cache_gb: float = 0.0):
         self.examples = list(examples)
         self.processor = processor
         self.batch_size = check_number(batch_size, "Loader: batch_size")
@@ -145,6 +151,11 @@ class Loader:
         self.fingerprint = self._fingerprint()
         self._epoch, self._batch, self._load_skipped = 0, 0, 0
         self._probes: dict[int, dict[str, tuple[tuple[int, ...], np.dtype]]] = {}
+        # each row's features, unpadded, as the processor made them (they depend on the row alone), kept while
+        # they fit in cache_gb: later epochs then neither read nor featurise the audio
+        self._cache: dict[int, dict[str, np.ndarray]] = {}
+        self._cache_left = int(check_number(cache_gb, "Loader: cache_gb", integer=False, low=0) * 2**30)
+        self._cache_lock = threading.Lock()
 
     # ------------------------------------------------------------------------------------------------ public
     @property
@@ -342,23 +353,32 @@ class Loader:
     def _featurise(self, row: int, samples: int) -> dict[str, np.ndarray] | str:
         """Row ``row``'s features padded to the batch's audio bucket [1, ...], or why its audio failed."""
         ex = self.examples[row]
-        try:
-            audio = load_audio(ex.audio, self.rate)
-            if audio.shape[0] > samples:
-                return (f"{ex.audio}: {audio.shape[0]} samples at {self.rate} Hz, more than the file's header "
-                        f"promised ({samples} at most)")
-            feats = self.processor(audio=[audio], sampling_rate=self.rate)
-        except InputError as e:
-            return str(e)
+        feats = self._cache.get(row)
+        if feats is None:
+            try:
+                audio = load_audio(ex.audio, self.rate)
+                if audio.shape[0] > samples:
+                    return (f"{ex.audio}: {audio.shape[0]} samples at {self.rate} Hz, more than the file's header "
+                            f"promised ({samples} at most)")
+                feats = {k: np.asarray(v) for k, v in self.processor(audio=[audio], sampling_rate=self.rate).items()}
+            except InputError as e:
+                return str(e)
+            self._keep(row, feats)
         probe = self._probe(samples)
         out = {}
         for key, value in feats.items():
-            value = np.asarray(value)
             (length, *_), dtype = probe[key]
             pad = [(0, 0)] * value.ndim
             pad[1] = (0, length - value.shape[1])
             out[key] = np.pad(value.astype(dtype, copy=False), pad, constant_values=self._pad_value(key))
         return out
+
+    def _keep(self, row: int, feats: dict[str, np.ndarray]) -> None:
+        size = sum(v.nbytes for v in feats.values())
+        with self._cache_lock:
+            if size <= self._cache_left and row not in self._cache:
+                self._cache[row] = feats
+                self._cache_left -= size
 
     def _pad_value(self, key: str) -> float:
         return 0 if key == "attention_mask" else getattr(self.processor.feature_extractor, "padding_value", 0.0)

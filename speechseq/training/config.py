@@ -79,6 +79,8 @@ class DataConfig:
                                          low=0, above=True)
     max_label_tokens: int | None = _f(None, "skip (or stop at) utterances with more label tokens", low=1)
     num_workers: int = _f(4, "threads reading and preparing audio", low=0)
+    cache_gb: float = _f(0.0, "keep each utterance's features in memory up to this many GiB, so later epochs skip "
+                              "reading and featurising its audio (0: no cache)", low=0)
     on_bad: str = _f("skip", "a bad row (missing file, empty text, too long): \"skip\" and count it, or \"raise\" "
                              "(stop with one line naming it)", choices=("skip", "raise"))
 

@@ -112,7 +112,7 @@ def _loaders(config: TrainConfig, processor: "Processor", start_token: int | Non
         return read_manifest(path, audio_key=d.audio_key, text_key=d.text_key, on_bad=d.on_bad)
 
     train = Loader(rows(d.train), processor, batch_size=d.batch_size, seed=config.train.seed, shuffle=True,
-                   process_index=process_index, process_count=process_count, **common)
+                   process_index=process_index, process_count=process_count, cache_gb=d.cache_gb, **common)
     _report_skipped(d.train, train)
     valid = None
     if d.valid:
