@@ -152,6 +152,27 @@ def test_same_seed_same_data(dataset, tmp_path):
     assert _manifests(other)["test"] != first["test"]
 
 
+@needs_both
+def test_clean_share_leaves_training_utterances_without_noise_and_the_rest_alone(dataset, tmp_path):
+    """--clean 1: every training utterance is the noisy one without its noise (digital silence before the speech),
+    every held-out file is byte for byte the noisy data set's."""
+    import soundfile as sf
+
+    clean = tmp_path / "clean"
+    assert _run(clean, *SIZES, "--seed", "3", "--jobs", "2", "--clean", "1").returncode == 0
+    noisy_rows, clean_rows = _manifests(dataset), _manifests(clean)
+    assert noisy_rows == clean_rows
+    for split, rows in clean_rows.items():
+        for r in rows:
+            same = (dataset / r["audio"]).read_bytes() == (clean / r["audio"]).read_bytes()
+            assert same == (split != "train"), r["id"]
+    for r in clean_rows["train"]:
+        noisy, quiet = sf.read(dataset / r["audio"])[0], sf.read(clean / r["audio"])[0]
+        assert quiet[0] == 0.0 and noisy[0] != 0.0
+        assert 20 <= 10 * np.log10(np.mean(quiet ** 2) / np.mean((noisy - quiet) ** 2)) <= 40  # the SNR drawn
+    assert "--clean must be between 0 and 1, got 2.0" in _run(tmp_path / "bad", "--clean", "2").stderr
+
+
 @pytest.mark.skipif(not HAVE_ESPEAK, reason=f"espeak-ng missing: {md.INSTALL}")
 def test_every_voice_and_variant_changes_the_sound(tmp_path):
     """espeak-ng ignores an unknown variant (and any variant of "en-gb") without a word: each must be heard."""

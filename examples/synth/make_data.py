@@ -246,9 +246,9 @@ def plan(sets: dict[str, list[str]], sizes: dict[str, int], seed: int,
     return utterances
 
 
-def synthesize(u: Utterance, folder: Path, scratch: Path) -> dict:
-    """Speak ``u`` with espeak-ng, resample to 16 kHz, add gain and noise, write ``folder/<split>/<id>.wav``
-    (float32) and return its manifest line."""
+def synthesize(u: Utterance, folder: Path, scratch: Path, clean: float = 0.0) -> dict:
+    """Speak ``u`` with espeak-ng, resample to 16 kHz, add gain and noise (none for a share ``clean`` of the training
+    utterances), write ``folder/<split>/<id>.wav`` (float32) and return its manifest line."""
     raw = scratch / f"{u.id}.wav"
     cmd = ["espeak-ng", "-v", u.voice, "-s", str(u.speed), "-p", str(u.pitch), "-w", str(raw), u.text]
     done = subprocess.run(cmd, capture_output=True, text=True)
@@ -261,7 +261,11 @@ def synthesize(u: Utterance, folder: Path, scratch: Path) -> dict:
     audio *= 10 ** (peak_db / 20) / max(np.abs(audio).max(), 1e-9)
     audio = np.concatenate([np.zeros(int(rng.uniform(*LEAD_SECONDS) * SAMPLING_RATE)), audio])
     power = np.mean(audio ** 2)
-    audio += rng.standard_normal(audio.shape) * np.sqrt(power / 10 ** (snr_db / 10))
+    noise = rng.standard_normal(audio.shape) * np.sqrt(power / 10 ** (snr_db / 10))
+    # a clean utterance (digital silence around the speech, as espeak-ng writes it) from a generator of its own, so
+    # that the other utterances' bytes do not depend on the share of clean ones
+    if u.split != "train" or np.random.default_rng((*u.seed, 1)).uniform() >= clean:
+        audio += noise
     audio = np.clip(audio, -1.0, 1.0).astype(np.float32)
     rel = f"{u.split}/{u.id}.wav"
     (folder / rel).write_bytes(float_wav(audio, SAMPLING_RATE))  # ``folder`` is the partial folder: no fsync each
@@ -293,7 +297,8 @@ def missing_tools(fortunes: Path) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------------- main
 def make_dataset(out: Path, sizes: dict[str, int], seed: int = 0, jobs: int = 2, min_word_sentences: int = 2,
-                 fortunes: Path = FORTUNES, progress: bool = True, bpe: int = 500, generated: int = 0) -> dict:
+                 fortunes: Path = FORTUNES, progress: bool = True, bpe: int = 500, generated: int = 0,
+                 clean: float = 0.0) -> dict:
     """Write the data set described in the module docstring into ``out`` (which must not exist); returns meta.json's
     content. ``bpe``: the tokenizer's vocabulary size (0: characters); ``generated``: training utterances of
     sentences made by `generate` after the ``sizes["train"]`` fortunes."""
@@ -309,7 +314,7 @@ def make_dataset(out: Path, sizes: dict[str, int], seed: int = 0, jobs: int = 2,
         rows: dict[str, list[dict]] = {name: [] for name in SPLITS}
         pool = ThreadPoolExecutor(jobs)  # threads: the work is espeak-ng processes and numpy, GIL released
         try:
-            done = pool.map(lambda u: synthesize(u, tmp, scratch), utterances)  # in order
+            done = pool.map(lambda u: synthesize(u, tmp, scratch, clean), utterances)  # in order
             for n, (u, row) in enumerate(zip(utterances, done), 1):
                 rows[u.split].append(row)
                 if progress and (n % 500 == 0 or n == len(utterances)):
@@ -325,6 +330,7 @@ def make_dataset(out: Path, sizes: dict[str, int], seed: int = 0, jobs: int = 2,
         meta = _meta(rows, sentences, sizes, seed, jobs, min_word_sentences, fortunes, time.monotonic() - start)
         meta["tokenizer"] = f"bpe {bpe}" if bpe else "characters"
         meta["generated"] = generated
+        meta["clean"] = clean
         write_json(tmp / "meta.json", meta)
     return meta
 
@@ -369,10 +375,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--generated", type=int, default=10000, metavar="N",
                         help="N more training utterances of new sentences made by a word bigram chain over the "
                              "training sentences (default 10000)")
+    parser.add_argument("--clean", type=float, default=0.0, metavar="F",
+                        help="share of the training utterances left without noise, digital silence around the "
+                             "speech (default 0; the held-out sets keep their noise)")
     args = parser.parse_args(argv)
     try:
         if args.generated < 0:
             raise InputError(f"--generated must be >= 0, got {args.generated}")
+        if not 0 <= args.clean <= 1:
+            raise InputError(f"--clean must be between 0 and 1, got {args.clean}")
         for name in ("train", "valid", "test", "jobs", "min_word_sentences"):
             if getattr(args, name) < 1:
                 raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -386,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.bpe and args.bpe < 40:  # the 4 specials, 28 characters and a few merges
             raise InputError(f"--bpe must be 0 (characters) or >= 40, got {args.bpe}")
         meta = make_dataset(out, sizes, args.seed, args.jobs, args.min_word_sentences, bpe=args.bpe,
-                            generated=args.generated)
+                            generated=args.generated, clean=args.clean)
     except SpeechSeqError as e:
         print(f"make_data.py: {e}", file=sys.stderr)
         return 2

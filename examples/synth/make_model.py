@@ -1,7 +1,9 @@
 """The untrained recogniser that ``examples/synth/train.toml`` trains: a small Speech2Text encoder on 80 log-mel
 filterbanks (three stride-2 conv + GLU layers: 12.5 frames a second, 6 pre-norm transformer layers of width 192)
-joined to a 3-layer BERT-style decoder, randomly initialised, saved with the data set's tokenizer (BPE or
-characters), its feature extractor and its generation settings; 5.1 M parameters. Frames of 80 ms still outnumber the
+joined to a 3-layer mBART decoder (pre-norm), randomly initialised, saved with the data set's tokenizer (BPE or
+characters), its feature extractor and its generation settings; 5.08 M parameters. The mBART decoder learns to
+attend faster than a post-norm BERT one at this learning rate (train.toml, validation WER / CER after 3,000 steps:
+68.2% / 51.2% against 84.6% / 63.8%). Frames of 80 ms still outnumber the
 BPE tokens about two to one at the fastest speech, and make a training step 1.7x faster than 40 ms ones
 (``--conv-layers 2``). ``--encoder wav2vec2`` makes a wav2vec2-style encoder on the raw waveform instead (layer-norm
 conv feature encoder, stable layer norm, SpecAugment): from scratch it learns far more slowly (train.toml, batch 16:
@@ -56,7 +58,7 @@ FEATURES = dict(feature_extractor_type="Wav2Vec2FeatureExtractor", feature_size=
 
 
 def make_model(tokenizer_dir: Path, out: Path, seed: int = 0, encoder: str = "speech_to_text",
-               decoder: str = "bert", conv_layers: int = 3) -> Path:
+               decoder: str = "mbart", conv_layers: int = 3) -> Path:
     """Writes the untrained checkpoint into ``out`` (which must not exist) and returns it; ``encoder``:
     "speech_to_text" (filterbanks) or "wav2vec2" (raw waveform); ``decoder``: "bert" (post-norm) or "mbart"
     (pre-norm); ``conv_layers``: the filterbank encoder's stride-2 convolutions (2: 25 frames a second, 3: 12.5)."""
@@ -82,8 +84,11 @@ def make_model(tokenizer_dir: Path, out: Path, seed: int = 0, encoder: str = "sp
         for name in ("tokenizer.json", "tokenizer_config.json"):
             (tmp / name).write_bytes((tokenizer_dir / name).read_bytes())
         write_json(tmp / "preprocessor_config.json", FBANK if encoder == "speech_to_text" else FEATURES)
-        write_json(tmp / "generation_config.json", {"decoder_start_token_id": ids["[CLS]"], "eos_token_id": ids["[SEP]"],
-                                                    "pad_token_id": ids["[PAD]"], "max_length": 100})
+        # greedy decoding that never repeats a 3-token sequence: a decoder this small, trained this briefly, loses
+        # its place in the audio now and then and loops over what it just said (transformers honours it too)
+        write_json(tmp / "generation_config.json", {
+            "decoder_start_token_id": ids["[CLS]"], "eos_token_id": ids["[SEP]"], "pad_token_id": ids["[PAD]"],
+            "max_length": 100, "no_repeat_ngram_size": 3})
     return out
 
 
@@ -94,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--encoder", choices=["speech_to_text", "wav2vec2"], default="speech_to_text",
                         help="filterbank Speech2Text encoder (default) or raw-waveform wav2vec2")
-    parser.add_argument("--decoder", choices=["bert", "mbart"], default="bert",
-                        help="BERT (post-norm, default) or mBART (pre-norm) character decoder")
+    parser.add_argument("--decoder", choices=["bert", "mbart"], default="mbart",
+                        help="mBART (pre-norm, default) or BERT (post-norm) decoder")
     parser.add_argument("--conv-layers", type=int, choices=[2, 3], default=3,
                         help="stride-2 convolutions of the filterbank encoder: 3 (12.5 frames a second, default) or "
                              "2 (25)")
