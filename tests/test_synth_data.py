@@ -139,6 +139,36 @@ def test_generated_sentences_are_new_and_made_of_training_bigrams():
         md.generate(["one two three"], 5, seed=0)  # a chain with one path makes nothing new
 
 
+@needs_fortunes
+def test_pairs_join_two_pool_sentences_within_the_length():
+    pool = md.load_sentences()[:3000]
+    made = md.pair(pool, 500, seed=0)
+    assert made == md.pair(pool, 500, seed=0) != md.pair(pool, 500, seed=1)
+    for text in made:
+        a, b = text.split(". ")
+        assert a in pool and b in pool and a != b and len(a) + 1 + len(b) <= md.PAIR_MAX_CHARS, text
+    with pytest.raises(md.InputError, match="fewer than --pairs 2"):
+        md.pair(["one two three four five six seven", "eight nine ten eleven twelve"], 2, seed=0, max_chars=40)
+
+
+@needs_both
+def test_pairs_are_spoken_as_two_sentences_after_the_rest(dataset, tmp_path):
+    """--pairs 2 appends two training utterances (transcript without the full stop, longer than either sentence
+    spoken alone) and leaves every other row and file as it was."""
+    out = tmp_path / "pairs"
+    assert _run(out, *SIZES, "--seed", "3", "--jobs", "2", "--pairs", "2").returncode == 0
+    before, after = _manifests(dataset), _manifests(out)
+    assert {k: v for k, v in after.items() if k != "train"} == {k: v for k, v in before.items() if k != "train"}
+    assert after["train"][:-2] == before["train"] and len(after["train"]) == len(before["train"]) + 2
+    pool = {r["text"] for r in before["train"]}
+    for r in after["train"][-2:]:
+        splits = [(r["text"][:i], r["text"][i + 1:]) for i, c in enumerate(r["text"]) if c == " "]
+        assert any(a in pool and b in pool for a, b in splits), r["text"]
+        assert (out / r["audio"]).is_file() and r["duration"] > 1.5
+    assert json.loads((out / "meta.json").read_text())["pairs"] == 2
+    assert "--pairs must be >= 0, got -1" in _run(tmp_path / "bad", "--pairs", "-1").stderr
+
+
 @needs_both
 def test_same_seed_same_data(dataset, tmp_path):
     again = tmp_path / "again"

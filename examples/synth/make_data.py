@@ -7,6 +7,8 @@ symbols are dropped rather than guessed at (so the text is what espeak-ng says),
 words / 80 characters and those with a word found in no other sentence (--min-word-sentences). The rest are
 deduplicated and shuffled by sentence into disjoint sets, so no test sentence occurs in training: ``test`` and
 ``test_voice`` first, then ``valid``, then ``train`` (the held-out sets do not change with --train).
+Training also gets --generated sentences made by a word bigram chain over its own sentences (`generate`), and
+--pairs utterances of two sentences spoken one after the other (`pair`); neither changes the held-out sets.
 
 espeak-ng speaks each sentence with a voice drawn from ``TRAIN_VOICES`` x ``TRAIN_VARIANTS`` (accents x timbres), a
 speed and a pitch; ``test_voice`` uses the variant ``HELD_OUT_VARIANT``, which nothing else uses. Each waveform is
@@ -73,6 +75,7 @@ LEAD_SECONDS = (0.0, 0.25)  # silence (then noise) before the speech: espeak-ng 
 SAMPLING_RATE = 16000
 
 MIN_WORDS, MAX_WORDS, MAX_CHARS = 3, 16, 80  # 80 characters at 135 wpm are at most ~6 s of speech
+PAIR_MAX_CHARS = 84  # two sentences and espeak-ng's pause between them within train.toml's 7 s at 135 wpm
 SPLITS = ("test", "test_voice", "valid", "train")  # the order sentences are dealt in
 
 ABBREVIATIONS = frozenset("""mr mrs ms dr st jr sr vs etc prof gen col capt lt sgt rev hon inc ltd co corp no vol
@@ -212,12 +215,30 @@ def generate(train: list[str], count: int, seed: int, avoid: set[str] = frozense
     return out
 
 
+def pair(sentences: list[str], count: int, seed: int, max_chars: int = PAIR_MAX_CHARS) -> list[str]:
+    """``count`` two-sentence texts: random pairs of ``sentences`` whose joined text has at most ``max_chars``
+    characters, each written with a full stop between the two (`synthesize` speaks it as two sentences, with
+    espeak-ng's pause between them; the transcript has neither). A recogniser trained on single sentences alone
+    stops or invents after the first sentence of a longer clip (what long audio cut at pauses gives)."""
+    rng = np.random.default_rng([seed, 4])
+    out = []
+    for _ in range(count * 50):
+        if len(out) == count:
+            break
+        a, b = (sentences[i] for i in rng.integers(len(sentences), size=2))
+        if a != b and len(a) + 1 + len(b) <= max_chars:
+            out.append(f"{a}. {b}")
+    if len(out) < count:
+        raise InputError(f"only {len(out)} sentence pairs fit in {max_chars} characters, fewer than --pairs {count}")
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------- speech
 @dataclass(frozen=True)
 class Utterance:
     id: str
     split: str
-    text: str
+    text: str  # what espeak-ng says: the transcript, or two of them joined by ". " (`pair`)
     voice: str  # espeak-ng -v, e.g. "en-us+m3"
     speed: int
     pitch: int
@@ -225,16 +246,16 @@ class Utterance:
 
 
 def plan(sets: dict[str, list[str]], sizes: dict[str, int], seed: int,
-         generated: list[str] = ()) -> list[Utterance]:
+         generated: list[str] = (), pairs: list[str] = ()) -> list[Utterance]:
     """One `Utterance` per line of every manifest: the set's sentences in order (train cycling over its sentences
-    when ``sizes["train"]`` is larger, then the ``generated`` sentences), each with a voice, speed and pitch drawn
-    from its own seeded generator."""
+    when ``sizes["train"]`` is larger, then the ``generated`` sentences, then the ``pairs``), each with a voice, speed
+    and pitch drawn from its own seeded generator."""
     utterances = []
     for k, name in enumerate(SPLITS):
         rng = np.random.default_rng([seed, 1, k])
         variants = (HELD_OUT_VARIANT,) if name == "test_voice" else TRAIN_VARIANTS
         texts = [sets[name][i % len(sets[name])] for i in range(sizes[name])]
-        texts += list(generated) if name == "train" else []
+        texts += [*generated, *pairs] if name == "train" else []
         for i, text in enumerate(texts):
             voice = TRAIN_VOICES[rng.integers(len(TRAIN_VOICES))]
             variant = variants[rng.integers(len(variants))]
@@ -269,7 +290,7 @@ def synthesize(u: Utterance, folder: Path, scratch: Path, clean: float = 0.0) ->
     audio = np.clip(audio, -1.0, 1.0).astype(np.float32)
     rel = f"{u.split}/{u.id}.wav"
     (folder / rel).write_bytes(float_wav(audio, SAMPLING_RATE))  # ``folder`` is the partial folder: no fsync each
-    return {"id": u.id, "audio": rel, "text": u.text, "voice": u.voice,
+    return {"id": u.id, "audio": rel, "text": u.text.replace(". ", " "), "voice": u.voice,
             "duration": round(len(audio) / SAMPLING_RATE, 4)}
 
 
@@ -298,15 +319,17 @@ def missing_tools(fortunes: Path) -> list[str]:
 # ---------------------------------------------------------------------------------------------------- main
 def make_dataset(out: Path, sizes: dict[str, int], seed: int = 0, jobs: int = 2, min_word_sentences: int = 2,
                  fortunes: Path = FORTUNES, progress: bool = True, bpe: int = 500, generated: int = 0,
-                 clean: float = 0.0) -> dict:
+                 clean: float = 0.0, pairs: int = 0) -> dict:
     """Write the data set described in the module docstring into ``out`` (which must not exist); returns meta.json's
     content. ``bpe``: the tokenizer's vocabulary size (0: characters); ``generated``: training utterances of
-    sentences made by `generate` after the ``sizes["train"]`` fortunes."""
+    sentences made by `generate` after the ``sizes["train"]`` fortunes; ``pairs``: training utterances of two
+    sentences (`pair`: of the training fortunes and generated ones) after those."""
     start = time.monotonic()
     sentences = load_sentences(fortunes, min_word_sentences)
     sets = deal(sentences, sizes, seed)
     held_out = {s for name in SPLITS if name != "train" for s in sets[name]}
-    utterances = plan(sets, sizes, seed, generate(sets["train"], generated, seed, held_out) if generated else ())
+    made = generate(sets["train"], generated, seed, held_out) if generated else []
+    utterances = plan(sets, sizes, seed, made, pair(sets["train"] + made, pairs, seed) if pairs else [])
     with atomic_dir(out) as tmp:
         scratch = tmp / ".espeak"
         for name in (*SPLITS, scratch.name):
@@ -331,6 +354,7 @@ def make_dataset(out: Path, sizes: dict[str, int], seed: int = 0, jobs: int = 2,
         meta["tokenizer"] = f"bpe {bpe}" if bpe else "characters"
         meta["generated"] = generated
         meta["clean"] = clean
+        meta["pairs"] = pairs
         write_json(tmp / "meta.json", meta)
     return meta
 
@@ -375,13 +399,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--generated", type=int, default=10000, metavar="N",
                         help="N more training utterances of new sentences made by a word bigram chain over the "
                              "training sentences (default 10000)")
+    parser.add_argument("--pairs", type=int, default=0, metavar="N",
+                        help="N more training utterances of two sentences each, training fortunes or generated "
+                             "(default 0)")
     parser.add_argument("--clean", type=float, default=0.0, metavar="F",
                         help="share of the training utterances left without noise, digital silence around the "
                              "speech (default 0; the held-out sets keep their noise)")
     args = parser.parse_args(argv)
     try:
-        if args.generated < 0:
-            raise InputError(f"--generated must be >= 0, got {args.generated}")
+        for name in ("generated", "pairs"):
+            if getattr(args, name) < 0:
+                raise InputError(f"--{name} must be >= 0, got {getattr(args, name)}")
         if not 0 <= args.clean <= 1:
             raise InputError(f"--clean must be between 0 and 1, got {args.clean}")
         for name in ("train", "valid", "test", "jobs", "min_word_sentences"):
@@ -397,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.bpe and args.bpe < 40:  # the 4 specials, 28 characters and a few merges
             raise InputError(f"--bpe must be 0 (characters) or >= 40, got {args.bpe}")
         meta = make_dataset(out, sizes, args.seed, args.jobs, args.min_word_sentences, bpe=args.bpe,
-                            generated=args.generated, clean=args.clean)
+                            generated=args.generated, clean=args.clean, pairs=args.pairs)
     except SpeechSeqError as e:
         print(f"make_data.py: {e}", file=sys.stderr)
         return 2
@@ -406,7 +434,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"make_data.py: {'interrupted' if signum == 2 else 'terminated'}; nothing written", file=sys.stderr)
         return 128 + signum
     hours = sum(s["hours"] for s in meta["splits"].values())
-    print(f"{out}: {sum(sizes.values()) + args.generated} utterances, {hours:.2f} h of audio, in {meta['seconds']:.0f} s "
+    count = sum(sizes.values()) + args.generated + args.pairs
+    print(f"{out}: {count} utterances, {hours:.2f} h of audio, in {meta['seconds']:.0f} s "
           f"({meta['sentences_available']} sentences available)")
     return 0
 
