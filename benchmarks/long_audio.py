@@ -1,4 +1,4 @@
-"""Peak memory and time of `speechseq transcribe` on long recordings: chunked windows against the whole file.
+"""Peak memory, time and WER of `speechseq transcribe` on long recordings: cut at pauses, in windows, and whole.
 
     python benchmarks/long_audio.py [--minutes 1 4 10 30] [--whole-up-to 4] [--model CKPT] [--workdir DIR]
     python benchmarks/long_audio.py --model models/synth-en --sentences-from data/synth/test.jsonl \
@@ -6,9 +6,11 @@
 
 Synthesizes multi-sentence English speech with espeak-ng (sentences from Python's own documentation,
 `pydoc_data.topics`, spoken one after another), then runs `speechseq transcribe` on each clip in a fresh process,
-chunked (`--chunk-length-s 30 --stride-length-s 5`, the defaults) and, up to `--whole-up-to` minutes, as one
-window (`--chunk-length-s 0`: the encoder's self-attention over the whole clip, quadratic in its length), and prints
-peak resident memory (ru_maxrss) and wall time beside the RSS of a process that only loads the model.
+cut into overlapping windows whose tokens are stitched (`--chunking windows`; `--chunk-length-s 30`, a 5 s stride
+on each side by default), cut at pauses (`--chunking pauses`: pieces of at most `--chunk-length-s`, their texts
+joined) and, up to `--whole-up-to` minutes, as one window (`--chunk-length-s 0`: the encoder's self-attention
+over the whole clip, quadratic in its length), and prints peak resident memory (ru_maxrss) and wall time beside the
+RSS of a process that only loads the model.
 
 `--model` takes a checkpoint that really transcribes (with its tokenizer and preprocessor); with one, the word
 error rate of each run against the spoken text is printed too (needs `jiwer`; both sides lower-cased, punctuation
@@ -163,7 +165,8 @@ def main() -> None:
             print(f"  (synthesized {clip.name} in {time.perf_counter() - t:.0f} s)", file=sys.stderr)
         spoken = text_file.read_text().splitlines()
         seconds = sf.info(str(clip)).duration
-        modes = [("chunked", ["--chunk-length-s", f"{args.chunk_length_s:g}"])]
+        modes = [(how, ["--chunk-length-s", f"{args.chunk_length_s:g}", "--chunking", how])
+                 for how in ("windows", "pauses")]
         modes += [("whole", ["--chunk-length-s", "0"])] if minutes <= args.whole_up_to else []
         for mode, flags in modes:
             dt, rss, rc, out = measure(base + flags + [str(clip)])

@@ -1,6 +1,10 @@
-"""Long audio as overlapping windows, and the windows' tokens stitched back into one sequence.
+"""Long audio cut into pieces a model can decode: at pauses, or as overlapping windows whose tokens are stitched.
 
-A clip longer than ``chunk`` samples is cut into windows of ``chunk`` samples whose neighbours overlap by
+`pauses` cuts a clip into consecutive pieces of at most ``chunk`` samples, each cut at the quietest 50 ms within
+the second half of the piece, where a sentence or at least a word ends: no word is cut, so a model trained on whole
+utterances sees what it was trained on, and the pieces' texts are simply joined.
+
+`windows` cuts a clip longer than ``chunk`` samples into windows of ``chunk`` samples whose neighbours overlap by
 ``stride_left + stride_right`` samples (transformers' ASR pipeline: ``chunk_length_s``, ``stride_length_s``), and
 each window is decoded on its own, so memory and compiled shapes depend on the window length, not on the clip's
 (the encoder's self-attention is quadratic in the frames). The last window is aligned to the clip's end, so it is a
@@ -15,6 +19,39 @@ each window saw the most context (transformers' ``_find_longest_common_sequence`
 from __future__ import annotations
 
 from typing import Sequence
+
+import numpy as np
+
+QUIET_FRAME_S = 0.01  # energy frames of 10 ms ...
+QUIET_SPAN = 5  # ... averaged over 50 ms: a pause between words or sentences, not the dip inside a stop consonant
+
+
+def pauses(audio: np.ndarray, chunk: int, rate: int) -> list[tuple[int, int]]:
+    """Sample ranges ``[start, end)`` that tile ``[0, len(audio))``, each at most ``chunk`` samples: one range when the
+    clip fits, else every piece ends at the centre of the quietest 50 ms (mean power of the 10 ms frames) within
+    the second half of the ``chunk`` samples after its start (the last such span on a tie: pieces as long as they
+    can be). ``audio`` [N] is a mono waveform at ``rate`` Hz; the work is linear in N."""
+    n = len(audio)
+    frame = max(int(rate * QUIET_FRAME_S), 1)
+    if chunk < 4 * frame * QUIET_SPAN:
+        raise ValueError(f"pauses: a {chunk}-sample piece is too short to hold a pause of {frame * QUIET_SPAN} samples")
+    if n <= chunk:
+        return [(0, n)]
+    frames = n // frame
+    power = np.square(np.asarray(audio[:frames * frame], dtype=np.float64).reshape(frames, frame)).mean(1)
+    # quiet[k]: mean power of frames k .. k + QUIET_SPAN - 1; its centre is sample (k + QUIET_SPAN / 2) * frame
+    quiet = np.convolve(power, np.ones(QUIET_SPAN) / QUIET_SPAN, mode="valid")
+    out, start = [], 0
+    while n - start > chunk:
+        lo = (start + chunk // 2) // frame  # the span's first frame: at or after the piece's middle ...
+        hi = (start + chunk) // frame - QUIET_SPAN  # ... and its last one within the piece
+        window = quiet[lo:hi + 1]
+        k = lo + len(window) - 1 - int(np.argmin(window[::-1]))  # the last of the quietest
+        cut = min((k * frame + QUIET_SPAN * frame // 2), start + chunk)
+        out.append((start, cut))
+        start = cut
+    out.append((start, n))
+    return out
 
 
 def windows(n: int, chunk: int, stride_left: int, stride_right: int) -> list[tuple[int, int]]:

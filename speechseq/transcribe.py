@@ -1,6 +1,7 @@
-"""Batch transcription: files in, text out. Long files are decoded in overlapping windows whose tokens are
-stitched back together (``speechseq.chunking``), so memory does not grow with a file's length; windows and short
-files share length-bucketed batches, padded to a few shapes so the number of compiled programs stays bounded."""
+"""Batch transcription: files in, text out. Long files are decoded in pieces cut at pauses, or in overlapping windows
+whose tokens are stitched back together (``speechseq.chunking``), so memory does not grow with a file's length;
+pieces and short files share length-bucketed batches, padded to a few shapes so the number of compiled programs
+stays bounded."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from speechseq import chunking
+from speechseq.chunking import pauses, stitch, windows
 from speechseq.audio import batches_by_length, load_audio
 from speechseq.errors import InputError
 from speechseq.processor import Processor
@@ -21,16 +22,17 @@ from speechseq.speech_seq2seq import SpeechSeq2Seq
 def transcribe(model: str | os.PathLike | SpeechSeq2Seq, files: Sequence[str | os.PathLike], *, batch_size: int = 8,
                dtype: str = "float32", progress: bool = True, processor: Processor | None = None,
                chunk_length_s: float | None = 30.0, stride_length_s: float | None = None,
-               **generate_kwargs: Any) -> Iterator[dict]:
+               chunking: str = "windows", **generate_kwargs: Any) -> Iterator[dict]:
     """Yield ``{"file", "text", "seconds", "audio_seconds"}`` per file, in input order.
 
     Audio is resampled to the checkpoint's rate. A file longer than ``chunk_length_s`` seconds (``None`` or 0: never)
-    is cut into windows of that length overlapping their neighbours by ``stride_length_s`` on each side (default a
-    sixth of the window, as transformers' ASR pipeline), and the windows' tokens are stitched into one text. Files and
-    windows are grouped by length into batches of at most ``batch_size`` rows, padded to a power of two rows (a lone
-    file is one row) and to a length bucket, and decoded with ``generate``: the checkpoint's generation settings
-    (max length, beams, ...) unless ``generate_kwargs`` (``num_beams``, ``max_new_tokens``, ...; ``None`` values
-    are ignored) override them.
+    is cut into pieces of at most that length: ``chunking="pauses"`` cuts each at the quietest 50 ms in its second
+    half and joins the pieces' texts; ``"windows"`` cuts windows of that length overlapping their neighbours by
+    ``stride_length_s`` on each side (default a sixth of the window, as transformers' ASR pipeline) and stitches the
+    windows' tokens into one text. Files and pieces are grouped by length into batches of at most ``batch_size``
+    rows, padded to a power of two rows (a lone file is one row) and to a length bucket, and decoded with
+    ``generate``: the checkpoint's generation settings (max length, beams, ...) unless ``generate_kwargs``
+    (``num_beams``, ``max_new_tokens``, ...; ``None`` values are ignored) override them.
     """
     if not isinstance(model, SpeechSeq2Seq):
         processor = processor or Processor.from_pretrained(model)
@@ -40,10 +42,21 @@ def transcribe(model: str | os.PathLike | SpeechSeq2Seq, files: Sequence[str | o
     # the settings (and the memory a batch of them needs) are checked before any audio is read
     model.generation_config(batch=batch_size, **generate_kwargs)
     fe = processor.feature_extractor
+    if chunking not in ("pauses", "windows"):
+        raise InputError(f"chunking: 'pauses' or 'windows', got {chunking!r}")
     chunk, stride = _window_samples(chunk_length_s, stride_length_s, fe.sampling_rate)
+    if chunking == "pauses" and 0 < chunk < fe.sampling_rate:
+        raise InputError(f"chunk_length_s: pieces cut at pauses need at least 1 s, got {chunk_length_s:g}")
     audios = [load_audio(f, fe.sampling_rate) for f in files]
-    pieces = [(i, start, end) for i, audio in enumerate(audios)  # (file, first sample, end) of every window
-              for start, end in (chunking.windows(len(audio), chunk, stride, stride) if chunk else [(0, len(audio))])]
+
+    def spans(audio: np.ndarray) -> list[tuple[int, int]]:
+        if not chunk:
+            return [(0, len(audio))]
+        if chunking == "pauses":
+            return pauses(audio, chunk, fe.sampling_rate)
+        return windows(len(audio), chunk, stride, stride)
+
+    pieces = [(i, start, end) for i, audio in enumerate(audios) for start, end in spans(audio)]  # (file, start, end)
     tokens: list[np.ndarray | None] = [None] * len(pieces)
     seconds = [0.0] * len(files)
     bar = None
@@ -74,8 +87,12 @@ def transcribe(model: str | os.PathLike | SpeechSeq2Seq, files: Sequence[str | o
     special = set(processor.tokenizer.all_special_ids)
     for i, f in enumerate(files):
         mine = [t for (owner, _, _), t in zip(pieces, tokens) if owner == i]
-        ids = mine[0] if len(mine) == 1 else chunking.stitch([[t for t in m if t not in special] for m in mine])
-        yield {"file": str(Path(f)), "text": processor.decode(ids, skip_special_tokens=True).strip(),
+        if chunking == "pauses" or len(mine) == 1:  # pieces that do not overlap: their texts in order
+            text = " ".join(t for t in (processor.decode(m, skip_special_tokens=True).strip() for m in mine) if t)
+        else:
+            text = processor.decode(stitch([[t for t in m if t not in special] for m in mine]),
+                                    skip_special_tokens=True).strip()
+        yield {"file": str(Path(f)), "text": text,
                "seconds": round(seconds[i], 4), "audio_seconds": round(len(audios[i]) / fe.sampling_rate, 3)}
 
 

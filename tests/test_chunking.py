@@ -1,12 +1,51 @@
-"""Long audio: the window plan (coverage, overlap, a full last window) and the stitching of overlapping windows'
-tokens, on fixed sequences; the end-to-end check of chunked transcription is in tests/test_transcribe.py."""
+"""Long audio: cuts at pauses (tiling, bounds, the quietest span chosen), the window plan (coverage, overlap, a full
+last window) and the stitching of overlapping windows' tokens, on fixed signals and sequences; the end-to-end checks
+of chunked transcription are in tests/test_transcribe.py."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from speechseq.chunking import merge, stitch, windows
+from speechseq.chunking import merge, pauses, stitch, windows
+
+RATE = 1000  # 10-sample energy frames
+
+
+def _speech(layout: list[tuple[float, float]], seed: int = 0) -> np.ndarray:
+    """Noise bursts ("words") and quiet stretches: ``layout`` is (seconds, amplitude) pairs at ``RATE``."""
+    rng = np.random.default_rng(seed)
+    return np.concatenate([amp * rng.standard_normal(int(sec * RATE)) for sec, amp in layout])
+
+
+def test_pauses_cut_in_the_quietest_gap_of_each_second_half():
+    # words of 0.4 s with 0.06 s word gaps at 0.01; every 1.5 s a sentence gap of 0.15 s in near silence
+    sentence = [(0.4, 1.0), (0.06, 0.01), (0.4, 1.0), (0.06, 0.01), (0.4, 1.0), (0.15, 0.0005)]
+    audio = _speech(sentence * 8)
+    gaps = np.cumsum([int(sec * RATE) for sec, _ in sentence * 8])[5::6]  # the sentence gaps' ends
+    spans = pauses(audio, 2 * RATE, RATE)
+    assert spans[0][0] == 0 and spans[-1][1] == len(audio)
+    assert all(e0 == s1 for (_, e0), (s1, _) in zip(spans, spans[1:]))  # consecutive, no overlap, no gap
+    assert all(0 < e - s <= 2 * RATE for s, e in spans)
+    for _, cut in spans[:-1]:  # inside a sentence gap: ends within its 150 samples
+        assert any(g - 150 < cut < g for g in gaps), (cut, gaps)
+    # without sentence gaps, cuts fall in word gaps, never inside a word
+    words = _speech([(0.4, 1.0), (0.06, 0.01)] * 30, seed=1)
+    ends = np.cumsum([int(sec * RATE) for sec, _ in [(0.4, 1.0), (0.06, 0.01)] * 30])[1::2]
+    for _, cut in pauses(words, 2 * RATE, RATE)[:-1]:
+        assert any(g - 60 < cut < g for g in ends), cut
+
+
+@pytest.mark.parametrize("n", [0, 5, 2000])
+def test_pauses_leave_a_short_clip_whole(n):
+    assert pauses(np.ones(n, np.float32), 2000, RATE) == [(0, n)]
+
+
+def test_pauses_work_on_silence_and_reject_a_piece_shorter_than_a_pause():
+    spans = pauses(np.zeros(10_000, np.float32), 1000, RATE)
+    assert spans[-1][1] == 10_000 and all(0 < e - s <= 1000 for s, e in spans)
+    with pytest.raises(ValueError, match="too short"):
+        pauses(np.zeros(1000), 150, RATE)
 
 
 @pytest.mark.parametrize("n", [1, 99, 100, 101, 250, 1000, 1037])

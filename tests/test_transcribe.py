@@ -360,6 +360,30 @@ def test_long_file_in_windows_matches_transformers_window_by_window(checkpoint, 
     assert row["audio_seconds"] == round(len(audio) / 16000, 3)
 
 
+def test_long_file_cut_at_pauses_matches_transformers_piece_by_piece(checkpoint, tmp_path):
+    """chunking="pauses": the file cut where chunking.pauses says, each piece decoded as transformers decodes that
+    piece of audio, the pieces' texts joined by spaces; the cuts fall in the silences between the clips."""
+    import transformers as T
+
+    from speechseq.chunking import pauses
+    from speechseq.transcribe import transcribe
+
+    path, model = checkpoint
+    clip = tmp_path / "long.wav"
+    audio = long_clip(clip)
+    spans = pauses(audio, 48000, 16000)  # pieces of at most 3 s
+    assert len(spans) >= 4 and all(audio[end - 400:end + 400].max() == 0 for _, end in spans[:-1])
+    fe, tok = T.AutoFeatureExtractor.from_pretrained(path), T.AutoTokenizer.from_pretrained(path)
+    feats = fe([audio[s:e] for s, e in spans], sampling_rate=16000, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        seqs = model.generate(input_values=feats["input_values"], attention_mask=feats["attention_mask"],
+                              max_new_tokens=6)
+    want = " ".join(t for t in (tok.decode(s, skip_special_tokens=True).strip() for s in seqs) if t)
+    [row] = transcribe(path, [clip], batch_size=4, progress=False, chunk_length_s=3, chunking="pauses",
+                       max_new_tokens=6)
+    assert row["text"] == want and len(row["text"].split()) > 6
+
+
 def test_long_file_shapes_stay_bounded(checkpoint, tmp_path, monkeypatch):
     """Memory follows the window, not the file: every generate call sees at most batch_size rows of one window's
     length bucket, whatever the file's length; a lone short file is one row (no copies of itself)."""
@@ -389,9 +413,11 @@ def test_long_file_shapes_stay_bounded(checkpoint, tmp_path, monkeypatch):
     assert [rows for rows, _ in shapes] == [4]  # three files: the next power of two
 
 
-@pytest.mark.parametrize("flags, words", [(["--chunk-length-s", "2", "--stride-length-s", "1"], "leaves no step"),
-                                          (["--chunk-length-s", "-1"], "chunk_length_s > 0")])
+@pytest.mark.parametrize("flags, words", [
+    (["--chunk-length-s", "2", "--stride-length-s", "1"], "stride_length_s: 1 s on each side of a 2 s window leaves"),
+    (["--chunk-length-s", "-1"], "chunk_length_s > 0"),
+    (["--chunk-length-s", "0.5", "--chunking", "pauses"], "chunk_length_s: pieces cut at pauses need at least 1 s")])
 def test_bad_window_settings_one_line(checkpoint, tmp_path, capsys, flags, words):
     code = main(["-q", "transcribe", "--model", str(checkpoint[0]), *flags, str(FIXTURES[0])])
     err = capsys.readouterr().err
-    assert code == 2 and words in err and err.count("\n") == 1 and "stride_length_s" in err
+    assert code == 2 and words in err and err.count("\n") == 1

@@ -27,6 +27,10 @@ def add_parser(sub: Any) -> None:
                         "(memory stays flat however long the file; 0: decode each file whole; default %(default)s)")
     p.add_argument("--stride-length-s", type=float,
                    help="overlap on each side of a window, in seconds (default: a sixth of --chunk-length-s)")
+    p.add_argument("--chunking", choices=["windows", "pauses"], default="windows",
+                   help="how files longer than --chunk-length-s are cut: overlapping windows whose tokens are "
+                        "stitched, or pieces cut at the quietest 50 ms of their second half, whose texts are joined "
+                        "(default %(default)s)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
     p.add_argument("--output", help="write JSON lines (file, text, seconds) here instead of text to stdout")
     p.set_defaults(func=run, compiles=True)
@@ -141,7 +145,8 @@ def run(args: argparse.Namespace) -> int:
     files = _audio_inputs(args.inputs)
     gen = dict(num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
     rows = transcribe(args.model, files, batch_size=args.batch_size, dtype=args.dtype, progress=not args.quiet,
-                      chunk_length_s=args.chunk_length_s, stride_length_s=args.stride_length_s, **gen)
+                      chunk_length_s=args.chunk_length_s, stride_length_s=args.stride_length_s,
+                      chunking=args.chunking, **gen)
     if not args.output:
         for row in rows:
             print(f"{row['file']}\t{row['text']}", flush=True)
