@@ -1,8 +1,8 @@
 """Long audio cut into pieces a model can decode: at pauses, or as overlapping windows whose tokens are stitched.
 
-`pauses` cuts a clip into consecutive pieces of at most ``chunk`` samples, each cut at the quietest 50 ms within
-the second half of the piece, where a sentence or at least a word ends: no word is cut, so a model trained on whole
-utterances sees what it was trained on, and the pieces' texts are simply joined.
+`pauses` cuts a clip into consecutive pieces of at most ``chunk`` samples, each cut in the middle of the longest
+pause within the second half of the piece, where a sentence or at least a word ends: no word is cut, so a model
+trained on whole utterances sees what it was trained on, and the pieces' texts are simply joined.
 
 `windows` cuts a clip longer than ``chunk`` samples into windows of ``chunk`` samples whose neighbours overlap by
 ``stride_left + stride_right`` samples (transformers' ASR pipeline: ``chunk_length_s``, ``stride_length_s``), and
@@ -22,15 +22,19 @@ from typing import Sequence
 
 import numpy as np
 
-QUIET_FRAME_S = 0.01  # energy frames of 10 ms ...
-QUIET_SPAN = 5  # ... averaged over 50 ms: a pause between words or sentences, not the dip inside a stop consonant
+QUIET_FRAME_S = 0.01  # energy frames of 10 ms
+QUIET_SPAN = 5  # the quietest 50 ms of a search range sets its noise floor
+QUIET_DB = 10.0  # frames within this many dB of that floor are pause ...
+QUIET_FLOOR = 1e-8  # ... and any frame below -80 dBFS (digital silence, dither)
 
 
 def pauses(audio: np.ndarray, chunk: int, rate: int) -> list[tuple[int, int]]:
     """Sample ranges ``[start, end)`` that tile ``[0, len(audio))``, each at most ``chunk`` samples: one range when the
-    clip fits, else every piece ends at the centre of the quietest 50 ms (mean power of the 10 ms frames) within
-    the second half of the ``chunk`` samples after its start (the last such span on a tie: pieces as long as they
-    can be). ``audio`` [N] is a mono waveform at ``rate`` Hz; the work is linear in N."""
+    clip fits, else every piece ends in the middle of the longest pause within the second half of the ``chunk``
+    samples after its start (the last one on a tie: pieces as long as they can be). A pause is a run of 10 ms
+    frames whose mean power is within ``QUIET_DB`` of the quietest 50 ms of that range, or below ``QUIET_FLOOR``:
+    the gap between sentences outlasts those between words, so pieces hold whole sentences where the clip allows.
+    ``audio`` [N] is a mono waveform at ``rate`` Hz; the work is linear in N."""
     n = len(audio)
     frame = max(int(rate * QUIET_FRAME_S), 1)
     if chunk < 4 * frame * QUIET_SPAN:
@@ -39,15 +43,16 @@ def pauses(audio: np.ndarray, chunk: int, rate: int) -> list[tuple[int, int]]:
         return [(0, n)]
     frames = n // frame
     power = np.square(np.asarray(audio[:frames * frame], dtype=np.float64).reshape(frames, frame)).mean(1)
-    # quiet[k]: mean power of frames k .. k + QUIET_SPAN - 1; its centre is sample (k + QUIET_SPAN / 2) * frame
-    quiet = np.convolve(power, np.ones(QUIET_SPAN) / QUIET_SPAN, mode="valid")
+    span = np.convolve(power, np.ones(QUIET_SPAN) / QUIET_SPAN, mode="valid")  # [k]: frames k .. k + SPAN - 1
     out, start = [], 0
     while n - start > chunk:
-        lo = (start + chunk // 2) // frame  # the span's first frame: at or after the piece's middle ...
-        hi = (start + chunk) // frame - QUIET_SPAN  # ... and its last one within the piece
-        window = quiet[lo:hi + 1]
-        k = lo + len(window) - 1 - int(np.argmin(window[::-1]))  # the last of the quietest
-        cut = min((k * frame + QUIET_SPAN * frame // 2), start + chunk)
+        lo, hi = -(-(start + chunk // 2) // frame), (start + chunk) // frame  # frames wholly in the second half
+        floor = span[lo:hi - QUIET_SPAN + 1].min()
+        still = power[lo:hi] <= max(floor * 10 ** (QUIET_DB / 10), QUIET_FLOOR)
+        edges = np.diff(np.concatenate([[0], still.astype(np.int8), [0]]))
+        first, stop = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)  # runs [first, stop) of still frames
+        k = len(first) - 1 - int(np.argmax((stop - first)[::-1]))  # the longest run, the last of equals
+        cut = int((lo + first[k]) * frame + (stop[k] - first[k]) * frame // 2)
         out.append((start, cut))
         start = cut
     out.append((start, n))

@@ -19,6 +19,9 @@ from speechseq.processor import Processor
 from speechseq.speech_seq2seq import SpeechSeq2Seq
 
 
+PIECE_TAIL_S = 0.2  # silence after each piece cut at pauses
+
+
 def transcribe(model: str | os.PathLike | SpeechSeq2Seq, files: Sequence[str | os.PathLike], *, batch_size: int = 8,
                dtype: str = "float32", progress: bool = True, processor: Processor | None = None,
                chunk_length_s: float | None = 30.0, stride_length_s: float | None = None,
@@ -27,7 +30,7 @@ def transcribe(model: str | os.PathLike | SpeechSeq2Seq, files: Sequence[str | o
 
     Audio is resampled to the checkpoint's rate. A file longer than ``chunk_length_s`` seconds (``None`` or 0: never)
     is cut into pieces of at most that length: ``chunking="pauses"`` cuts each at the quietest 50 ms in its second
-    half and joins the pieces' texts; ``"windows"`` cuts windows of that length overlapping their neighbours by
+    half, adds 0.2 s of silence after each and joins the pieces' texts; ``"windows"`` cuts windows of that length overlapping their neighbours by
     ``stride_length_s`` on each side (default a sixth of the window, as transformers' ASR pipeline) and stitches the
     windows' tokens into one text. Files and pieces are grouped by length into batches of at most ``batch_size``
     rows, padded to a power of two rows (a lone file is one row) and to a length bucket, and decoded with
@@ -57,6 +60,9 @@ def transcribe(model: str | os.PathLike | SpeechSeq2Seq, files: Sequence[str | o
         return windows(len(audio), chunk, stride, stride)
 
     pieces = [(i, start, end) for i, audio in enumerate(audios) for start, end in spans(audio)]  # (file, start, end)
+    # a piece cut at a pause ends as an utterance does, in silence: without it a model trained on whole utterances
+    # hears speech run on at the cut and does not stop
+    tail = np.zeros(int(PIECE_TAIL_S * fe.sampling_rate) if chunking == "pauses" else 0, np.float32)
     tokens: list[np.ndarray | None] = [None] * len(pieces)
     seconds = [0.0] * len(files)
     bar = None
@@ -68,7 +74,8 @@ def transcribe(model: str | os.PathLike | SpeechSeq2Seq, files: Sequence[str | o
     try:
         for batch in batches_by_length([end - start for _, start, end in pieces], batch_size):
             t0 = time.perf_counter()
-            rows = [audios[i][start:end] for i, start, end in (pieces[k] for k in batch)]
+            rows = [np.concatenate([audios[i][start:end], tail]) if end - start < len(audios[i]) else audios[i]
+                    for i, start, end in (pieces[k] for k in batch)]
             # a few batch shapes (powers of two up to batch_size), so few programs compile and nothing is padded
             # beyond twice its rows
             rows += [rows[0]] * (min(batch_size, 1 << (len(rows) - 1).bit_length()) - len(rows))

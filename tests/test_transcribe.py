@@ -362,7 +362,8 @@ def test_long_file_in_windows_matches_transformers_window_by_window(checkpoint, 
 
 def test_long_file_cut_at_pauses_matches_transformers_piece_by_piece(checkpoint, tmp_path):
     """chunking="pauses": the file cut where chunking.pauses says, each piece decoded as transformers decodes that
-    piece of audio, the pieces' texts joined by spaces; the cuts fall in the silences between the clips."""
+    piece of audio followed by 0.2 s of silence, the pieces' texts joined by spaces; the cuts fall in the silences
+    between the clips."""
     import transformers as T
 
     from speechseq.chunking import pauses
@@ -374,7 +375,9 @@ def test_long_file_cut_at_pauses_matches_transformers_piece_by_piece(checkpoint,
     spans = pauses(audio, 48000, 16000)  # pieces of at most 3 s
     assert len(spans) >= 4 and all(audio[end - 400:end + 400].max() == 0 for _, end in spans[:-1])
     fe, tok = T.AutoFeatureExtractor.from_pretrained(path), T.AutoTokenizer.from_pretrained(path)
-    feats = fe([audio[s:e] for s, e in spans], sampling_rate=16000, padding=True, return_tensors="pt")
+    tail = np.zeros(3200, np.float32)
+    feats = fe([np.concatenate([audio[s:e], tail]) for s, e in spans], sampling_rate=16000, padding=True,
+               return_tensors="pt")
     with torch.no_grad():
         seqs = model.generate(input_values=feats["input_values"], attention_mask=feats["attention_mask"],
                               max_new_tokens=6)
