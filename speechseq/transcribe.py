@@ -29,10 +29,10 @@ def transcribe(model: str | os.PathLike | SpeechSeq2Seq, files: Sequence[str | o
     """Yield ``{"file", "text", "seconds", "audio_seconds"}`` per file, in input order.
 
     Audio is resampled to the checkpoint's rate. A file longer than ``chunk_length_s`` seconds (``None`` or 0: never)
-    is cut into pieces of at most that length: ``chunking="pauses"`` cuts each at the quietest 50 ms in its second
-    half, adds 0.2 s of silence after each and joins the pieces' texts; ``"windows"`` cuts windows of that length overlapping their neighbours by
-    ``stride_length_s`` on each side (default a sixth of the window, as transformers' ASR pipeline) and stitches the
-    windows' tokens into one text. Files and pieces are grouped by length into batches of at most ``batch_size``
+    is cut into pieces of at most that length: ``chunking="pauses"`` cuts each in the longest pause of its second
+    half (``chunking.pauses``), adds 0.2 s of silence after each and joins the pieces' texts; ``"windows"`` cuts
+    windows of that length overlapping their neighbours by ``stride_length_s`` on each side (default a sixth of the
+    window, as transformers' ASR pipeline) and stitches the windows' tokens into one text. Files and pieces are grouped by length into batches of at most ``batch_size``
     rows, padded to a power of two rows (a lone file is one row) and to a length bucket, and decoded with
     ``generate``: the checkpoint's generation settings (max length, beams, ...) unless ``generate_kwargs``
     (``num_beams``, ``max_new_tokens``, ...; ``None`` values are ignored) override them.

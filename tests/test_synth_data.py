@@ -20,7 +20,7 @@ import soundfile as sf
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "synth" / "make_data.py"
-SIZES = ("--train", "12", "--valid", "4", "--test", "4", "--generated", "2")
+SIZES = ("--train", "12", "--valid", "4", "--test", "4", "--generated", "2", "--pairs", "0", "--clean", "0")
 KEYS = {"id", "audio", "text", "voice", "duration"}
 
 
@@ -240,7 +240,7 @@ def test_bad_input_is_one_line(tmp_path):
 def test_terminated_run_leaves_nothing(tmp_path):
     """SIGTERM while speaking: status 143, one line, and neither the folder nor its partial folder is left."""
     proc = subprocess.Popen([sys.executable, str(SCRIPT), "--out", str(tmp_path / "d"), "--train", "5000",
-                             "--jobs", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--generated", "0", "--pairs", "0", "--jobs", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60
         while not list(tmp_path.glob(".d.partial-*/*/*.wav")) and time.monotonic() < deadline:

@@ -24,7 +24,8 @@ Outputs in --out (default data/synth; it must not exist yet, and appears whole o
                                                           --bpe 0: one token per character)
     meta.json                                             settings, espeak-ng version, counts and statistics
 
-    python examples/synth/make_data.py [--out data/synth] [--train 15000] [--generated 10000] [--seed 0] [--jobs 2]
+    python examples/synth/make_data.py [--out data/synth] [--train 15000] [--generated 70000] [--pairs 15000]
+        [--clean 0.3] [--seed 0] [--jobs 2]
 """
 
 from __future__ import annotations
@@ -396,13 +397,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="keep sentences whose every word occurs in >= K sentences of the source (default 2)")
     parser.add_argument("--bpe", type=int, default=500, metavar="N",
                         help="tokenizer: a BPE of N ids learnt from the training sentences (default 500; 0: characters)")
-    parser.add_argument("--generated", type=int, default=10000, metavar="N",
+    parser.add_argument("--generated", type=int, default=70000, metavar="N",
                         help="N more training utterances of new sentences made by a word bigram chain over the "
-                             "training sentences (default 10000)")
-    parser.add_argument("--pairs", type=int, default=0, metavar="N",
+                             "training sentences (default 70000)")
+    parser.add_argument("--pairs", type=int, default=15000, metavar="N",
                         help="N more training utterances of two sentences each, training fortunes or generated "
-                             "(default 0)")
-    parser.add_argument("--clean", type=float, default=0.0, metavar="F",
+                             "(default 15000)")
+    parser.add_argument("--clean", type=float, default=0.3, metavar="F",
                         help="share of the training utterances left without noise, digital silence around the "
                              "speech (default 0; the held-out sets keep their noise)")
     args = parser.parse_args(argv)

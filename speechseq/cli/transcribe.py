@@ -29,7 +29,7 @@ def add_parser(sub: Any) -> None:
                    help="overlap on each side of a window, in seconds (default: a sixth of --chunk-length-s)")
     p.add_argument("--chunking", choices=["windows", "pauses"], default="windows",
                    help="how files longer than --chunk-length-s are cut: overlapping windows whose tokens are "
-                        "stitched, or pieces cut at the quietest 50 ms of their second half, whose texts are joined "
+                        "stitched, or pieces cut in the longest pause of their second half, whose texts are joined "
                         "(default %(default)s)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
     p.add_argument("--output", help="write JSON lines (file, text, seconds) here instead of text to stdout")
