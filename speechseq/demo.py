@@ -4,7 +4,7 @@
     python -m speechseq.demo --audio my.wav other.flac # your own clips (the model knows espeak-ng's English only)
 
 It loads the model shipped in ``models/synth-en`` (a Speech2Text filterbank encoder and an mBART decoder trained
-from scratch on 20 hours of espeak-ng speech; its README says how, on what, and how well), transcribes the three
+from scratch on 80 hours of espeak-ng speech; its README says how, on what, and how well), transcribes the three
 clips in ``tests/fixtures`` and the held-out test sentences in ``models/synth-en/samples`` (sentences and, for some,
 a voice the model never heard in training), prints each reference beside the model's text with the word error rate,
 and shows how to use the model from Python and the command line. It needs the source checkout (for ``models/`` and
@@ -122,8 +122,8 @@ def run(args: argparse.Namespace) -> None:
         exact = sum(r == h for r, h in pairs)
         print(f"  {kind:<12} WER {100 * wer(list(refs), list(hyps)):5.1f}%  ({exact} of {len(pairs)} exactly right)")
     if not args.audio and args.model == DEFAULT_MODEL:
-        print('  (the model learnt to write the words of its training text; "brown" and "jax" are not among them, '
-              "so it spells them as they sound)")
+        print('  (the model learnt to write the words of its training text; "brown" and "jax" are not among them: '
+              "it spells a word it never saw as it sounds)")
 
     model_arg = display(args.model)
     print(f"\n[3/3] use it      the model is in {model_arg} (README.md there: data, training, test-set WER)")

@@ -32,10 +32,11 @@ def transcribe(model: str | os.PathLike | SpeechSeq2Seq, files: Sequence[str | o
     is cut into pieces of at most that length: ``chunking="pauses"`` cuts each in the longest pause of its second
     half (``chunking.pauses``), adds 0.2 s of silence after each and joins the pieces' texts; ``"windows"`` cuts
     windows of that length overlapping their neighbours by ``stride_length_s`` on each side (default a sixth of the
-    window, as transformers' ASR pipeline) and stitches the windows' tokens into one text. Files and pieces are grouped by length into batches of at most ``batch_size``
-    rows, padded to a power of two rows (a lone file is one row) and to a length bucket, and decoded with
-    ``generate``: the checkpoint's generation settings (max length, beams, ...) unless ``generate_kwargs``
-    (``num_beams``, ``max_new_tokens``, ...; ``None`` values are ignored) override them.
+    window, as transformers' ASR pipeline) and stitches the windows' tokens into one text. Files and pieces are
+    grouped by length into batches of at most ``batch_size`` rows, padded to a power of two rows (a lone file is one
+    row) and to a length bucket, and decoded with ``generate``: the checkpoint's generation settings (max length,
+    beams, ...) unless ``generate_kwargs`` (``num_beams``, ``max_new_tokens``, ...; ``None`` values are ignored)
+    override them.
     """
     if not isinstance(model, SpeechSeq2Seq):
         processor = processor or Processor.from_pretrained(model)

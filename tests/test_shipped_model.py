@@ -31,7 +31,7 @@ def samples() -> list[dict]:
 
 def test_folder_is_complete_and_small():
     ship = _script("ship")
-    for name in (*ship.MODEL_FILES, "README.md", "curves.png", "curves-stage1.png", "results.json"):
+    for name in (*ship.MODEL_FILES, "README.md", "curves.png", "results.json"):
         assert (MODEL / name).is_file(), name
     total = sum(p.stat().st_size for p in MODEL.rglob("*") if p.is_file())
     assert total <= ship.MAX_MB * 2**20, total
