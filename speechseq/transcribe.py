@@ -60,7 +60,13 @@ def transcribe(model: str | os.PathLike | SpeechSeq2Seq, files: Sequence[str | o
             return pauses(audio, chunk, fe.sampling_rate)
         return windows(len(audio), chunk, stride, stride)
 
-    pieces = [(i, start, end) for i, audio in enumerate(audios) for start, end in spans(audio)]  # (file, start, end)
+    pieces = []  # (file, first sample, end) of every piece to decode
+    for i, audio in enumerate(audios):
+        cuts = spans(audio)
+        # a piece of a long file that holds no sound (digital silence) has nothing to say, and a filterbank
+        # extractor's per-utterance normalisation would divide by its zero deviation
+        pieces += [(i, start, end) for start, end in cuts
+                   if len(cuts) == 1 or audio[start:end].min() < audio[start:end].max()]
     # a piece cut at a pause ends as an utterance does, in silence: without it a model trained on whole utterances
     # hears speech run on at the cut and does not stop
     tail = np.zeros(int(PIECE_TAIL_S * fe.sampling_rate) if chunking == "pauses" else 0, np.float32)
