@@ -2,7 +2,8 @@
 
 `pauses` cuts a clip into consecutive pieces of at most ``chunk`` samples, each cut in the middle of the longest
 pause within the second half of the piece, where a sentence or at least a word ends: no word is cut, so a model
-trained on whole utterances sees what it was trained on, and the pieces' texts are simply joined.
+trained on whole utterances sees what it was trained on, and the pieces' texts are simply joined. `trim` then
+drops what a piece holds of a long pause beyond 0.25 s at either end.
 
 `windows` cuts a clip longer than ``chunk`` samples into windows of ``chunk`` samples whose neighbours overlap by
 ``stride_left + stride_right`` samples (transformers' ASR pipeline: ``chunk_length_s``, ``stride_length_s``), and
@@ -57,6 +58,25 @@ def pauses(audio: np.ndarray, chunk: int, rate: int) -> list[tuple[int, int]]:
         start = cut
     out.append((start, n))
     return out
+
+
+def trim(audio: np.ndarray, start: int, end: int, rate: int, keep_s: float = 0.25) -> tuple[int, int]:
+    """``[start, end)`` without the pause beyond ``keep_s`` seconds at either end (a pause as in `pauses`: 10 ms
+    frames within ``QUIET_DB`` of the piece's quietest 50 ms, or below ``QUIET_FLOOR``). A model trained on
+    utterances with a fraction of a second of silence around them reads the speech of a piece that holds seconds of
+    silence badly. A piece that is all pause is returned as it is."""
+    frame = max(int(rate * QUIET_FRAME_S), 1)
+    frames = (end - start) // frame
+    if frames < QUIET_SPAN:
+        return start, end
+    x = np.asarray(audio[start:start + frames * frame], dtype=np.float64).reshape(frames, frame)
+    power = np.square(x).mean(1)
+    floor = np.convolve(power, np.ones(QUIET_SPAN) / QUIET_SPAN, mode="valid").min()
+    loud = np.flatnonzero(power > max(floor * 10 ** (QUIET_DB / 10), QUIET_FLOOR))
+    if len(loud) == 0:
+        return start, end
+    keep = int(keep_s * rate)
+    return max(start, start + int(loud[0]) * frame - keep), min(end, start + (int(loud[-1]) + 1) * frame + keep)
 
 
 def windows(n: int, chunk: int, stride_left: int, stride_right: int) -> list[tuple[int, int]]:

@@ -12,7 +12,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from speechseq.chunking import pauses, stitch, windows
+from speechseq.chunking import pauses, stitch, trim, windows
 from speechseq.audio import batches_by_length, load_audio
 from speechseq.errors import InputError
 from speechseq.processor import Processor
@@ -30,7 +30,8 @@ def transcribe(model: str | os.PathLike | SpeechSeq2Seq, files: Sequence[str | o
 
     Audio is resampled to the checkpoint's rate. A file longer than ``chunk_length_s`` seconds (``None`` or 0: never)
     is cut into pieces of at most that length: ``chunking="pauses"`` cuts each in the longest pause of its second
-    half (``chunking.pauses``), adds 0.2 s of silence after each and joins the pieces' texts; ``"windows"`` cuts
+    half (``chunking.pauses``), trims each piece's pause beyond 0.25 s at either end (``chunking.trim``), adds 0.2 s
+    of silence after each and joins the pieces' texts; ``"windows"`` cuts
     windows of that length overlapping their neighbours by ``stride_length_s`` on each side (default a sixth of the
     window, as transformers' ASR pipeline) and stitches the windows' tokens into one text. Files and pieces are
     grouped by length into batches of at most ``batch_size`` rows, padded to a power of two rows (a lone file is one
@@ -56,8 +57,9 @@ def transcribe(model: str | os.PathLike | SpeechSeq2Seq, files: Sequence[str | o
     def spans(audio: np.ndarray) -> list[tuple[int, int]]:
         if not chunk:
             return [(0, len(audio))]
-        if chunking == "pauses":
-            return pauses(audio, chunk, fe.sampling_rate)
+        if chunking == "pauses":  # and without seconds of silence at either end
+            cuts = pauses(audio, chunk, fe.sampling_rate)
+            return cuts if len(cuts) == 1 else [trim(audio, a, b, fe.sampling_rate) for a, b in cuts]
         return windows(len(audio), chunk, stride, stride)
 
     pieces = []  # (file, first sample, end) of every piece to decode

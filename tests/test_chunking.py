@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from speechseq.chunking import merge, pauses, stitch, windows
+from speechseq.chunking import merge, pauses, stitch, trim, windows
 
 RATE = 1000  # 10-sample energy frames
 
@@ -39,6 +39,14 @@ def test_pauses_cut_in_the_quietest_gap_of_each_second_half():
 @pytest.mark.parametrize("n", [0, 5, 2000])
 def test_pauses_leave_a_short_clip_whole(n):
     assert pauses(np.ones(n, np.float32), 2000, RATE) == [(0, n)]
+
+
+def test_trim_keeps_a_quarter_second_of_pause_around_the_sound():
+    audio = _speech([(2.0, 0.001), (1.0, 1.0), (0.1, 0.001), (0.5, 1.0), (3.0, 0.001)])  # noise, speech, gap, ...
+    assert trim(audio, 0, len(audio), RATE) == (1750, 3850)  # 0.25 s before 2.0 s and after 3.6 s; the gap stays
+    assert trim(audio, 2000, 3600, RATE) == (2000, 3600)  # nothing to trim
+    assert trim(audio, 3700, 6600, RATE) == (3700, 6600)  # all pause: as it was
+    assert trim(audio, 0, 3, RATE) == (0, 3)
 
 
 def test_pauses_work_on_silence_and_reject_a_piece_shorter_than_a_pause():
