@@ -42,14 +42,11 @@ def pauses(audio: np.ndarray, chunk: int, rate: int) -> list[tuple[int, int]]:
         raise ValueError(f"pauses: a {chunk}-sample piece is too short to hold a pause of {frame * QUIET_SPAN} samples")
     if n <= chunk:
         return [(0, n)]
-    frames = n // frame
-    power = np.square(np.asarray(audio[:frames * frame], dtype=np.float64).reshape(frames, frame)).mean(1)
-    span = np.convolve(power, np.ones(QUIET_SPAN) / QUIET_SPAN, mode="valid")  # [k]: frames k .. k + SPAN - 1
+    power = _frame_power(audio, 0, n, frame)
     out, start = [], 0
     while n - start > chunk:
         lo, hi = -(-(start + chunk // 2) // frame), (start + chunk) // frame  # frames wholly in the second half
-        floor = span[lo:hi - QUIET_SPAN + 1].min()
-        still = power[lo:hi] <= max(floor * 10 ** (QUIET_DB / 10), QUIET_FLOOR)
+        still = power[lo:hi] <= _pause_level(power[lo:hi])
         edges = np.diff(np.concatenate([[0], still.astype(np.int8), [0]]))
         first, stop = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)  # runs [first, stop) of still frames
         k = len(first) - 1 - int(np.argmax((stop - first)[::-1]))  # the longest run, the last of equals
@@ -66,17 +63,27 @@ def trim(audio: np.ndarray, start: int, end: int, rate: int, keep_s: float = 0.2
     utterances with a fraction of a second of silence around them reads the speech of a piece that holds seconds of
     silence badly. A piece that is all pause is returned as it is."""
     frame = max(int(rate * QUIET_FRAME_S), 1)
-    frames = (end - start) // frame
-    if frames < QUIET_SPAN:
+    power = _frame_power(audio, start, end, frame)
+    if len(power) < QUIET_SPAN:
         return start, end
-    x = np.asarray(audio[start:start + frames * frame], dtype=np.float64).reshape(frames, frame)
-    power = np.square(x).mean(1)
-    floor = np.convolve(power, np.ones(QUIET_SPAN) / QUIET_SPAN, mode="valid").min()
-    loud = np.flatnonzero(power > max(floor * 10 ** (QUIET_DB / 10), QUIET_FLOOR))
+    loud = np.flatnonzero(power > _pause_level(power))
     if len(loud) == 0:
         return start, end
     keep = int(keep_s * rate)
     return max(start, start + int(loud[0]) * frame - keep), min(end, start + (int(loud[-1]) + 1) * frame + keep)
+
+
+def _frame_power(audio: np.ndarray, start: int, end: int, frame: int) -> np.ndarray:
+    """Mean power of each whole ``frame``-sample frame of ``audio[start:end]``."""
+    frames = (end - start) // frame
+    return np.square(np.asarray(audio[start:start + frames * frame], dtype=np.float64).reshape(frames, frame)).mean(1)
+
+
+def _pause_level(power: np.ndarray) -> float:
+    """The power at or below which a frame of a stretch with these frame powers (at least ``QUIET_SPAN``) is pause:
+    ``QUIET_DB`` above the stretch's quietest ``QUIET_SPAN`` frames, and never below ``QUIET_FLOOR``."""
+    floor = np.convolve(power, np.ones(QUIET_SPAN) / QUIET_SPAN, mode="valid").min()
+    return max(float(floor) * 10 ** (QUIET_DB / 10), QUIET_FLOOR)
 
 
 def windows(n: int, chunk: int, stride_left: int, stride_right: int) -> list[tuple[int, int]]:

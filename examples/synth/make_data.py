@@ -405,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
                              "(default 15000)")
     parser.add_argument("--clean", type=float, default=0.3, metavar="F",
                         help="share of the training utterances left without noise, digital silence around the "
-                             "speech (default 0; the held-out sets keep their noise)")
+                             "speech (default 0.3; the held-out sets keep their noise)")
     args = parser.parse_args(argv)
     try:
         for name in ("generated", "pairs"):
