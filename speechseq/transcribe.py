@@ -12,12 +12,11 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from speechseq.chunking import pauses, stitch, trim, windows
 from speechseq.audio import batches_by_length, load_audio
+from speechseq.chunking import pauses, stitch, trim, windows
 from speechseq.errors import InputError
 from speechseq.processor import Processor
 from speechseq.speech_seq2seq import SpeechSeq2Seq
-
 
 PIECE_TAIL_S = 0.2  # silence after each piece cut at pauses
 
@@ -31,13 +30,12 @@ def transcribe(model: str | os.PathLike | SpeechSeq2Seq, files: Sequence[str | o
     Audio is resampled to the checkpoint's rate. A file longer than ``chunk_length_s`` seconds (``None`` or 0: never)
     is cut into pieces of at most that length: ``chunking="pauses"`` cuts each in the longest pause of its second
     half (``chunking.pauses``), trims each piece's pause beyond 0.25 s at either end (``chunking.trim``), adds 0.2 s
-    of silence after each and joins the pieces' texts; ``"windows"`` cuts
-    windows of that length overlapping their neighbours by ``stride_length_s`` on each side (default a sixth of the
-    window, as transformers' ASR pipeline) and stitches the windows' tokens into one text. Files and pieces are
-    grouped by length into batches of at most ``batch_size`` rows, padded to a power of two rows (a lone file is one
-    row) and to a length bucket, and decoded with ``generate``: the checkpoint's generation settings (max length,
-    beams, ...) unless ``generate_kwargs`` (``num_beams``, ``max_new_tokens``, ...; ``None`` values are ignored)
-    override them.
+    of silence after each and joins the pieces' texts; ``"windows"`` cuts windows of that length overlapping their
+    neighbours by ``stride_length_s`` on each side (default a sixth of the window, as transformers' ASR pipeline)
+    and stitches the windows' tokens into one text. Files and pieces are grouped by length into batches of at most
+    ``batch_size`` rows, padded to a power of two rows (a lone file is one row) and to a length bucket, and decoded
+    with ``generate``: the checkpoint's generation settings (max length, beams, ...) unless ``generate_kwargs``
+    (``num_beams``, ``max_new_tokens``, ...; ``None`` values are ignored) override them.
     """
     if not isinstance(model, SpeechSeq2Seq):
         processor = processor or Processor.from_pretrained(model)
