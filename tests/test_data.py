@@ -431,6 +431,36 @@ def test_feature_cache_gives_the_same_batches_and_reads_each_file_once(manifest,
         Loader(rows, processor, batch_size=4, cache_gb=-1)
 
 
+def test_a_row_two_workers_want_at_once_is_read_once(manifest, processor, monkeypatch):
+    """A row in the last batch of one epoch and the first of the next is featurised by two workers at once: the
+    second waits for the first's cache entry instead of reading the file again."""
+    import threading
+    import time
+
+    import speechseq.data.loader as loader_module
+
+    rows = read_manifest(manifest)
+    reads = Counter()
+    real_load = loader_module.load_audio
+
+    def slow_load(path, rate):
+        reads.update([path])
+        time.sleep(0.3)  # the second worker arrives while the first is still reading
+        return real_load(path, rate)
+
+    monkeypatch.setattr(loader_module, "load_audio", slow_load)
+    loader = Loader(rows, processor, batch_size=4, seed=3, cache_gb=1.0)
+    samples = int(loader._samples.max())
+    out = [None, None]
+    threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, loader._featurise(0, samples))) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert list(reads.values()) == [1]
+    assert out[0].keys() == out[1].keys() and all((out[0][k] == out[1][k]).all() for k in out[0])
+
+
 @pytest.mark.parametrize("stop", [3, 9, 10, 23])  # mid-epoch, the epoch's last batch, its end, two epochs later
 def test_state_restores_the_exact_continuation(manifest, processor, stop):
     rows = read_manifest(manifest)

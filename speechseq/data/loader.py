@@ -156,6 +156,7 @@ class Loader:
         self._cache: dict[int, dict[str, np.ndarray]] = {}
         self._cache_left = int(check_number(cache_gb, "Loader: cache_gb", integer=False, low=0) * 2**30)
         self._cache_lock = threading.Lock()
+        self._loading: dict[int, threading.Event] = {}  # rows a worker is loading into the cache now
 
     # ------------------------------------------------------------------------------------------------ public
     @property
@@ -352,18 +353,14 @@ class Loader:
 
     def _featurise(self, row: int, samples: int) -> dict[str, np.ndarray] | str:
         """Row ``row``'s features padded to the batch's audio bucket [1, ...], or why its audio failed."""
-        ex = self.examples[row]
-        feats = self._cache.get(row)
+        feats = self._cached(row)
         if feats is None:
             try:
-                audio = load_audio(ex.audio, self.rate)
-                if audio.shape[0] > samples:
-                    return (f"{ex.audio}: {audio.shape[0]} samples at {self.rate} Hz, more than the file's header "
-                            f"promised ({samples} at most)")
-                feats = {k: np.asarray(v) for k, v in self.processor(audio=[audio], sampling_rate=self.rate).items()}
-            except InputError as e:
-                return str(e)
-            self._keep(row, feats)
+                feats = self._load(row, samples)
+            finally:
+                self._done(row)
+            if isinstance(feats, str):
+                return feats
         probe = self._probe(samples)
         out = {}
         for key, value in feats.items():
@@ -373,12 +370,45 @@ class Loader:
             out[key] = np.pad(value.astype(dtype, copy=False), pad, constant_values=self._pad_value(key))
         return out
 
-    def _keep(self, row: int, feats: dict[str, np.ndarray]) -> None:
+    def _load(self, row: int, samples: int) -> dict[str, np.ndarray] | str:
+        """Row ``row``'s features (unpadded), kept in the cache while it has room, or why its audio failed."""
+        ex = self.examples[row]
+        try:
+            audio = load_audio(ex.audio, self.rate)
+            if audio.shape[0] > samples:
+                return (f"{ex.audio}: {audio.shape[0]} samples at {self.rate} Hz, more than the file's header "
+                        f"promised ({samples} at most)")
+            feats = {k: np.asarray(v) for k, v in self.processor(audio=[audio], sampling_rate=self.rate).items()}
+        except InputError as e:
+            return str(e)
         size = sum(v.nbytes for v in feats.values())
         with self._cache_lock:
             if size <= self._cache_left and row not in self._cache:
                 self._cache[row] = feats
                 self._cache_left -= size
+        return feats
+
+    def _cached(self, row: int) -> dict[str, np.ndarray] | None:
+        """The cached features of ``row``, or None when this thread is to load them. With a cache, a row that
+        another worker is loading (it can sit in the last batch of one epoch and the first of the next, both in
+        flight) is waited for rather than read twice."""
+        if not self._cache_left and not self._cache:
+            return None
+        while True:
+            with self._cache_lock:
+                if row in self._cache:
+                    return self._cache[row]
+                loading = self._loading.get(row)
+                if loading is None:
+                    self._loading[row] = threading.Event()
+                    return None
+            loading.wait()  # then the row is cached, or it did not fit (or failed) and this thread loads it
+
+    def _done(self, row: int) -> None:
+        with self._cache_lock:
+            event = self._loading.pop(row, None)
+        if event is not None:
+            event.set()
 
     def _pad_value(self, key: str) -> float:
         return 0 if key == "attention_mask" else getattr(self.processor.feature_extractor, "padding_value", 0.0)
