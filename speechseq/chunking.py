@@ -45,16 +45,34 @@ def pauses(audio: np.ndarray, chunk: int, rate: int) -> list[tuple[int, int]]:
     power = _frame_power(audio, 0, n, frame)
     out, start = [], 0
     while n - start > chunk:
-        lo, hi = -(-(start + chunk // 2) // frame), (start + chunk) // frame  # frames wholly in the second half
-        still = power[lo:hi] <= _pause_level(power[lo:hi])
-        edges = np.diff(np.concatenate([[0], still.astype(np.int8), [0]]))
-        first, stop = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)  # runs [first, stop) of still frames
-        k = len(first) - 1 - int(np.argmax((stop - first)[::-1]))  # the longest run, the last of equals
-        cut = int((lo + first[k]) * frame + (stop[k] - first[k]) * frame // 2)
+        # frames wholly in the second half
+        cut = _middle_of_longest_pause(power, -(-(start + chunk // 2) // frame), (start + chunk) // frame, frame)
         out.append((start, cut))
         start = cut
     out.append((start, n))
     return out
+
+
+def halve(audio: np.ndarray, start: int, end: int, rate: int) -> list[tuple[int, int]]:
+    """``[start, end)`` cut in two in the middle of its longest pause (as in `pauses`) within its middle half, for
+    a piece to be decoded again in two; one range when it is too short to search (under 0.1 s)."""
+    frame = max(int(rate * QUIET_FRAME_S), 1)
+    power = _frame_power(audio, start, end, frame)
+    lo, hi = -(-len(power) // 4), 3 * len(power) // 4
+    if hi - lo < QUIET_SPAN:
+        return [(start, end)]
+    cut = start + _middle_of_longest_pause(power, lo, hi, frame)
+    return [(start, cut), (cut, end)]
+
+
+def _middle_of_longest_pause(power: np.ndarray, lo: int, hi: int, frame: int) -> int:
+    """The sample in the middle of the longest run of pause frames among frames ``[lo, hi)`` of ``power`` (the
+    last of equals)."""
+    still = power[lo:hi] <= _pause_level(power[lo:hi])
+    edges = np.diff(np.concatenate([[0], still.astype(np.int8), [0]]))
+    first, stop = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)  # runs [first, stop) of still frames
+    k = len(first) - 1 - int(np.argmax((stop - first)[::-1]))
+    return int((lo + first[k]) * frame + (stop[k] - first[k]) * frame // 2)
 
 
 def trim(audio: np.ndarray, start: int, end: int, rate: int, keep_s: float = 0.25) -> tuple[int, int]:

@@ -13,12 +13,13 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from speechseq.audio import batches_by_length, load_audio
-from speechseq.chunking import pauses, stitch, trim, windows
+from speechseq.chunking import halve, pauses, stitch, trim, windows
 from speechseq.errors import InputError
 from speechseq.processor import Processor
 from speechseq.speech_seq2seq import SpeechSeq2Seq
 
 PIECE_TAIL_S = 0.2  # silence after each piece cut at pauses
+RUNAWAY_SPLIT_S = 2.0  # a piece cut at pauses decoded to the length limit is halved and decoded again down to this
 
 
 def transcribe(model: str | os.PathLike | SpeechSeq2Seq, files: Sequence[str | os.PathLike], *, batch_size: int = 8,
@@ -30,12 +31,15 @@ def transcribe(model: str | os.PathLike | SpeechSeq2Seq, files: Sequence[str | o
     Audio is resampled to the checkpoint's rate. A file longer than ``chunk_length_s`` seconds (``None`` or 0: never)
     is cut into pieces of at most that length: ``chunking="pauses"`` cuts each in the longest pause of its second
     half (``chunking.pauses``), trims each piece's pause beyond 0.25 s at either end (``chunking.trim``), adds 0.2 s
-    of silence after each and joins the pieces' texts; ``"windows"`` cuts windows of that length overlapping their
-    neighbours by ``stride_length_s`` on each side (default a sixth of the window, as transformers' ASR pipeline)
-    and stitches the windows' tokens into one text. Files and pieces are grouped by length into batches of at most
-    ``batch_size`` rows, padded to a power of two rows (a lone file is one row) and to a length bucket, and decoded
-    with ``generate``: the checkpoint's generation settings (max length, beams, ...) unless ``generate_kwargs``
-    (``num_beams``, ``max_new_tokens``, ...; ``None`` values are ignored) override them.
+    of silence after each and joins the pieces' texts (a piece of at least ``RUNAWAY_SPLIT_S`` seconds whose decoding
+    reaches the length limit without an end-of-sequence token is cut in two at its longest pause near the middle,
+    ``chunking.halve``, and the halves are decoded in its place, again while they run on); ``"windows"`` cuts
+    windows of that length overlapping their neighbours by ``stride_length_s`` on each side (default a sixth of the
+    window, as transformers' ASR pipeline) and stitches the windows' tokens into one text. Files and pieces are
+    grouped by length into batches of at most ``batch_size`` rows, padded to a power of two rows (a lone file is one
+    row) and to a length bucket, and decoded with ``generate``: the checkpoint's generation settings (max length,
+    beams, ...) unless ``generate_kwargs`` (``num_beams``, ``max_new_tokens``, ...; ``None`` values are ignored)
+    override them.
     """
     if not isinstance(model, SpeechSeq2Seq):
         processor = processor or Processor.from_pretrained(model)
@@ -43,7 +47,7 @@ def transcribe(model: str | os.PathLike | SpeechSeq2Seq, files: Sequence[str | o
     elif processor is None:
         raise InputError("processor: required when a model object is passed")
     # the settings (and the memory a batch of them needs) are checked before any audio is read
-    model.generation_config(batch=batch_size, **generate_kwargs)
+    gen = model.generation_config(batch=batch_size, **generate_kwargs)
     fe = processor.feature_extractor
     if chunking not in ("pauses", "windows"):
         raise InputError(f"chunking: 'pauses' or 'windows', got {chunking!r}")
@@ -51,25 +55,27 @@ def transcribe(model: str | os.PathLike | SpeechSeq2Seq, files: Sequence[str | o
     if chunking == "pauses" and 0 < chunk < fe.sampling_rate:
         raise InputError(f"chunk_length_s: pieces cut at pauses need at least 1 s, got {chunk_length_s:g}")
     audios = [load_audio(f, fe.sampling_rate) for f in files]
+    rate = fe.sampling_rate
 
     def spans(audio: np.ndarray) -> list[tuple[int, int]]:
         if not chunk:
             return [(0, len(audio))]
         if chunking == "pauses":  # and without seconds of silence at either end
-            cuts = pauses(audio, chunk, fe.sampling_rate)
-            return cuts if len(cuts) == 1 else [trim(audio, a, b, fe.sampling_rate) for a, b in cuts]
+            cuts = pauses(audio, chunk, rate)
+            return cuts if len(cuts) == 1 else [trim(audio, a, b, rate) for a, b in cuts]
         return windows(len(audio), chunk, stride, stride)
+
+    def sounding(audio: np.ndarray, cuts: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        # a piece of a long file that holds no sound (digital silence) has nothing to say, and a filterbank
+        # extractor's per-utterance normalisation would divide by its zero deviation
+        return [(a, b) for a, b in cuts if len(cuts) == 1 or audio[a:b].min() < audio[a:b].max()]
 
     pieces = []  # (file, first sample, end) of every piece to decode
     for i, audio in enumerate(audios):
-        cuts = spans(audio)
-        # a piece of a long file that holds no sound (digital silence) has nothing to say, and a filterbank
-        # extractor's per-utterance normalisation would divide by its zero deviation
-        pieces += [(i, start, end) for start, end in cuts
-                   if len(cuts) == 1 or audio[start:end].min() < audio[start:end].max()]
+        pieces += [(i, start, end) for start, end in sounding(audio, spans(audio))]
     # a piece cut at a pause ends as an utterance does, in silence: without it a model trained on whole utterances
     # hears speech run on at the cut and does not stop
-    tail = np.zeros(int(PIECE_TAIL_S * fe.sampling_rate) if chunking == "pauses" else 0, np.float32)
+    tail = np.zeros(int(PIECE_TAIL_S * rate) if chunking == "pauses" else 0, np.float32)
     tokens: list[np.ndarray | None] = [None] * len(pieces)
     seconds = [0.0] * len(files)
     bar = None
@@ -78,8 +84,10 @@ def transcribe(model: str | os.PathLike | SpeechSeq2Seq, files: Sequence[str | o
 
         bar = tqdm(total=len(pieces), desc="transcribe", unit="window" if len(pieces) > len(files) else "file",
                    leave=False)
-    try:
-        for batch in batches_by_length([end - start for _, start, end in pieces], batch_size):
+
+    def decode(todo: list[int]) -> None:
+        for batch in batches_by_length([pieces[k][2] - pieces[k][1] for k in todo], batch_size):
+            batch = [todo[j] for j in batch]
             t0 = time.perf_counter()
             rows = [np.concatenate([audios[i][start:end], tail]) if end - start < len(audios[i]) else audios[i]
                     for i, start, end in (pieces[k] for k in batch)]
@@ -95,6 +103,33 @@ def transcribe(model: str | os.PathLike | SpeechSeq2Seq, files: Sequence[str | o
                 seconds[pieces[k][0]] += took
             if bar:
                 bar.update(len(batch))
+
+    try:
+        decode(list(range(len(pieces))))
+        eos = gen.eos_token_id if isinstance(gen.eos_token_id, tuple) else (gen.eos_token_id,)
+        while chunking == "pauses" and chunk and None not in eos:
+            # a piece the decoder ran on to the length limit without an end (a model trained on whole sentences
+            # can loop on a piece that starts or ends inside one) is decoded again in two halves cut at a pause
+            # (its first token, the decoder's start, may be the EOS id too, as in BART)
+            again = {k for k, (i, start, end) in enumerate(pieces) if end - start >= RUNAWAY_SPLIT_S * rate
+                     and end - start < len(audios[i]) and not np.isin(np.asarray(tokens[k])[1:], eos).any()}
+            if not again:
+                break
+            new_pieces, new_tokens, todo = [], [], []
+            for k, (i, start, end) in enumerate(pieces):
+                if k not in again:
+                    new_pieces.append((i, start, end))
+                    new_tokens.append(tokens[k])
+                    continue
+                for a, b in sounding(audios[i], halve(audios[i], start, end, rate)):
+                    todo.append(len(new_pieces))
+                    new_pieces.append((i, *trim(audios[i], a, b, rate)))
+                    new_tokens.append(None)
+            pieces[:], tokens[:] = new_pieces, new_tokens
+            if bar:
+                bar.total += len(todo)
+                bar.refresh()
+            decode(todo)
     finally:
         if bar:  # now, not when the failed frame is collected: clearing its line then would erase the error
             bar.close()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from speechseq.chunking import merge, pauses, stitch, trim, windows
+from speechseq.chunking import halve, merge, pauses, stitch, trim, windows
 
 RATE = 1000  # 10-sample energy frames
 
@@ -47,6 +47,18 @@ def test_trim_keeps_a_quarter_second_of_pause_around_the_sound():
     assert trim(audio, 2000, 3600, RATE) == (2000, 3600)  # nothing to trim
     assert trim(audio, 3700, 6600, RATE) == (3700, 6600)  # all pause: as it was
     assert trim(audio, 0, 3, RATE) == (0, 3)
+
+
+def test_halve_cuts_in_the_longest_pause_of_the_middle_half():
+    # 4.4 s: speech, a 0.3 s gap at 1.5-1.8 s, speech, a longer 0.5 s gap at 3.5-4.0 s, speech; the middle half
+    # (1.1-3.3 s) holds only the short gap: the cut is in its middle
+    audio = _speech([(1.5, 1.0), (0.3, 0.001), (1.7, 1.0), (0.5, 0.001), (0.4, 1.0)])
+    offset = 500  # a piece of a longer clip: ranges stay in the clip's samples
+    padded = np.concatenate([np.ones(offset, np.float32), audio])
+    [(a, cut), (c, b)] = halve(padded, offset, offset + len(audio), RATE)
+    assert (a, b) == (offset, offset + len(audio)) and cut == c
+    assert abs(cut - offset - 1650) <= 10
+    assert halve(padded, offset, offset + 90, RATE) == [(offset, offset + 90)]  # too short to search
 
 
 def test_pauses_work_on_silence_and_reject_a_piece_shorter_than_a_pause():

@@ -360,30 +360,50 @@ def test_long_file_in_windows_matches_transformers_window_by_window(checkpoint, 
     assert row["audio_seconds"] == round(len(audio) / 16000, 3)
 
 
-def test_long_file_cut_at_pauses_matches_transformers_piece_by_piece(checkpoint, tmp_path):
+@pytest.mark.parametrize("chunk_s", [1.9, 3.0])
+def test_long_file_cut_at_pauses_matches_transformers_piece_by_piece(checkpoint, tmp_path, chunk_s):
     """chunking="pauses": the file cut where chunking.pauses says, each piece decoded as transformers decodes that
     piece of audio (chunking.trim: at most 0.25 s of pause at either end) followed by 0.2 s of silence, the pieces'
-    texts joined by spaces; the cuts fall in the silences between the clips."""
+    texts joined by spaces; 3 s pieces are cut in the silences between the clips. A piece of 2 s or more that runs to
+    the length limit without EOS (this random model always does, in 6 tokens) is halved at a pause
+    (chunking.halve, then trim) and the halves decoded in its place, again while they run on: 3 s pieces are
+    halved, 1.9 s ones are not."""
     import transformers as T
 
-    from speechseq.chunking import pauses, trim
+    from speechseq.chunking import halve, pauses, trim
     from speechseq.transcribe import transcribe
 
     path, model = checkpoint
     clip = tmp_path / "long.wav"
     audio = long_clip(clip)
-    cuts = pauses(audio, 48000, 16000)  # pieces of at most 3 s
-    assert len(cuts) >= 4 and all(audio[end - 400:end + 400].max() == 0 for _, end in cuts[:-1])
-    spans = [trim(audio, start, end, 16000) for start, end in cuts]
+    cuts = pauses(audio, int(chunk_s * 16000), 16000)
+    assert len(cuts) >= 4
+    if chunk_s > 2:  # (a 1.9 s piece cannot hold the 1.94 s clip)
+        assert all(audio[end - 400:end + 400].max() == 0 for _, end in cuts[:-1])
     fe, tok = T.AutoFeatureExtractor.from_pretrained(path), T.AutoTokenizer.from_pretrained(path)
     tail = np.zeros(3200, np.float32)
-    feats = fe([np.concatenate([audio[s:e], tail]) for s, e in spans], sampling_rate=16000, padding=True,
-               return_tensors="pt")
-    with torch.no_grad():
-        seqs = model.generate(input_values=feats["input_values"], attention_mask=feats["attention_mask"],
-                              max_new_tokens=6)
+
+    def decode(spans):
+        feats = fe([np.concatenate([audio[s:e], tail]) for s, e in spans], sampling_rate=16000, padding=True,
+                   return_tensors="pt")
+        with torch.no_grad():
+            return list(model.generate(input_values=feats["input_values"], attention_mask=feats["attention_mask"],
+                                       max_new_tokens=6))
+
+    spans = [trim(audio, start, end, 16000) for start, end in cuts]
+    seqs, halved = decode(spans), 0
+    while True:
+        again = [k for k, (s, e) in enumerate(spans)
+                 if e - s >= 32000 and model.config.eos_token_id not in seqs[k][1:].tolist()]
+        if not again:
+            break
+        for k in reversed(again):
+            halves = [trim(audio, a, b, 16000) for a, b in halve(audio, *spans[k], 16000)]
+            spans[k:k + 1], seqs[k:k + 1] = halves, decode(halves)
+            halved += 1
+    assert (halved > 0) == (chunk_s > 2)
     want = " ".join(t for t in (tok.decode(s, skip_special_tokens=True).strip() for s in seqs) if t)
-    [row] = transcribe(path, [clip], batch_size=4, progress=False, chunk_length_s=3, chunking="pauses",
+    [row] = transcribe(path, [clip], batch_size=4, progress=False, chunk_length_s=chunk_s, chunking="pauses",
                        max_new_tokens=6)
     assert row["text"] == want and len(row["text"].split()) > 6
 

@@ -30,7 +30,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--chunking", choices=["windows", "pauses"], default="windows",
                    help="how files longer than --chunk-length-s are cut: overlapping windows whose tokens are "
                         "stitched, or pieces cut in the longest pause of their second half, whose texts are joined "
-                        "(default %(default)s)")
+                        "(a piece decoded to the length limit is halved at a pause and decoded again; "
+                        "default %(default)s)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
     p.add_argument("--output", help="write JSON lines (file, text, seconds) here instead of text to stdout")
     p.set_defaults(func=run, compiles=True)
