@@ -25,7 +25,7 @@ RUNAWAY_SPLIT_S = 2.0  # a piece cut at pauses decoded to the length limit is ha
 def transcribe(model: str | os.PathLike | SpeechSeq2Seq, files: Sequence[str | os.PathLike], *, batch_size: int = 8,
                dtype: str = "float32", progress: bool = True, processor: Processor | None = None,
                chunk_length_s: float | None = 30.0, stride_length_s: float | None = None,
-               chunking: str = "windows", **generate_kwargs: Any) -> Iterator[dict]:
+               chunking: str = "pauses", **generate_kwargs: Any) -> Iterator[dict]:
     """Yield ``{"file", "text", "seconds", "audio_seconds"}`` per file, in input order.
 
     Audio is resampled to the checkpoint's rate. A file longer than ``chunk_length_s`` seconds (``None`` or 0: never)
@@ -35,7 +35,9 @@ def transcribe(model: str | os.PathLike | SpeechSeq2Seq, files: Sequence[str | o
     reaches the length limit without an end-of-sequence token is cut in two at its longest pause near the middle,
     ``chunking.halve``, and the halves are decoded in its place, again while they run on); ``"windows"`` cuts
     windows of that length overlapping their neighbours by ``stride_length_s`` on each side (default a sixth of the
-    window, as transformers' ASR pipeline) and stitches the windows' tokens into one text. Files and pieces are
+    window, as transformers' ASR pipeline) and stitches the windows' tokens into one text (``stride_length_s`` is
+    for windows only). Pauses are the default: a seq2seq model reads a piece that starts and ends in a pause as the
+    utterances it was trained on, where a window cut inside a word makes it invent words. Files and pieces are
     grouped by length into batches of at most ``batch_size`` rows, padded to a power of two rows (a lone file is one
     row) and to a length bucket, and decoded with ``generate``: the checkpoint's generation settings (max length,
     beams, ...) unless ``generate_kwargs`` (``num_beams``, ``max_new_tokens``, ...; ``None`` values are ignored)
@@ -52,6 +54,8 @@ def transcribe(model: str | os.PathLike | SpeechSeq2Seq, files: Sequence[str | o
     if chunking not in ("pauses", "windows"):
         raise InputError(f"chunking: 'pauses' or 'windows', got {chunking!r}")
     chunk, stride = _window_samples(chunk_length_s, stride_length_s, fe.sampling_rate)
+    if chunking == "pauses" and stride_length_s is not None:
+        raise InputError("stride_length_s: only windows overlap; pass chunking='windows' (--chunking windows) with it")
     if chunking == "pauses" and 0 < chunk < fe.sampling_rate:
         raise InputError(f"chunk_length_s: pieces cut at pauses need at least 1 s, got {chunk_length_s:g}")
     audios = [load_audio(f, fe.sampling_rate) for f in files]

@@ -355,7 +355,7 @@ def test_long_file_in_windows_matches_transformers_window_by_window(checkpoint, 
     special = set(tok.all_special_ids)
     want = tok.decode(stitch([[t for t in s.tolist() if t not in special] for s in seqs]), skip_special_tokens=True)
     [row] = transcribe(path, [clip], batch_size=4, progress=False, chunk_length_s=2, stride_length_s=0.25,
-                       max_new_tokens=6)
+                       chunking="windows", max_new_tokens=6)
     assert row["text"] == want.strip() and len(row["text"].split()) > 6
     assert row["audio_seconds"] == round(len(audio) / 16000, 3)
 
@@ -425,11 +425,13 @@ def test_long_file_shapes_stay_bounded(checkpoint, tmp_path, monkeypatch):
     path, _ = checkpoint
     clip = tmp_path / "long.wav"
     audio = long_clip(clip)
-    list(transcribe(path, [clip], batch_size=4, progress=False, chunk_length_s=1, stride_length_s=0.125,
-                    max_new_tokens=2))
-    assert len(audio) > 10 * 16000 and len(shapes) > 3
-    assert all(rows <= 4 and n <= 16000 for rows, n in shapes), shapes  # 1 s windows: the 1 s bucket
-    shapes.clear()
+    for how in ("windows", "pauses"):
+        list(transcribe(path, [clip], batch_size=4, progress=False, chunk_length_s=1, chunking=how,
+                        max_new_tokens=2, **({"stride_length_s": 0.125} if how == "windows" else {})))
+        assert len(audio) > 10 * 16000 and len(shapes) > 3
+        # 1 s windows: the 1 s bucket; pieces of at most 1 s and 0.2 s of silence: the next bucket
+        assert all(rows <= 4 and n <= (16000 if how == "windows" else 2 * 16000) for rows, n in shapes), shapes
+        shapes.clear()
     list(transcribe(path, [FIXTURES[0]], batch_size=8, progress=False, max_new_tokens=2))
     assert [rows for rows, _ in shapes] == [1]
     shapes.clear()
@@ -438,7 +440,9 @@ def test_long_file_shapes_stay_bounded(checkpoint, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("flags, words", [
-    (["--chunk-length-s", "2", "--stride-length-s", "1"], "stride_length_s: 1 s on each side of a 2 s window leaves"),
+    (["--chunk-length-s", "2", "--stride-length-s", "1", "--chunking", "windows"],
+     "stride_length_s: 1 s on each side of a 2 s window leaves"),
+    (["--stride-length-s", "1"], "stride_length_s: only windows overlap; pass chunking='windows'"),
     (["--chunk-length-s", "-1"], "chunk_length_s > 0"),
     (["--chunk-length-s", "0.5", "--chunking", "pauses"], "chunk_length_s: pieces cut at pauses need at least 1 s")])
 def test_bad_window_settings_one_line(checkpoint, tmp_path, capsys, flags, words):

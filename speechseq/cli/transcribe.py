@@ -23,15 +23,16 @@ def add_parser(sub: Any) -> None:
                    help="default: the checkpoint's max_length (generation_config.json, else config.json, else 20 new "
                         "tokens as in transformers)")
     p.add_argument("--chunk-length-s", type=float, default=30.0,
-                   help="decode longer files in overlapping windows of this many seconds, stitched into one text "
-                        "(memory stays flat however long the file; 0: decode each file whole; default %(default)s)")
+                   help="decode longer files in pieces of at most this many seconds (see --chunking; memory stays "
+                        "flat however long the file; 0: decode each file whole; default %(default)s)")
     p.add_argument("--stride-length-s", type=float,
-                   help="overlap on each side of a window, in seconds (default: a sixth of --chunk-length-s)")
-    p.add_argument("--chunking", choices=["windows", "pauses"], default="windows",
-                   help="how files longer than --chunk-length-s are cut: overlapping windows whose tokens are "
-                        "stitched, or pieces cut in the longest pause of their second half, whose texts are joined "
-                        "(a piece decoded to the length limit is halved at a pause and decoded again; "
-                        "default %(default)s)")
+                   help="with --chunking windows: the overlap on each side of a window, in seconds (default: a "
+                        "sixth of --chunk-length-s)")
+    p.add_argument("--chunking", choices=["pauses", "windows"], default="pauses",
+                   help="how files longer than --chunk-length-s are cut: pieces cut in the longest pause of their "
+                        "second half, whose texts are joined (a piece decoded to the length limit is halved at a "
+                        "pause and decoded again), or overlapping windows whose tokens are stitched as in "
+                        "transformers' ASR pipeline (default %(default)s)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
     p.add_argument("--output", help="write JSON lines (file, text, seconds) here instead of text to stdout")
     p.set_defaults(func=run, compiles=True)
