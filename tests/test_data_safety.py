@@ -342,11 +342,12 @@ def test_signal_removes_the_partial_folder(command, signum, message, big_hf, big
     assert f"-{p.pid}-" in partial.name  # the partial folder named its process
 
 
-def test_kill_9_partial_is_removed_by_the_next_run(hf_dir, big_hf, tmp_path):
-    p = start(["convert", big_hf, tmp_path / "out"], tmp_path)
-    partial = wait_until_writing(p, tmp_path, "out", WRITING["convert"])
+@pytest.mark.parametrize("command", ["convert", "export"])
+def test_kill_9_partial_is_removed_by_the_next_run(command, hf_dir, ss_dir, big_hf, big_ss, tmp_path):
+    p = start([command, big_hf if command == "convert" else big_ss, tmp_path / "out"], tmp_path)
+    partial = wait_until_writing(p, tmp_path, "out", WRITING[command])
     p.send_signal(signal.SIGKILL)
     p.communicate(timeout=60)
     assert partial.is_dir()  # nothing can clean up after kill -9 ...
-    code = main(["-q", "convert", str(hf_dir), str(tmp_path / "next")])
+    code = main(["-q", command, str(hf_dir if command == "convert" else ss_dir), str(tmp_path / "next")])
     assert code == 0 and sorted(os.listdir(tmp_path)) == ["next"]  # ... but the next run into that folder does

@@ -246,6 +246,23 @@ def test_output_into_a_read_only_folder(checkpoint, tmp_path, capsys, monkeypatc
     assert list(folder.iterdir()) == []
 
 
+def test_output_onto_a_read_only_file(checkpoint, tmp_path, capsys, monkeypatch):
+    """A rename would replace a read-only file regardless of its mode: refused before any work, the file kept."""
+    import os
+
+    out = tmp_path / "out.jsonl"
+    out.write_text("earlier results\n")
+    out.chmod(0o444)
+    if os.geteuid() == 0:  # root may write anything: answer as the kernel would for anyone else
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda path, mode, *a, **k: False if Path(path) == out and mode & os.W_OK
+                            else real_access(path, mode, *a, **k))
+    assert transcribe_cli(tmp_path, "--model", checkpoint[0], "--output", out, FIXTURES[0]) == 2
+    assert f"--output {out}: cannot write (the file is read-only)" in one_line_error(capsys)
+    assert out.read_text() == "earlier results\n" and out.stat().st_mode & 0o777 == 0o444
+    assert leftovers(tmp_path) == []
+
+
 def test_output_on_a_full_disk(checkpoint, tmp_path, capsys, monkeypatch):
     """A write that fails for want of space (simulated: the file's write raises ENOSPC) leaves the earlier file and
     no temporary one; a device that is always full (/dev/full) is written directly and fails the same way."""
