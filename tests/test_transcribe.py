@@ -456,6 +456,28 @@ def test_long_file_shapes_stay_bounded(checkpoint, tmp_path, monkeypatch):
     assert [rows for rows, _ in shapes] == [4]  # three files: the next power of two
 
 
+def test_long_file_memory_stays_flat(checkpoint, tmp_path):
+    """Peak memory follows the piece, not the file: `speechseq transcribe` (a child process, its peak RSS read
+    from getrusage) on a 2-minute file needs less than 64 MB more than on a 20 s one (the 2-minute audio itself
+    takes 8 MB as float32; decoded whole, the file needs hundreds of MB more)."""
+    import soundfile as sf
+
+    speech = long_clip(tmp_path / "unit.wav")  # the fixture clips twice, with pauses: about 12 s
+    peaks = {}
+    for name, seconds in (("short", 20), ("long", 120)):
+        clip = tmp_path / f"{name}.wav"
+        sf.write(clip, np.resize(speech, seconds * 16000), 16000, subtype="FLOAT")
+        code = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], capture_output=True); "
+                "print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+        cmd = [sys.executable, "-m", "speechseq.cli", "-q", "--cache-dir", str(tmp_path / "cache"), "transcribe",
+               "--model", str(checkpoint[0]), "--chunk-length-s", "5", "--max-new-tokens", "2", str(clip)]
+        status, peak = subprocess.run([sys.executable, "-c", code, *cmd], capture_output=True, text=True,
+                                      check=True).stdout.split()
+        assert status == "0"
+        peaks[name] = int(peak) * 1024
+    assert peaks["long"] - peaks["short"] < 64 * 2**20, peaks
+
+
 @pytest.mark.parametrize("flags, words", [
     (["--chunk-length-s", "2", "--stride-length-s", "1", "--chunking", "windows"],
      "stride_length_s: 1 s on each side of a 2 s window leaves"),
