@@ -298,9 +298,9 @@ def test_tokenizer_round_trip(tmp_path, bpe):
     assert (labels[:, 0] != 2).all() and ((labels == 3).sum(axis=1) == 1).all()
 
 
-@pytest.mark.parametrize("encoder,decoder", [("speech_to_text", "bert"), ("wav2vec2", "bert"),
-                                             ("speech_to_text", "mbart")])
-def test_make_model_writes_a_checkpoint_that_transcribes_and_trains(tmp_path, encoder, decoder):
+@pytest.mark.parametrize("encoder,decoder,layers", [("speech_to_text", "bert", 3), ("wav2vec2", "bert", 3),
+                                                    ("speech_to_text", "mbart", 2)])
+def test_make_model_writes_a_checkpoint_that_transcribes_and_trains(tmp_path, encoder, decoder, layers):
     """make_model.py: a complete untrained checkpoint of either encoder (filterbank or waveform) and either decoder
     whose processor feeds its encoder, with a finite loss on the tokenizer's labels; an existing folder is never
     replaced."""
@@ -311,9 +311,11 @@ def test_make_model_writes_a_checkpoint_that_transcribes_and_trains(tmp_path, en
     from speechseq.processor import Processor
 
     tokenizer = _module("make_tokenizer").save_tokenizer(tmp_path / "tokenizer")
-    out = _module("make_model").make_model(tokenizer, tmp_path / "init", encoder=encoder, decoder=decoder)
+    out = _module("make_model").make_model(tokenizer, tmp_path / "init", encoder=encoder, decoder=decoder,
+                                           decoder_layers=layers)
     model, processor = SpeechSeq2Seq.from_pretrained(out), Processor.from_pretrained(out)
     assert model.config.encoder.model_type == encoder and model.config.decoder.model_type == decoder
+    assert model.config.decoder.num_layers == layers
     assert sum(x.size for x in jax.tree.leaves(model.params)) < 6e6  # the 25 MB budget of issue 28
     audio = np.random.default_rng(0).normal(0, 0.1, 16000).astype(np.float32)
     batch = processor(audio=[audio, audio[:12000]], text=["hello world", "speech"])
