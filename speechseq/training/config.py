@@ -355,6 +355,8 @@ STEP_DOCS = {
     "step.label_smoothing": "epsilon of transformers Trainer's label smoothing (0: plain cross-entropy)",
     "step.ctc_weight": "weight w of an auxiliary CTC loss on the encoder (objective (1 - w) * attention + w * CTC; "
                        "its head is not saved with the model; 0: none)",
+    "step.token_noise": "fraction of the decoder's input tokens replaced by random ones while training (the labels "
+                        "stay right), so it learns to follow the audio after its own mistakes; 0: none",
     "step.dropout": "false: no dropout, LayerDrop or SpecAugment while training (the model's rates otherwise)",
 }
 

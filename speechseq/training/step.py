@@ -49,7 +49,10 @@ class StepConfig:
     ``dropout``: False runs the forward in eval mode (no dropout, LayerDrop or SpecAugment) while training.
     ``ctc_weight``: w of an auxiliary CTC loss on the encoder frames (``training.ctc``): the step minimises
     ``(1 - w) * attention + w * CTC`` per label token, with a CTC head in ``params["ctc"]`` (``ctc.init_head``)
-    that is trained but never saved with the model; 0: none, the objective transformers' model computes."""
+    that is trained but never saved with the model; 0: none, the objective transformers' model computes.
+    ``token_noise``: the fraction p of decoder input tokens after the start token that, while training, are replaced by
+    tokens drawn uniformly from the vocabulary (``noisy_decoder_inputs``; the labels stay right), so the decoder
+    learns to follow the audio after a wrong token of its own instead of its text prior; 0: none."""
 
     dtype: str = "float32"
     remat: str = "none"
@@ -57,6 +60,7 @@ class StepConfig:
     label_smoothing: float = 0.0
     dropout: bool = True
     ctc_weight: float = 0.0
+    token_noise: float = 0.0
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -68,6 +72,7 @@ class StepConfig:
         if not isinstance(self.dropout, bool):
             raise ConfigError(f"step.dropout should be true or false, got {self.dropout!r:.80}")
         check_number(self.ctc_weight, "step.ctc_weight", integer=False, low=0, high=1)
+        check_number(self.token_noise, "step.token_noise", integer=False, low=0, high=1)
 
 
 class TrainState(NamedTuple):
@@ -108,6 +113,20 @@ def smoothed_cross_entropy_sum(logits: jax.Array, labels: jax.Array, epsilon: fl
     return (1 - epsilon) * nll + epsilon * jnp.sum(jnp.where(labels != -100, uniform, 0.0)), count
 
 
+_TOKEN_NOISE = 2  # the random site of the decoder input noise (the model's forward folds in 0 and 1)
+
+
+def noisy_decoder_inputs(model_cfg: SpeechSeq2SeqConfig, labels: jax.Array, p: float, rng: jax.Array) -> jax.Array:
+    """The decoder inputs transformers makes of ``labels`` [B, T] (``model.shift_right``) with each position after
+    the first replaced, with probability ``p``, by a token drawn uniformly from the decoder's vocabulary -> [B, T]
+    int32. Padding positions stay padding (their loss is ignored either way)."""
+    ids = M.shift_right(labels, model_cfg.pad_token_id, model_cfg.decoder_start_token_id)
+    hit_key, token_key = jax.random.split(rng)
+    hit = jax.random.bernoulli(hit_key, p, ids.shape) & (jnp.arange(ids.shape[1]) > 0) & (ids != model_cfg.pad_token_id)
+    noise = jax.random.randint(token_key, ids.shape, 0, model_cfg.decoder.vocab_size, dtype=ids.dtype)
+    return jnp.where(hit, noise, ids)
+
+
 def loss_sum(model_cfg: SpeechSeq2SeqConfig, params: Mapping, batch: Batch, step: StepConfig,
              rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """One (micro)batch -> (summed token loss float32, label tokens int32); ``rng`` None: eval mode. With
@@ -115,6 +134,9 @@ def loss_sum(model_cfg: SpeechSeq2SeqConfig, params: Mapping, batch: Batch, step
     if step.ctc_weight and ctc.HEAD not in params:
         raise ConfigError("step.ctc_weight: the params have no CTC head; add training.ctc.init_head's")
     inputs = {k: batch[k] for k in AUDIO_KEYS if k in batch}  # forward refuses the kind the encoder does not read
+    if step.token_noise and rng is not None:
+        inputs["decoder_input_ids"] = noisy_decoder_inputs(model_cfg, batch["labels"], step.token_noise,
+                                                           fold(rng, _TOKEN_NOISE))
     out = M.forward(model_cfg, ctc.model_params(params), attention_mask=batch.get("attention_mask"),
                     labels=batch["labels"], dtype=jnp.dtype(step.dtype), rng=rng, remat=step.remat, **inputs)
     total, count = smoothed_cross_entropy_sum(out.logits, batch["labels"], step.label_smoothing)
