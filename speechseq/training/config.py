@@ -357,6 +357,9 @@ STEP_DOCS = {
                        "its head is not saved with the model; 0: none)",
     "step.token_noise": "fraction of the decoder's input tokens replaced by random ones while training (the labels "
                         "stay right), so it learns to follow the audio after its own mistakes; 0: none",
+    "step.guided_attention": "weight of a guided (diagonal) attention loss on the decoder's cross-attention, so it "
+                             "does not skip to or repeat a stretch of audio that sounds the same; 0: none",
+    "step.guided_attention_width": "the guided attention's diagonal band width (sigma, a fraction of the utterance)",
     "step.dropout": "false: no dropout, LayerDrop or SpecAugment while training (the model's rates otherwise)",
 }
 

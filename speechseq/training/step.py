@@ -52,7 +52,13 @@ class StepConfig:
     that is trained but never saved with the model; 0: none, the objective transformers' model computes.
     ``token_noise``: the fraction p of decoder input tokens after the start token that, while training, are replaced by
     tokens drawn uniformly from the vocabulary (``noisy_decoder_inputs``; the labels stay right), so the decoder
-    learns to follow the audio after a wrong token of its own instead of its text prior; 0: none."""
+    learns to follow the audio after a wrong token of its own instead of its text prior; 0: none.
+    ``guided_attention``: weight g of a guided (diagonal) attention loss on the decoder's cross-attention
+    (``guided_attention_sum``, Tachibana et al. 2018), added to the summed token loss: attention far from the
+    diagonal of (label position / label count, frame / frame count) costs, so the decoder learns where in the audio
+    it is and does not jump to a later (or back to an earlier) place that sounds the same; 0: none, the objective
+    transformers' model computes. ``guided_attention_width``: the diagonal band's width (the Gaussian's sigma, in
+    fractions of the utterance)."""
 
     dtype: str = "float32"
     remat: str = "none"
@@ -61,6 +67,8 @@ class StepConfig:
     dropout: bool = True
     ctc_weight: float = 0.0
     token_noise: float = 0.0
+    guided_attention: float = 0.0
+    guided_attention_width: float = 0.2
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -73,6 +81,8 @@ class StepConfig:
             raise ConfigError(f"step.dropout should be true or false, got {self.dropout!r:.80}")
         check_number(self.ctc_weight, "step.ctc_weight", integer=False, low=0, high=1)
         check_number(self.token_noise, "step.token_noise", integer=False, low=0, high=1)
+        check_number(self.guided_attention, "step.guided_attention", integer=False, low=0)
+        check_number(self.guided_attention_width, "step.guided_attention_width", integer=False, low=1e-3, high=10)
 
 
 class TrainState(NamedTuple):
@@ -127,10 +137,28 @@ def noisy_decoder_inputs(model_cfg: SpeechSeq2SeqConfig, labels: jax.Array, p: f
     return jnp.where(hit, noise, ids)
 
 
+def guided_attention_sum(cross_attentions: tuple[jax.Array, ...], labels: jax.Array,
+                         frame_mask: jax.Array | None, width: float) -> jax.Array:
+    """Per-layer cross-attention probabilities [B, heads, T, S] -> float32 scalar: the sum over label tokens n of
+    ``sum_s A[n, s] * (1 - exp(-((n + 1/2) / N - (s + 1/2) / S_b)^2 / (2 width^2)))``, A the mean over layers and
+    heads, N the row's label count (labels [B, T], -100 ignored), S_b its valid frames (``frame_mask`` [B, S];
+    None: all S)."""
+    a = jnp.mean(jnp.stack([c.astype(jnp.float32) for c in cross_attentions]), axis=(0, 2))  # [B, T, S]
+    valid = labels != -100
+    tokens = jnp.maximum(valid.sum(1, keepdims=True), 1).astype(jnp.float32)
+    frames = (jnp.full((a.shape[0], 1), a.shape[2], jnp.float32) if frame_mask is None
+              else jnp.maximum(frame_mask.sum(1, keepdims=True), 1).astype(jnp.float32))
+    n = (jnp.arange(a.shape[1]) + 0.5) / tokens  # [B, T]
+    s = (jnp.arange(a.shape[2]) + 0.5) / frames  # [B, S]
+    w = 1.0 - jnp.exp(-jnp.square(n[:, :, None] - s[:, None, :]) / (2.0 * width * width))
+    return jnp.sum(a * w * valid[:, :, None])
+
+
 def loss_sum(model_cfg: SpeechSeq2SeqConfig, params: Mapping, batch: Batch, step: StepConfig,
              rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """One (micro)batch -> (summed token loss float32, label tokens int32); ``rng`` None: eval mode. With
-    ``step.ctc_weight`` w > 0 the loss is ``(1 - w) * attention + w * CTC`` (``params`` carry the CTC head)."""
+    ``step.ctc_weight`` w > 0 the loss is ``(1 - w) * attention + w * CTC`` (``params`` carry the CTC head);
+    ``step.guided_attention`` g > 0 adds g times ``guided_attention_sum``."""
     if step.ctc_weight and ctc.HEAD not in params:
         raise ConfigError("step.ctc_weight: the params have no CTC head; add training.ctc.init_head's")
     inputs = {k: batch[k] for k in AUDIO_KEYS if k in batch}  # forward refuses the kind the encoder does not read
@@ -138,12 +166,16 @@ def loss_sum(model_cfg: SpeechSeq2SeqConfig, params: Mapping, batch: Batch, step
         inputs["decoder_input_ids"] = noisy_decoder_inputs(model_cfg, batch["labels"], step.token_noise,
                                                            fold(rng, _TOKEN_NOISE))
     out = M.forward(model_cfg, ctc.model_params(params), attention_mask=batch.get("attention_mask"),
-                    labels=batch["labels"], dtype=jnp.dtype(step.dtype), rng=rng, remat=step.remat, **inputs)
+                    labels=batch["labels"], dtype=jnp.dtype(step.dtype), rng=rng, remat=step.remat,
+                    output_attentions=bool(step.guided_attention), **inputs)
     total, count = smoothed_cross_entropy_sum(out.logits, batch["labels"], step.label_smoothing)
     if step.ctc_weight:
         ctc_sum = ctc.ctc_loss_sum(model_cfg, params[ctc.HEAD], out.encoder_last_hidden_state,
                                    out.encoder_attention_mask, batch["labels"])
         total = (1.0 - step.ctc_weight) * total + step.ctc_weight * ctc_sum
+    if step.guided_attention:
+        total = total + step.guided_attention * guided_attention_sum(
+            out.cross_attentions, batch["labels"], out.encoder_attention_mask, step.guided_attention_width)
     return total, count
 
 
@@ -266,11 +298,11 @@ def make_train_step(model_cfg: SpeechSeq2SeqConfig, optim: OptimConfig, step: St
 def make_eval_step(model_cfg: SpeechSeq2SeqConfig,
                    step: StepConfig = StepConfig()) -> Callable[[Mapping, Batch], dict[str, jax.Array]]:
     """``eval_step(params, batch) -> {"loss_sum", "tokens"}``: the training objective (label smoothing included, as
-    the Trainer evaluates it; the CTC term left out: the model has no CTC head) summed over the batch's label
+    the Trainer evaluates it; the CTC and guided attention terms left out) summed over the batch's label
     tokens, in eval mode (no dropout), in ``step.dtype``.
     Sum ``loss_sum`` and ``tokens`` over batches and divide for the token-weighted mean. Jitted; nothing donated."""
 
-    step = dataclasses.replace(step, ctc_weight=0.0)
+    step = dataclasses.replace(step, ctc_weight=0.0, guided_attention=0.0)
 
     @jax.jit
     def eval_step(params: Mapping, batch: Batch) -> dict[str, jax.Array]:
