@@ -5,6 +5,7 @@
     python benchmarks/train.py --small          # examples/synth/make_model.py's model, batch 16 x 4 s
     python benchmarks/train.py --systems sq sq-layer pt pt-ckpt --repeats 5
     python benchmarks/train.py --profile        # speechseq's step per XLA op, in this process (no comparison)
+    python benchmarks/train.py --gpu --systems sq pt --dtype bfloat16 --batch 32   # on a CUDA GPU (no Flax)
 
 Every system trains the same random-weight checkpoint (built once with a fixed seed by transformers, saved to a
 temporary folder; ``--small``: made by ``examples/synth/make_model.py``) on the same batch (float32 audio without
@@ -37,6 +38,12 @@ process's resident-set high-water mark over its whole life (load, compile, steps
 growth*: the most the resident set grew during one steady step (the high-water mark is reset before each step);
 speechseq's *XLA temp*: the compiled step's temporary buffers (activations, gradients, work space) from
 ``memory_analysis()``, and *activations* = XLA temp minus the gradients' size.
+
+``--gpu`` runs speechseq (JAX's CUDA backend, no memory preallocated) and PyTorch on the GPU and adds *GPU peak*:
+the most device memory each held (JAX ``memory_stats()["peak_bytes_in_use"]``, ``torch.cuda.max_memory_allocated``);
+float32 matmuls are TF32 in both, as JAX does by default (``torch.set_float32_matmul_precision("high")``).
+``--dtype bfloat16``: speechseq's ``StepConfig(dtype="bfloat16")`` (float32 params and optimizer state) against
+PyTorch's ``torch.autocast(dtype=torch.bfloat16)`` around the forward and loss.
 """
 
 from __future__ import annotations
@@ -167,7 +174,9 @@ def speechseq_step(settings: dict, ckpt: Path, audio: np.ndarray, labels: np.nda
     model = SpeechSeq2Seq.from_pretrained(ckpt)
     optim = OptimConfig(schedule="constant", **OPTIM)
     remat = settings["system"].partition("-")[2] or "none"
-    train_step = make_train_step(model.config, optim, StepConfig(remat=remat))
+    if settings["gpu"] and jax.default_backend() != "gpu":
+        raise RuntimeError(f"--gpu: JAX runs on {jax.default_backend()}, not a GPU")
+    train_step = make_train_step(model.config, optim, StepConfig(remat=remat, dtype=settings["dtype"]))
     state = [init_state(model.config, model.params, optim, seed=0)]
     del model  # the state holds the only copy of the params
     batch = jax.device_put(check_batch({"input_values": audio, "labels": labels}))
@@ -181,7 +190,10 @@ def speechseq_step(settings: dict, ckpt: Path, audio: np.ndarray, labels: np.nda
             stats.update(temp=analysis.temp_size_in_bytes, grads=grads,
                          state=sum(x.nbytes for x in jax.tree.leaves(state[0])))
         state[0], metrics = compiled[0](state[0], batch)
-        return float(metrics["loss"])
+        loss = float(metrics["loss"])
+        if settings["gpu"]:
+            stats["device_peak"] = jax.local_devices()[0].memory_stats()["peak_bytes_in_use"]
+        return loss
 
     return step, stats, {"speechseq": os.path.dirname(speechseq.__file__), "jax": jax.__version__, "remat": remat}
 
@@ -200,24 +212,34 @@ def pytorch_step(settings: dict, ckpt: Path, audio: np.ndarray, labels: np.ndarr
 
     torch.set_num_threads(os.cpu_count() or 1)
     transformers.utils.logging.disable_progress_bar()
-    model = transformers.SpeechEncoderDecoderModel.from_pretrained(ckpt).train()
+    device = "cuda" if settings["gpu"] else "cpu"
+    if settings["gpu"]:
+        if not torch.cuda.is_available():
+            raise RuntimeError("--gpu: torch sees no CUDA device")
+        torch.set_float32_matmul_precision("high")  # TF32, as JAX's default precision on the GPU
+    model = transformers.SpeechEncoderDecoderModel.from_pretrained(ckpt).train().to(device)
     if settings["system"] == "pt-ckpt":
         model.gradient_checkpointing_enable()
     decay, no_decay = decay_groups(model.named_parameters())
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": OPTIM["weight_decay"]},
                              {"params": no_decay, "weight_decay": 0.0}], lr=OPTIM["learning_rate"],
                             betas=(OPTIM["adam_b1"], OPTIM["adam_b2"]), eps=OPTIM["adam_eps"])
-    x, y = torch.from_numpy(audio), torch.from_numpy(labels).long()
+    x, y = torch.from_numpy(audio).to(device), torch.from_numpy(labels).long().to(device)
+    stats = {}
 
     def step() -> float:
         opt.zero_grad(set_to_none=True)
-        loss = model(input_values=x, labels=y).loss
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=settings["dtype"] == "bfloat16"):
+            loss = model(input_values=x, labels=y).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), OPTIM["max_grad_norm"])
         opt.step()
-        return loss.item()
+        loss = loss.item()
+        if settings["gpu"]:
+            stats["device_peak"] = torch.cuda.max_memory_allocated()
+        return loss
 
-    return step, {}, {"transformers": transformers.__version__, "torch": torch.__version__,
+    return step, stats, {"transformers": transformers.__version__, "torch": torch.__version__,
                       "threads": torch.get_num_threads()}
 
 
@@ -274,10 +296,11 @@ def start_workers(systems: list[str], ckpt: Path, ids: dict, args) -> dict[str, 
             python = flax_python(args.no_build_flax)
             if python is None:
                 continue
-        settings = {"system": system, "ckpt": str(ckpt), **ids}
+        settings = {"system": system, "ckpt": str(ckpt), "gpu": args.gpu, "dtype": args.dtype, **ids}
         try:
             workers[system] = Worker(system, [str(python), str(Path(__file__).resolve()), "--worker",
-                                              json.dumps(settings)], timeout=600)
+                                              json.dumps(settings)], timeout=600,
+                                     env={"JAX_PLATFORMS": "cuda"} if args.gpu else None)
         except (RuntimeError, TimeoutError, OSError, json.JSONDecodeError) as err:
             if system != "fx":
                 raise
@@ -344,12 +367,13 @@ def report(res: dict, args) -> str:
             lines.append(f"{SYSTEMS[name]:<34}  did not run: {r['failed']}")
             continue
         act = r["temp"] - r["grads"] if "temp" in r else None
-        lines.append(f"{SYSTEMS[name]:<34}{r['first_s']:>9.1f}{r['steady_s']:>9.2f}{r['cpu_s']:>8.1f}{r['faults']:>10.0f}"
+        lines.append(f"{SYSTEMS[name]:<34}{r['first_s']:>9.1f}{r['steady_s']:>9.3f}{r['cpu_s']:>8.1f}{r['faults']:>10.0f}"
                      f"{gb(r['peak_rss']):>13}{gb(r['growth']):>16}{gb(r.get('temp')):>13}{gb(act):>16}"
-                     f"{r['loss']:>9.4f}")
+                     f"{r['loss']:>9.4f}" + (f"   GPU peak {gb(r.get('device_peak'))} GB" if args.gpu else ""))
     lines.append("")
     sq = ok.get("sq")
-    base = args.case == "base" and args.batch == 4
+    base = args.case == "base" and args.batch == 4 and not args.gpu and args.dtype == "float32"  # the targets' case
+    peak = "device_peak" if args.gpu else "peak_rss"
     if sq:
         for key, label in (("pt", "PyTorch"), ("pt-ckpt", "PyTorch with checkpointing"), ("fx", "Flax 4.46")):
             if key not in ok:
@@ -366,9 +390,9 @@ def report(res: dict, args) -> str:
         lines.append(f"first step (trace + compile + run): speechseq {sq['first_s']:.1f} s" + (verdict if base else ""))
         if "pt" in ok:
             pt = ok["pt"]
-            verdict = f" (target: at most PyTorch's: {'met' if sq['peak_rss'] <= pt['peak_rss'] else 'MISSED'})"
-            lines.append(f"peak RSS without remat: speechseq {gb(sq['peak_rss'])} GB, PyTorch {gb(pt['peak_rss'])} GB "
-                         f"= {sq['peak_rss'] / pt['peak_rss']:.2f}x" + (verdict if base else ""))
+            verdict = f" (target: at most PyTorch's: {'met' if sq[peak] <= pt[peak] else 'MISSED'})"
+            lines.append(f"{'GPU peak memory' if args.gpu else 'peak RSS'} without remat: speechseq {gb(sq[peak])} GB, "
+                         f"PyTorch {gb(pt[peak])} GB = {sq[peak] / pt[peak]:.2f}x" + (verdict if base else ""))
         for key in ("sq-layer", "sq-dots"):
             if key in ok:
                 r = ok[key]
@@ -376,7 +400,8 @@ def report(res: dict, args) -> str:
                 verdict = f" (target >= {TARGETS['remat_activations']:.0f}x: " \
                           f"{'met' if ratio >= TARGETS['remat_activations'] else 'MISSED'})"
                 lines.append(f"{SYSTEMS[key]}: activations {ratio:.2f}x lower than remat none (XLA temp minus "
-                             f"gradients), peak RSS {gb(r['peak_rss'])} GB, step {r['steady_s'] / sq['steady_s']:.2f}x "
+                             f"gradients), {'GPU peak' if args.gpu else 'peak RSS'} {gb(r[peak])} GB, "
+                             f"step {r['steady_s'] / sq['steady_s']:.2f}x "
                              f"remat none's" + (verdict if base else ""))
     steal = {k: v["steal"] for k, v in ok.items() if v.get("steal") is not None}
     if steal:
@@ -470,6 +495,9 @@ def main() -> None:
                         "1 with --quick)")
     parser.add_argument("--labels", type=int, default=32, help="label tokens per example (default 32)")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
+    parser.add_argument("--gpu", action="store_true", help="speechseq and PyTorch on the CUDA GPU (Flax left out)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="compute dtype: speechseq's StepConfig.dtype, PyTorch's autocast (default float32)")
     parser.add_argument("--profile", action="store_true", help="profile speechseq's step per XLA op instead")
     parser.add_argument("--remat", default="none", help="--profile: the remat policy (default none)")
     parser.add_argument("--top", type=int, default=25, help="--profile: ops to list")
@@ -481,8 +509,10 @@ def main() -> None:
     args.repeats = args.repeats or defaults[2]
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
-    if args.skip_flax and "fx" in args.systems:
-        args.systems.remove("fx")
+    if (args.skip_flax or args.gpu or args.dtype != "float32") and "fx" in args.systems:
+        args.systems.remove("fx")  # transformers 4.46 Flax: the CPU venv, float32 only
+    if args.gpu:
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # several JAX workers share the GPU
     samples = int(seconds * 16000)
 
     import transformers
@@ -492,8 +522,8 @@ def main() -> None:
     print(f"speechseq training-step benchmark, {datetime.date.today()}, {cpu_name()} ({os.cpu_count()} CPUs), "
           f"load average {os.getloadavg()[0]:.2f}" + (" (other work is running: wall times are noisy)"
                                                       if os.getloadavg()[0] > 0.5 else ""))
-    print(f"model: {model[args.case]}, batch {args.batch} x {seconds:g} s audio, {args.labels} labels, float32, "
-          f"AdamW, repeats {args.repeats}", flush=True)
+    print(f"model: {model[args.case]}, batch {args.batch} x {seconds:g} s audio, {args.labels} labels, {args.dtype}, "
+          f"AdamW, repeats {args.repeats}" + (", on the GPU" if args.gpu else ""), flush=True)
     with tempfile.TemporaryDirectory(prefix="speechseq-train-bench-") as tmp:
         ckpt = Path(tmp) / "ckpt"
         t = time.perf_counter()
