@@ -15,7 +15,7 @@ from speechseq.training import StepConfig
 from speechseq.training.step import loss_and_grad, loss_sum
 from test_training_step import assert_grads_match_torch, hf_named, padded_batch, reference
 
-G, WIDTH = 0.7, 0.3
+G, WIDTH, HEADS = 0.7, 0.3, 1
 PAIR = ("w2v-group", "bart")
 
 
@@ -28,15 +28,15 @@ def model(tmp_path_factory):
     return hf, SpeechSeq2Seq.from_pretrained(path)
 
 
-def torch_guided(hf, batch, width: float) -> tuple[torch.Tensor, torch.Tensor]:
+def torch_guided(hf, batch, width: float, heads: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """transformers' loss (mean over label tokens) and the guided attention sum, written out in torch from the
-    cross-attentions transformers returns: A the mean over layers and heads, N a row's label tokens, S its frames
-    (the encoder's reduced attention mask)."""
+    cross-attentions transformers returns: A the mean over layers and their first ``heads`` heads (0: all), N a row's
+    label tokens, S its frames (the encoder's reduced attention mask)."""
     dtype = next(hf.parameters()).dtype
     mask = torch.from_numpy(batch["attention_mask"])
     out = hf(input_values=torch.from_numpy(batch["input_values"]).to(dtype), attention_mask=mask,
              labels=torch.from_numpy(batch["labels"]).long(), output_attentions=True)
-    a = torch.stack(out.cross_attentions).mean(dim=(0, 2))  # [B, T, S]
+    a = torch.stack([c[:, :heads] if heads else c for c in out.cross_attentions]).mean(dim=(0, 2))  # [B, T, S]
     frames = hf.encoder._get_feature_vector_attention_mask(a.shape[2], mask).sum(1).to(dtype)
     valid = torch.from_numpy(batch["labels"] != -100)
     tokens = valid.sum(1).to(dtype)
@@ -49,15 +49,20 @@ def torch_guided(hf, batch, width: float) -> tuple[torch.Tensor, torch.Tensor]:
     return out.loss, guided
 
 
-def test_guided_attention_is_the_formula_over_transformers_attentions(model):
+@pytest.mark.parametrize("heads", [0, 1])
+def test_guided_attention_is_the_formula_over_transformers_attentions(model, heads):
     hf, ours = model
     batch = padded_batch()
     count = int((batch["labels"] != -100).sum())
     with torch.no_grad():
-        ce, guided = torch_guided(hf, batch, WIDTH)
+        ce, guided = torch_guided(hf, batch, WIDTH, heads)
+        _, other = torch_guided(hf, batch, WIDTH, 2 if heads else 1)
     assert guided.item() > 0.05 * count  # a random model's attention is nowhere near the diagonal
+    # the heads it covers matter, by more than the tolerance below (a random model attends almost evenly)
+    assert abs(other.item() - guided.item()) > 3e-5 * guided.item()
     plain, n = loss_sum(ours.config, ours.params, batch, StepConfig())
-    total, n2 = loss_sum(ours.config, ours.params, batch, StepConfig(guided_attention=G, guided_attention_width=WIDTH))
+    total, n2 = loss_sum(ours.config, ours.params, batch, StepConfig(guided_attention=G, guided_attention_width=WIDTH,
+                                                                       guided_attention_heads=heads))
     assert int(n) == int(n2) == count
     assert abs(float(plain) / count - ce.item()) <= 1e-5 * ce.item()
     got = (float(total) - float(plain)) / G
@@ -68,12 +73,12 @@ def test_loss_and_grads_with_guided_attention_match_pytorch(model):
     hf, ours = model
     batch = padded_batch()
     count = int((batch["labels"] != -100).sum())
-    step = StepConfig(dropout=False, guided_attention=G, guided_attention_width=WIDTH)
+    step = StepConfig(dropout=False, guided_attention=G, guided_attention_width=WIDTH, guided_attention_heads=HEADS)
     loss, tokens, grads = jax.jit(lambda p, b: loss_and_grad(ours.config, step, p, {}, b))(ours.params, batch)
 
     def torch_grads(m):
         m.zero_grad()
-        ce, guided = torch_guided(m, batch, WIDTH)
+        ce, guided = torch_guided(m, batch, WIDTH, HEADS)
         total = ce + G * guided / count
         total.backward()
         return total.item(), {k: np.zeros(p.shape) if p.grad is None else p.grad.double().numpy()
@@ -97,3 +102,5 @@ def test_bad_settings_are_one_line():
         StepConfig(guided_attention=-1)
     with pytest.raises(ConfigError, match="step.guided_attention_width"):
         StepConfig(guided_attention_width=0)
+    with pytest.raises(ConfigError, match="step.guided_attention_heads"):
+        StepConfig(guided_attention_heads=-1)

@@ -360,6 +360,8 @@ STEP_DOCS = {
     "step.guided_attention": "weight of a guided (diagonal) attention loss on the decoder's cross-attention, so it "
                              "does not skip to or repeat a stretch of audio that sounds the same; 0: none",
     "step.guided_attention_width": "the guided attention's diagonal band width (sigma, a fraction of the utterance)",
+    "step.guided_attention_heads": "the guided attention binds the first k cross-attention heads of each decoder "
+                                   "layer (0: all of them)",
     "step.dropout": "false: no dropout, LayerDrop or SpecAugment while training (the model's rates otherwise)",
 }
 

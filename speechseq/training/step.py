@@ -58,7 +58,9 @@ class StepConfig:
     diagonal of (label position / label count, frame / frame count) costs, so the decoder learns where in the audio
     it is and does not jump to a later (or back to an earlier) place that sounds the same; 0: none, the objective
     transformers' model computes. ``guided_attention_width``: the diagonal band's width (the Gaussian's sigma, in
-    fractions of the utterance)."""
+    fractions of the utterance). ``guided_attention_heads``: the loss is on the first k heads of every layer (0:
+    all): the penalty is linear in the probabilities, so it binds each head it covers; the others stay free to
+    attend where the content is."""
 
     dtype: str = "float32"
     remat: str = "none"
@@ -69,6 +71,7 @@ class StepConfig:
     token_noise: float = 0.0
     guided_attention: float = 0.0
     guided_attention_width: float = 0.2
+    guided_attention_heads: int = 0
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -83,6 +86,7 @@ class StepConfig:
         check_number(self.token_noise, "step.token_noise", integer=False, low=0, high=1)
         check_number(self.guided_attention, "step.guided_attention", integer=False, low=0)
         check_number(self.guided_attention_width, "step.guided_attention_width", integer=False, low=1e-3, high=10)
+        check_number(self.guided_attention_heads, "step.guided_attention_heads", low=0)
 
 
 class TrainState(NamedTuple):
@@ -138,12 +142,13 @@ def noisy_decoder_inputs(model_cfg: SpeechSeq2SeqConfig, labels: jax.Array, p: f
 
 
 def guided_attention_sum(cross_attentions: tuple[jax.Array, ...], labels: jax.Array,
-                         frame_mask: jax.Array | None, width: float) -> jax.Array:
+                         frame_mask: jax.Array | None, width: float, heads: int = 0) -> jax.Array:
     """Per-layer cross-attention probabilities [B, heads, T, S] -> float32 scalar: the sum over label tokens n of
     ``sum_s A[n, s] * (1 - exp(-((n + 1/2) / N - (s + 1/2) / S_b)^2 / (2 width^2)))``, A the mean over layers and
-    heads, N the row's label count (labels [B, T], -100 ignored), S_b its valid frames (``frame_mask`` [B, S];
-    None: all S)."""
-    a = jnp.mean(jnp.stack([c.astype(jnp.float32) for c in cross_attentions]), axis=(0, 2))  # [B, T, S]
+    their first ``heads`` heads (0: all), N the row's label count (labels [B, T], -100 ignored), S_b its valid
+    frames (``frame_mask`` [B, S]; None: all S)."""
+    a = jnp.stack([c[:, :heads or None].astype(jnp.float32) for c in cross_attentions])
+    a = jnp.mean(a, axis=(0, 2))  # [B, T, S]
     valid = labels != -100
     tokens = jnp.maximum(valid.sum(1, keepdims=True), 1).astype(jnp.float32)
     frames = (jnp.full((a.shape[0], 1), a.shape[2], jnp.float32) if frame_mask is None
@@ -175,7 +180,8 @@ def loss_sum(model_cfg: SpeechSeq2SeqConfig, params: Mapping, batch: Batch, step
         total = (1.0 - step.ctc_weight) * total + step.ctc_weight * ctc_sum
     if step.guided_attention:
         total = total + step.guided_attention * guided_attention_sum(
-            out.cross_attentions, batch["labels"], out.encoder_attention_mask, step.guided_attention_width)
+            out.cross_attentions, batch["labels"], out.encoder_attention_mask, step.guided_attention_width,
+            step.guided_attention_heads)
     return total, count
 
 
