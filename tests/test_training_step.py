@@ -202,8 +202,11 @@ def torch_steps(batch: dict, n: int, double: bool = False) -> tuple[dict[str, np
 def test_adamw_steps_match_torch(zoo, programs):
     """Three steps (rates 0, half, full: warm-up then decay) with the Trainer's groups, weight decay and clipping:
     per tensor the params equal torch's within 2.5e-7 (two float32 ulps at 1), or within 8 times torch's own
-    float32 error against a float64 run, where Adam's division by sqrt(v) has blown up the rounding noise of
-    gradients that are nearly 0 (key biases: 0 in exact arithmetic; weight-norm directions after projection)."""
+    float32 noise where Adam's division by sqrt(v) has blown up the rounding noise of gradients that are nearly 0
+    (key biases: 0 in exact arithmetic; weight-norm directions after projection). Torch's noise is measured two
+    ways, as its float32 error against a float64 run and as the spread of two float32 runs that sum the batch in
+    different orders (the same examples, rows permuted): which element of a tensor Adam amplifies most, and by
+    how much, depends on the rounding, so one measure alone can miss the element another CPU's rounding hits."""
     _, ours = zoo(*MODEL)
     step, _ = programs
     batch = padded_batch(**BIG)
@@ -214,6 +217,8 @@ def test_adamw_steps_match_torch(zoo, programs):
         logs.append({k: float(v) for k, v in metrics.items()})
     want, want_logs = torch_steps(batch, 3)
     exact, _ = torch_steps(batch, 3, double=True)
+    perm = np.array([3, 0, 6, 1, 7, 2, 5, 4])  # the same batch, so the same exact result
+    permuted, _ = torch_steps({k: v[perm] for k, v in batch.items()}, 3)
     for got, w in zip(logs, want_logs):
         assert got["learning_rate"] == pytest.approx(w["learning_rate"], rel=1e-6, abs=0)
         assert got["loss"] == pytest.approx(w["loss"], rel=1e-5)
@@ -224,7 +229,8 @@ def test_adamw_steps_match_torch(zoo, programs):
     assert sorted(got) == sorted(want)
     floored = []
     for name, value in want.items():
-        diff, floor = np.abs(got[name] - value).max(), np.abs(value - exact[name]).max()
+        diff = np.abs(got[name] - value).max()
+        floor = max(np.abs(value - exact[name]).max(), np.abs(value - permuted[name]).max())
         if diff > 2.5e-7:
             assert diff <= 8 * floor, (name, diff, floor)
             floored.append(name)
