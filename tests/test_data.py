@@ -16,7 +16,7 @@ import soxr
 
 from conftest import SPEECH_TEXTS, synthesize
 from speechseq.audio import load_audio
-from speechseq.data import Loader, read_manifest
+from speechseq.data import Loader, read_manifest, single_threaded_blas
 from speechseq.data.order import length_grouped_batches, permutation
 from speechseq.errors import ConfigError, InputError
 from speechseq.processor import Processor
@@ -410,6 +410,28 @@ def test_same_seed_same_batches_whatever_the_workers(manifest, processor):
     ordered = take(iter(Loader(rows, processor, batch_size=4, shuffle=False)), 11)
     assert [i for b in ordered[:10] for i in b["ids"]] == [r.id for r in rows]
     assert_same_batches(ordered[10:], ordered[:1])  # epoch 2 of an unshuffled loader repeats epoch 1
+
+
+def blas_threads() -> set[int]:
+    from threadpoolctl import threadpool_info
+
+    return {lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"}
+
+
+def test_single_threaded_blas_is_one_thread_inside_and_as_before_after(manifest, processor):
+    """numpy's BLAS runs on one thread inside ``single_threaded_blas`` (the loader's threads featurise beside XLA),
+    as it was set after it, and the batches are the loader's batches either way."""
+    from threadpoolctl import threadpool_limits
+
+    rows = read_manifest(manifest)
+    with threadpool_limits(limits=2, user_api="blas"):
+        assert blas_threads() == {2}
+        free = take(iter(Loader(rows, processor, batch_size=4, seed=7)), 6)
+        with single_threaded_blas():
+            assert blas_threads() == {1}
+            one = take(iter(Loader(rows, processor, batch_size=4, seed=7)), 6)
+        assert blas_threads() == {2}
+    assert_same_batches(one, free)
 
 
 def test_feature_cache_gives_the_same_batches_and_reads_each_file_once(manifest, processor, monkeypatch):

@@ -359,13 +359,35 @@ def test_final_model_loads_in_transformers_with_the_same_logits(trained, corpus)
     assert T.AutoTokenizer.from_pretrained(out / "model-hf").decode([20, 21, 10, 19, 4, 25]) == "open t"
 
 
-def test_evaluate_command(trained, corpus, tmp_path, capsys, monkeypatch):
+@pytest.fixture
+def blas_seen(monkeypatch):
+    """The BLAS thread counts in force each time a ``Loader`` hands out a batch, with BLAS set to 2 threads around
+    the test (so that a run which forgot ``single_threaded_blas`` shows 2 on any machine)."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from speechseq.data import Loader
+
+    seen: list[set[int]] = []
+    run = Loader._run
+
+    def spy(self, *args, **kwargs):
+        for batch in run(self, *args, **kwargs):
+            seen.append({lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"})
+            yield batch
+
+    monkeypatch.setattr(Loader, "_run", spy)
+    with threadpool_limits(limits=2, user_api="blas"):
+        yield seen
+
+
+def test_evaluate_command(trained, corpus, tmp_path, capsys, monkeypatch, blas_seen):
     out, _ = trained
     monkeypatch.chdir(tmp_path)
     manifest = corpus / "valid.jsonl"
     before = manifest.read_bytes()
     code, stdout, err = run_cli(capsys, "evaluate", "--model", out / "model", manifest, "--batch-size", 2)
     assert code == 0, err
+    assert blas_seen and all(s == {1} for s in blas_seen)  # the loader's threads featurised beside generate
     summary = dict(line.split(None, 1) for line in stdout.splitlines())
     assert summary["utterances"] == "3" and summary["skipped"] == "0"
     assert float(summary["wer"]) == 0.0 and float(summary["cer"]) == 0.0
@@ -618,7 +640,7 @@ def test_two_runs_never_share_an_output_dir(tiny_init, corpus, tmp_path, capsys)
     assert (out / "model-hf" / "model.safetensors").is_file()
 
 
-def test_ctc_head_trains_and_stays_out_of_the_model(tiny_init, corpus, tmp_path):
+def test_ctc_head_trains_and_stays_out_of_the_model(tiny_init, corpus, tmp_path, blas_seen):
     """``step.ctc_weight``: the checkpointed state carries the CTC head (a resume restores it), the saved model
     and its Hugging Face export do not; the final model is the state's params without the head."""
     from safetensors.numpy import load_file
@@ -631,6 +653,7 @@ def test_ctc_head_trains_and_stays_out_of_the_model(tiny_init, corpus, tmp_path)
     sections = run_sections(tiny_init, corpus, tmp_path / "run", train__steps=4, train__eval_every=0)
     sections["step"] = {"ctc_weight": 0.5}
     assert main(["-q", "train", str(write_config(tmp_path / "ctc.toml", sections))]) == 0
+    assert blas_seen and all(s == {1} for s in blas_seen)  # single_threaded_blas around the training loop
     out = tmp_path / "run"
     model = SpeechSeq2Seq.from_pretrained(tiny_init)
     cfg = load_config(out / "config.toml")

@@ -27,6 +27,7 @@ small, and global by construction.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -67,6 +68,21 @@ class _Spec:
     samples: int
     tokens: int
     strip: bool
+
+
+@contextlib.contextmanager
+def single_threaded_blas() -> Iterator[None]:
+    """numpy's BLAS (OpenBLAS, MKL, BLIS) on one thread inside the block, as it was after it (``threadpoolctl``).
+
+    The loader's threads featurise audio (the filterbank's mel projection is a BLAS ``dot``) beside a running XLA
+    program that already uses every core. A multi-threaded BLAS gains nothing on one row's small matrices, and its
+    helper threads spin between calls, taking a core from XLA's: on a 2-core CPU the synth recogniser's first-epoch
+    step was 8-15% slower with them (``examples/synth/README.md``). ``speechseq train`` and ``evaluate`` run inside
+    this; a loop of your own that iterates a ``Loader`` while it trains should too."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
 
 
 class Loader:

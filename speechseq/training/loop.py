@@ -153,7 +153,7 @@ def evaluate(model: "SpeechSeq2Seq", examples: "Sequence[Example] | Loader", *, 
     import numpy as np
     import soundfile as sf
 
-    from speechseq.data import Loader
+    from speechseq.data import Loader, single_threaded_blas
     from speechseq.training import StepConfig, make_eval_step
 
     if isinstance(examples, Loader):
@@ -177,30 +177,31 @@ def evaluate(model: "SpeechSeq2Seq", examples: "Sequence[Example] | Loader", *, 
         from tqdm import tqdm
 
         bar = tqdm(total=loader.usable_rows, desc="evaluate", unit="utt", leave=False)
-    try:
-        for batch in loader.epoch():
-            ids = batch.pop("ids")
-            if place is not None:
-                ids, batch = place.global_ids(ids, loader), place.batch(batch)
-            out = eval_step(model.params, batch)
-            loss_sum += float(out["loss_sum"])
-            tokens += int(out["tokens"])
-            t0 = time.perf_counter()
-            seqs = model.generate(**{k: batch[k] for k in AUDIO_INPUTS if k in batch}, **gen)
-            seconds += time.perf_counter() - t0
-            per_row = seqs.shape[0] // len(ids)
-            texts = processor.batch_decode(np.asarray(seqs)[::per_row], skip_special_tokens=True)
-            for i, text in zip(ids, texts):
-                if i is None:  # a padding row
-                    continue
-                ex = by_id[i]
-                rows.append({"id": i, "audio": ex.audio, "reference": ex.text, "hypothesis": text.strip(),
-                             "audio_seconds": round(sf.info(ex.audio).duration, 3)})
+    with single_threaded_blas():  # the loader's threads featurise beside generate
+        try:
+            for batch in loader.epoch():
+                ids = batch.pop("ids")
+                if place is not None:
+                    ids, batch = place.global_ids(ids, loader), place.batch(batch)
+                out = eval_step(model.params, batch)
+                loss_sum += float(out["loss_sum"])
+                tokens += int(out["tokens"])
+                t0 = time.perf_counter()
+                seqs = model.generate(**{k: batch[k] for k in AUDIO_INPUTS if k in batch}, **gen)
+                seconds += time.perf_counter() - t0
+                per_row = seqs.shape[0] // len(ids)
+                texts = processor.batch_decode(np.asarray(seqs)[::per_row], skip_special_tokens=True)
+                for i, text in zip(ids, texts):
+                    if i is None:  # a padding row
+                        continue
+                    ex = by_id[i]
+                    rows.append({"id": i, "audio": ex.audio, "reference": ex.text, "hypothesis": text.strip(),
+                                 "audio_seconds": round(sf.info(ex.audio).duration, 3)})
+                if bar:
+                    bar.update(sum(i is not None for i in ids))
+        finally:
             if bar:
-                bar.update(sum(i is not None for i in ids))
-    finally:
-        if bar:
-            bar.close()
+                bar.close()
     if not rows:
         raise InputError("evaluate: no usable utterances to score")
     audio_seconds = sum(r["audio_seconds"] for r in rows)
@@ -617,6 +618,7 @@ def train(config: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
     ``train.output_dir`` from its latest checkpoint. Returns the last logged training values and the last
     evaluation's metrics (``{"step", "loss", "learning_rate", "valid": {...}}``)."""
     from speechseq.checkpoints import storage
+    from speechseq.data import single_threaded_blas
     from speechseq.sharding import barrier
     from speechseq.speech_seq2seq import SpeechSeq2Seq
     from speechseq.training import make_eval_step
@@ -642,6 +644,7 @@ def train(config: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
     with contextlib.ExitStack() as stack:  # closed in reverse order, however the run ends
         if lock is not None:
             stack.callback(os.close, lock)
+        stack.enter_context(single_threaded_blas())  # the loader's threads featurise beside the train step
         ckpt = Checkpoints(out / "checkpoints", keep_last=loop.keep_last, best_metric=loop.best_metric,
                            best_mode=BEST_METRICS[loop.best_metric])
         stack.callback(ckpt.close)
