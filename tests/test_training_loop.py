@@ -363,16 +363,17 @@ def test_final_model_loads_in_transformers_with_the_same_logits(trained, corpus)
 def blas_seen(monkeypatch):
     """The BLAS thread counts in force each time a ``Loader`` hands out a batch, with BLAS set to 2 threads around
     the test (so that a run which forgot ``single_threaded_blas`` shows 2 on any machine)."""
-    from threadpoolctl import threadpool_info, threadpool_limits
+    from threadpoolctl import threadpool_limits
 
     from speechseq.data import Loader
+    from test_data import blas_threads
 
     seen: list[set[int]] = []
     run = Loader._run
 
     def spy(self, *args, **kwargs):
         for batch in run(self, *args, **kwargs):
-            seen.append({lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"})
+            seen.append(blas_threads())
             yield batch
 
     monkeypatch.setattr(Loader, "_run", spy)
