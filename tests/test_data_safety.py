@@ -351,3 +351,24 @@ def test_kill_9_partial_is_removed_by_the_next_run(command, hf_dir, ss_dir, big_
     assert partial.is_dir()  # nothing can clean up after kill -9 ...
     code = main(["-q", command, str(hf_dir if command == "convert" else ss_dir), str(tmp_path / "next")])
     assert code == 0 and sorted(os.listdir(tmp_path)) == ["next"]  # ... but the next run into that folder does
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_atomic_file_interrupted_as_its_file_opens(tmp_path, monkeypatch, binary):
+    """A signal whose handler raises just after ``open`` returned inside ``storage.atomic_file`` (the file object made
+    but never bound, so dropped at once) ends in that exception alone: no ``OSError`` from closing a descriptor the
+    dropped object had already closed (a traceback under SIGTERM in CI), no temporary file, the old file kept."""
+    target = tmp_path / "config.json"
+    target.write_text("old")
+    real_open = open
+
+    def open_then_interrupt(*args, **kwargs):
+        real_open(*args, **kwargs)  # made and dropped, as when the handler runs before the assignment
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(storage, "open", open_then_interrupt, raising=False)
+    with pytest.raises(KeyboardInterrupt):
+        with storage.atomic_file(target, binary=binary) as f:
+            f.write(b"new" if binary else "new")
+    monkeypatch.undo()
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]

@@ -416,28 +416,36 @@ def atomic_file(target: str | os.PathLike, binary: bool = False) -> Iterator[IO]
     ``target`` itself is replaced: resolve a symbolic link first to write through it, and open a device or a pipe
     directly (a rename would replace it, not write to it). Errors of the file itself are raised as ``OSError``."""
     target = Path(target)
-    tmp = target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp"
-    # mode 0o666 under the umask, as a plain open gives a new file (no process-wide umask change to read it)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    f = None
+    tmp: Path | None = target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp"
+    fd = f = None
     try:
+        try:
+            # mode 0o666 under the umask, as a plain open gives a new file (no process-wide umask change to read it)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            tmp = None  # a file of that name that this call did not make: not ours to remove
+            raise
         if target.exists():
             os.chmod(fd, target.stat().st_mode & 0o7777)  # the replaced file's mode
-        f = open(fd, "wb") if binary else open(fd, "w", encoding="utf-8")
+        # closefd=False: only this function closes fd. A signal that raises between open() returning and the name
+        # being bound would otherwise drop a file object that closes fd behind our back.
+        f = open(fd, "wb", closefd=False) if binary else open(fd, "w", encoding="utf-8", closefd=False)
         yield f
         f.flush()
-        os.fsync(f.fileno())  # the data is on disk before the rename makes it the file
+        os.fsync(fd)  # the data is on disk before the rename makes it the file
         f.close()
         os.replace(tmp, target)
     except BaseException:
-        if f is None:
-            os.close(fd)
-        else:
+        if f is not None:
             with contextlib.suppress(OSError):  # closing flushes, which fails again on a full disk
                 f.close()
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
         raise
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 def write_json(path: str | os.PathLike, data: Mapping) -> None:
