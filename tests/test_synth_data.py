@@ -20,7 +20,8 @@ import soundfile as sf
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "synth" / "make_data.py"
-SIZES = ("--train", "12", "--valid", "4", "--test", "4", "--generated", "2", "--pairs", "0", "--clean", "0")
+SIZES = ("--train", "12", "--valid", "4", "--test", "4", "--generated", "2", "--words", "0", "--pairs", "0",
+         "--clean", "0")
 KEYS = {"id", "audio", "text", "voice", "duration"}
 
 
@@ -38,6 +39,8 @@ HAVE_FORTUNES = md.FORTUNES.is_dir()
 needs_fortunes = pytest.mark.skipif(not HAVE_FORTUNES, reason=f"{md.FORTUNES} missing: sudo apt-get install fortunes")
 needs_both = pytest.mark.skipif(not (HAVE_ESPEAK and HAVE_FORTUNES),
                                 reason=f"espeak-ng or fortunes missing: {md.INSTALL}")
+HAVE_WORDS = md.DICTIONARY.is_file() and importlib.util.find_spec("wordfreq") is not None
+needs_words = pytest.mark.skipif(not HAVE_WORDS, reason=f"wamerican or wordfreq missing: {md.INSTALL}")
 
 
 def _run(out: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -169,6 +172,54 @@ def test_pairs_are_spoken_as_two_sentences_after_the_rest(dataset, tmp_path):
     assert "--pairs must be >= 0, got -1" in _run(tmp_path / "bad", "--pairs", "-1").stderr
 
 
+@needs_words
+def test_common_words_are_frequent_dictionary_words():
+    words, freqs = md.load_common_words()
+    assert 30000 < len(words) == len(set(words)) == len(freqs) and (freqs > 0).all()
+    assert (np.diff(freqs) <= 0).all() and words[:3] == ["the", "to", "and"]  # most frequent first
+    known = set(md.DICTIONARY.read_text().split())
+    assert all(md._WORD.fullmatch(w) and w in known for w in words)
+    assert {"text", "speech", "wrote", "don't", "a", "i"} <= set(words)
+    assert not {"tv", "ok", "x", "b", "www", "lol"} & set(words)  # abbreviations, letters, slang: not as words
+
+
+def test_word_lists_draw_words_by_frequency_to_a_power():
+    words, freqs = ["aa", "bb", "cc"], np.array([9.0, 1.0, 0.0])
+    lists = md.word_lists(words, freqs, 3000, seed=0)
+    assert lists == md.word_lists(words, freqs, 3000, seed=0) != md.word_lists(words, freqs, 3000, seed=1)
+    drawn = [w for t in lists for w in t.split()]
+    assert {len(t.split()) for t in lists} == set(range(md.MIN_WORDS, md.WORD_LIST_MAX_WORDS + 1))
+    assert all(len(t) <= md.MAX_CHARS for t in lists) and "cc" not in drawn  # frequency 0: never
+    assert 2.8 < drawn.count("aa") / drawn.count("bb") < 3.2  # 9 ** 0.5 : 1 ** 0.5
+    one = [w for t in md.word_lists(words, freqs, 3000, seed=0, exponent=1.0) for w in t.split()]
+    assert 8.2 < one.count("aa") / one.count("bb") < 9.9
+    with pytest.raises(md.InputError, match="fewer than --words 2"):
+        md.word_lists(["a" * 30], np.ones(1), 2, seed=0)  # 3 words of 30 letters never fit in 80 characters
+
+
+@needs_both
+@needs_words
+def test_word_lists_are_spoken_after_the_generated_sentences(dataset, tmp_path):
+    """--words 2 puts two training utterances of common words after the generated sentences (before the pairs),
+    and leaves every other row as it was."""
+    out = tmp_path / "words"
+    assert _run(out, *SIZES, "--seed", "3", "--jobs", "2", "--words", "2").returncode == 0
+    before, after = _manifests(dataset), _manifests(out)
+    assert {k: v for k, v in after.items() if k != "train"} == {k: v for k, v in before.items() if k != "train"}
+    assert after["train"][:-2] == before["train"] and len(after["train"]) == len(before["train"]) + 2
+    common = set(md.load_common_words()[0])
+    for r in after["train"][-2:]:
+        assert set(r["text"].split()) <= common and (out / r["audio"]).is_file(), r["text"]
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["words"] == 2 and meta["word_source"]["exponent"] == md.WORD_EXPONENT
+    assert "--words must be >= 0, got -1" in _run(tmp_path / "bad", "--words", "-1").stderr
+
+
+def test_missing_word_sources_are_named(tmp_path):
+    assert "wamerican" in md.missing_tools(md.FORTUNES, tmp_path / "no-dictionary")
+    assert "wamerican" not in md.missing_tools(md.FORTUNES, None)  # --words 0 needs neither
+
+
 @needs_both
 def test_same_seed_same_data(dataset, tmp_path):
     again = tmp_path / "again"
@@ -225,7 +276,7 @@ def test_bad_input_is_one_line(tmp_path):
              ((tmp_path / "a", "--train", "0"), "--train must be >= 1, got 0"),
              ((tmp_path / "b", "--min-word-sentences", "0"), "--min-word-sentences must be >= 1, got 0"),
              ((tmp_path / "e", "--generated", "-1"), "--generated must be >= 0, got -1")]
-    if HAVE_ESPEAK and HAVE_FORTUNES:  # with a tool missing, that message comes first
+    if HAVE_ESPEAK and HAVE_FORTUNES and HAVE_WORDS:  # with a tool missing, that message comes first
         for (out, *args), message in cases:
             done = _run(out, *args)
             assert done.returncode == 2 and done.stderr.count("\n") == 1 and message in done.stderr, done.stderr
@@ -240,7 +291,8 @@ def test_bad_input_is_one_line(tmp_path):
 def test_terminated_run_leaves_nothing(tmp_path):
     """SIGTERM while speaking: status 143, one line, and neither the folder nor its partial folder is left."""
     proc = subprocess.Popen([sys.executable, str(SCRIPT), "--out", str(tmp_path / "d"), "--train", "5000",
-                             "--generated", "0", "--pairs", "0", "--jobs", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--generated", "0", "--words", "0", "--pairs", "0", "--jobs", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60
         while not list(tmp_path.glob(".d.partial-*/*/*.wav")) and time.monotonic() < deadline:

@@ -7,8 +7,10 @@ symbols are dropped rather than guessed at (so the text is what espeak-ng says),
 words / 80 characters and those with a word found in no other sentence (--min-word-sentences). The rest are
 deduplicated and shuffled by sentence into disjoint sets, so no test sentence occurs in training: ``test`` and
 ``test_voice`` first, then ``valid``, then ``train`` (the held-out sets do not change with --train).
-Training also gets --generated sentences made by a word bigram chain over its own sentences (`generate`), and
---pairs utterances of two sentences spoken one after the other (`pair`); neither changes the held-out sets.
+Training also gets --generated sentences made by a word bigram chain over its own sentences (`generate`), --words
+utterances of common English words in random order (`word_lists`: the most frequent words of the ``wordfreq``
+package that Debian's ``wamerican`` dictionary spells so, far more words than the fortunes hold), and --pairs
+utterances of two sentences spoken one after the other (`pair`); none of them changes the held-out sets.
 
 espeak-ng speaks each sentence with a voice drawn from ``TRAIN_VOICES`` x ``TRAIN_VARIANTS`` (accents x timbres), a
 speed and a pitch; ``test_voice`` uses the variant ``HELD_OUT_VARIANT``, which nothing else uses. Each waveform is
@@ -24,14 +26,15 @@ Outputs in --out (default data/synth; it must not exist yet, and appears whole o
                                                           --bpe 0: one token per character)
     meta.json                                             settings, espeak-ng version, counts and statistics
 
-    python examples/synth/make_data.py [--out data/synth] [--train 15000] [--generated 70000] [--pairs 15000]
-        [--clean 0.3] [--seed 0] [--jobs 2]
+    python examples/synth/make_data.py [--out data/synth] [--train 15000] [--generated 50000] [--words 20000]
+        [--pairs 15000] [--clean 0.3] [--seed 0] [--jobs 2]
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -58,7 +61,9 @@ from speechseq.errors import InputError, SpeechSeqError  # noqa: E402
 FORTUNES = Path("/usr/share/games/fortunes")
 # fortune files left out: pictures, non-English text, code, and ethnic jokes
 SKIP_FILES = frozenset({"ascii-art", "translate-me", "perl", "ethnic"})
-INSTALL = "sudo apt-get install espeak-ng fortunes"
+DICTIONARY = Path("/usr/share/dict/american-english")  # Debian's wamerican
+INSTALL = {"espeak-ng": "sudo apt-get install espeak-ng", "fortunes": "sudo apt-get install fortunes",
+           "wamerican": "sudo apt-get install wamerican", "wordfreq": "pip install wordfreq"}
 
 # espeak-ng voices (accents) and variants (timbres: "" is the voice's own); mbrola voices need another package.
 # British English is "en": espeak-ng 1.51 drops the variant of "en-gb+m3" without a word (test_synth_data checks
@@ -78,6 +83,9 @@ SAMPLING_RATE = 16000
 MIN_WORDS, MAX_WORDS, MAX_CHARS = 3, 16, 80  # 80 characters at 135 wpm are at most ~6 s of speech
 PAIR_MAX_CHARS = 84  # two sentences and espeak-ng's pause between them within train.toml's 7 s at 135 wpm
 SPLITS = ("test", "test_voice", "valid", "train")  # the order sentences are dealt in
+COMMON_WORDS = 50000  # word_lists draws from wordfreq's this many most frequent English words (~36,500 kept)
+WORD_EXPONENT = 0.5  # ... each with probability proportional to its frequency to this power
+WORD_LIST_MAX_WORDS = 12
 
 ABBREVIATIONS = frozenset("""mr mrs ms dr st jr sr vs etc prof gen col capt lt sgt rev hon inc ltd co corp no vol
 fig mt ft pp ca cf viz approx dept univ assn bros""".split())
@@ -216,6 +224,44 @@ def generate(train: list[str], count: int, seed: int, avoid: set[str] = frozense
     return out
 
 
+def load_common_words(dictionary: Path = DICTIONARY, top: int = COMMON_WORDS) -> tuple[list[str], np.ndarray]:
+    """wordfreq's ``top`` most frequent English words that ``dictionary`` (one word a line) holds as they are, in
+    the data set's form (lowercase letters, inner apostrophes; no one-letter word but "a" and "i"), most frequent
+    first, and their frequencies [V]. The dictionary keeps out what espeak-ng would spell or misread: names written
+    in lowercase, abbreviations (``tv``, ``ok``), slang and fragments of words."""
+    from wordfreq import top_n_list, word_frequency
+
+    known = set(dictionary.read_text(encoding="utf-8", errors="replace").split())
+    words = [w for w in top_n_list("en", top)
+             if _WORD.fullmatch(w) and (len(w) > 1 or w in ("a", "i")) and w in known]
+    return words, np.array([word_frequency(w, "en") for w in words])
+
+
+def word_lists(words: list[str], frequencies: np.ndarray, count: int, seed: int,
+               exponent: float = WORD_EXPONENT) -> list[str]:
+    """``count`` texts of ``MIN_WORDS``..``WORD_LIST_MAX_WORDS`` words (as many of each length) drawn independently
+    from ``words`` with probability proportional to ``frequencies ** exponent``, each at most ``MAX_CHARS``
+    characters. No grammar binds them, so the recogniser learns to spell what it hears over a vocabulary far wider
+    than the fortunes' (5,351 words): with the defaults ~30,000 distinct words, a common word such as "text"
+    ~17 times where the fortunes give it ~26 times in 100,000 utterances, and sentence patterns cannot stand in for
+    listening."""
+    weights = np.asarray(frequencies, dtype=np.float64) ** exponent
+    cum = np.cumsum(weights / weights.sum())
+    rng = np.random.default_rng([seed, 5])
+    out: list[str] = []
+    for _ in range(count * 50):
+        if len(out) == count:
+            break
+        n = int(rng.integers(MIN_WORDS, WORD_LIST_MAX_WORDS + 1))
+        picks = np.minimum(np.searchsorted(cum, rng.random(n), side="right"), len(words) - 1)
+        text = " ".join(words[i] for i in picks)
+        if len(text) <= MAX_CHARS:
+            out.append(text)
+    if len(out) < count:
+        raise InputError(f"only {len(out)} word lists fit in {MAX_CHARS} characters, fewer than --words {count}")
+    return out
+
+
 def pair(sentences: list[str], count: int, seed: int, max_chars: int = PAIR_MAX_CHARS) -> list[str]:
     """``count`` two-sentence texts: random pairs of ``sentences`` whose joined text has at most ``max_chars``
     characters, each written with a full stop between the two (`synthesize` speaks it as two sentences, with
@@ -247,16 +293,16 @@ class Utterance:
 
 
 def plan(sets: dict[str, list[str]], sizes: dict[str, int], seed: int,
-         generated: list[str] = (), pairs: list[str] = ()) -> list[Utterance]:
+         generated: list[str] = (), pairs: list[str] = (), words: list[str] = ()) -> list[Utterance]:
     """One `Utterance` per line of every manifest: the set's sentences in order (train cycling over its sentences
-    when ``sizes["train"]`` is larger, then the ``generated`` sentences, then the ``pairs``), each with a voice, speed
-    and pitch drawn from its own seeded generator."""
+    when ``sizes["train"]`` is larger, then the ``generated`` sentences, the ``words`` lists, then the ``pairs``),
+    each with a voice, speed and pitch drawn from its own seeded generator."""
     utterances = []
     for k, name in enumerate(SPLITS):
         rng = np.random.default_rng([seed, 1, k])
         variants = (HELD_OUT_VARIANT,) if name == "test_voice" else TRAIN_VARIANTS
         texts = [sets[name][i % len(sets[name])] for i in range(sizes[name])]
-        texts += [*generated, *pairs] if name == "train" else []
+        texts += [*generated, *words, *pairs] if name == "train" else []
         for i, text in enumerate(texts):
             voice = TRAIN_VOICES[rng.integers(len(TRAIN_VOICES))]
             variant = variants[rng.integers(len(variants))]
@@ -311,26 +357,33 @@ def espeak_version() -> str:
     return subprocess.run(["espeak-ng", "--version"], capture_output=True, text=True).stdout.strip()
 
 
-def missing_tools(fortunes: Path) -> list[str]:
-    """What this script needs and does not find: 'espeak-ng' and / or 'fortunes'."""
+def missing_tools(fortunes: Path, dictionary: Path | None = DICTIONARY) -> list[str]:
+    """What this script needs and does not find, as `INSTALL` names it; ``dictionary``: None when no word lists
+    are made (then neither it nor wordfreq is needed)."""
     missing = [] if shutil.which("espeak-ng") else ["espeak-ng"]
-    return missing + ([] if fortunes.is_dir() and any(fortunes.iterdir()) else ["fortunes"])
+    missing += [] if fortunes.is_dir() and any(fortunes.iterdir()) else ["fortunes"]
+    if dictionary is not None:
+        missing += [] if dictionary.is_file() else ["wamerican"]
+        missing += [] if importlib.util.find_spec("wordfreq") else ["wordfreq"]
+    return missing
 
 
 # ---------------------------------------------------------------------------------------------------- main
 def make_dataset(out: Path, sizes: dict[str, int], seed: int = 0, jobs: int = 2, min_word_sentences: int = 2,
                  fortunes: Path = FORTUNES, progress: bool = True, bpe: int = 500, generated: int = 0,
-                 clean: float = 0.0, pairs: int = 0) -> dict:
+                 clean: float = 0.0, pairs: int = 0, words: int = 0, dictionary: Path = DICTIONARY) -> dict:
     """Write the data set described in the module docstring into ``out`` (which must not exist); returns meta.json's
     content. ``bpe``: the tokenizer's vocabulary size (0: characters); ``generated``: training utterances of
     sentences made by `generate` after the ``sizes["train"]`` fortunes; ``pairs``: training utterances of two
-    sentences (`pair`: of the training fortunes and generated ones) after those."""
+    sentences (`pair`: of the training fortunes and generated ones) after those; ``words``: training utterances of
+    `word_lists` between the generated ones and the pairs (their words from ``dictionary`` and wordfreq)."""
     start = time.monotonic()
     sentences = load_sentences(fortunes, min_word_sentences)
     sets = deal(sentences, sizes, seed)
     held_out = {s for name in SPLITS if name != "train" for s in sets[name]}
     made = generate(sets["train"], generated, seed, held_out) if generated else []
-    utterances = plan(sets, sizes, seed, made, pair(sets["train"] + made, pairs, seed) if pairs else [])
+    lists = word_lists(*load_common_words(dictionary), words, seed) if words else []
+    utterances = plan(sets, sizes, seed, made, pair(sets["train"] + made, pairs, seed) if pairs else [], lists)
     with atomic_dir(out) as tmp:
         scratch = tmp / ".espeak"
         for name in (*SPLITS, scratch.name):
@@ -356,6 +409,13 @@ def make_dataset(out: Path, sizes: dict[str, int], seed: int = 0, jobs: int = 2,
         meta["generated"] = generated
         meta["clean"] = clean
         meta["pairs"] = pairs
+        meta["words"] = words
+        if words:
+            from importlib.metadata import version
+
+            meta["word_source"] = {"wordfreq": version("wordfreq"), "dictionary": str(dictionary),
+                                   "top": COMMON_WORDS, "exponent": WORD_EXPONENT,
+                                   "distinct_words": len({w for t in lists for w in t.split()})}
         write_json(tmp / "meta.json", meta)
     return meta
 
@@ -396,10 +456,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-word-sentences", type=int, default=2, metavar="K",
                         help="keep sentences whose every word occurs in >= K sentences of the source (default 2)")
     parser.add_argument("--bpe", type=int, default=500, metavar="N",
-                        help="tokenizer: a BPE of N ids learnt from the training sentences (default 500; 0: characters)")
-    parser.add_argument("--generated", type=int, default=70000, metavar="N",
+                        help="tokenizer: a BPE of N ids learnt from the training sentences (default 500; "
+                             "0: characters)")
+    parser.add_argument("--generated", type=int, default=50000, metavar="N",
                         help="N more training utterances of new sentences made by a word bigram chain over the "
-                             "training sentences (default 70000)")
+                             "training sentences (default 50000)")
+    parser.add_argument("--words", type=int, default=20000, metavar="N",
+                        help="N more training utterances of common English words in random order (wordfreq's, "
+                             "spelt as in the wamerican dictionary; default 20000)")
     parser.add_argument("--pairs", type=int, default=15000, metavar="N",
                         help="N more training utterances of two sentences each, training fortunes or generated "
                              "(default 15000)")
@@ -408,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
                              "speech (default 0.3; the held-out sets keep their noise)")
     args = parser.parse_args(argv)
     try:
-        for name in ("generated", "pairs"):
+        for name in ("generated", "words", "pairs"):
             if getattr(args, name) < 0:
                 raise InputError(f"--{name} must be >= 0, got {getattr(args, name)}")
         if not 0 <= args.clean <= 1:
@@ -416,9 +480,10 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("train", "valid", "test", "jobs", "min_word_sentences"):
             if getattr(args, name) < 1:
                 raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-        missing = missing_tools(FORTUNES)
+        missing = missing_tools(FORTUNES, DICTIONARY if args.words else None)
         if missing:
-            raise InputError(f"{' and '.join(missing)} not found; install with: {INSTALL}")
+            raise InputError(f"{' and '.join(missing)} not found; install with: "
+                             + "; ".join(INSTALL[m] for m in missing))
         out = Path(args.out)
         if os.path.lexists(out):
             raise InputError(f"{out}: already exists; remove it or choose another --out")
@@ -426,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.bpe and args.bpe < 40:  # the 4 specials, 28 characters and a few merges
             raise InputError(f"--bpe must be 0 (characters) or >= 40, got {args.bpe}")
         meta = make_dataset(out, sizes, args.seed, args.jobs, args.min_word_sentences, bpe=args.bpe,
-                            generated=args.generated, clean=args.clean, pairs=args.pairs)
+                            generated=args.generated, clean=args.clean, pairs=args.pairs, words=args.words)
     except SpeechSeqError as e:
         print(f"make_data.py: {e}", file=sys.stderr)
         return 2
@@ -435,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"make_data.py: {'interrupted' if signum == 2 else 'terminated'}; nothing written", file=sys.stderr)
         return 128 + signum
     hours = sum(s["hours"] for s in meta["splits"].values())
-    count = sum(sizes.values()) + args.generated + args.pairs
+    count = sum(sizes.values()) + args.generated + args.words + args.pairs
     print(f"{out}: {count} utterances, {hours:.2f} h of audio, in {meta['seconds']:.0f} s "
           f"({meta['sentences_available']} sentences available)")
     return 0
