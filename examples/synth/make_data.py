@@ -26,7 +26,7 @@ Outputs in --out (default data/synth; it must not exist yet, and appears whole o
                                                           --bpe 0: one token per character)
     meta.json                                             settings, espeak-ng version, counts and statistics
 
-    python examples/synth/make_data.py [--out data/synth] [--train 15000] [--generated 50000] [--words 20000]
+    python examples/synth/make_data.py [--out data/synth] [--train 15000] [--generated 70000] [--words 0]
         [--pairs 15000] [--clean 0.3] [--seed 0] [--jobs 2]
 """
 
@@ -242,9 +242,9 @@ def word_lists(words: list[str], frequencies: np.ndarray, count: int, seed: int,
     """``count`` texts of ``MIN_WORDS``..``WORD_LIST_MAX_WORDS`` words (as many of each length) drawn independently
     from ``words`` with probability proportional to ``frequencies ** exponent``, each at most ``MAX_CHARS``
     characters. No grammar binds them, so the recogniser learns to spell what it hears over a vocabulary far wider
-    than the fortunes' (5,351 words): with the defaults ~30,000 distinct words, a common word such as "text"
-    ~17 times where the fortunes give it ~26 times in 100,000 utterances, and sentence patterns cannot stand in for
-    listening."""
+    than the fortunes' (5,351 words): 20,000 lists hold ~28,000 distinct words, a common word such as "text" ~17
+    times (the fortunes and their chains give it 26 times in 100,000 utterances), and sentence patterns cannot stand
+    in for listening."""
     weights = np.asarray(frequencies, dtype=np.float64) ** exponent
     cum = np.cumsum(weights / weights.sum())
     rng = np.random.default_rng([seed, 5])
@@ -458,12 +458,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bpe", type=int, default=500, metavar="N",
                         help="tokenizer: a BPE of N ids learnt from the training sentences (default 500; "
                              "0: characters)")
-    parser.add_argument("--generated", type=int, default=50000, metavar="N",
+    parser.add_argument("--generated", type=int, default=70000, metavar="N",
                         help="N more training utterances of new sentences made by a word bigram chain over the "
-                             "training sentences (default 50000)")
-    parser.add_argument("--words", type=int, default=20000, metavar="N",
+                             "training sentences (default 70000)")
+    parser.add_argument("--words", type=int, default=0, metavar="N",
                         help="N more training utterances of common English words in random order (wordfreq's, "
-                             "spelt as in the wamerican dictionary; default 20000)")
+                             "spelt as in the wamerican dictionary; default 0; examples/synth/README.md has a run "
+                             "with 20000)")
     parser.add_argument("--pairs", type=int, default=15000, metavar="N",
                         help="N more training utterances of two sentences each, training fortunes or generated "
                              "(default 15000)")
