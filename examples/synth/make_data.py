@@ -83,7 +83,7 @@ SAMPLING_RATE = 16000
 MIN_WORDS, MAX_WORDS, MAX_CHARS = 3, 16, 80  # 80 characters at 135 wpm are at most ~6 s of speech
 PAIR_MAX_CHARS = 84  # two sentences and espeak-ng's pause between them within train.toml's 7 s at 135 wpm
 SPLITS = ("test", "test_voice", "valid", "train")  # the order sentences are dealt in
-COMMON_WORDS = 50000  # word_lists draws from wordfreq's this many most frequent English words (~36,500 kept)
+COMMON_WORDS = 50000  # word_lists draws from wordfreq's this many most frequent English words (32,794 kept)
 WORD_EXPONENT = 0.5  # ... each with probability proportional to its frequency to this power
 WORD_LIST_MAX_WORDS = 12
 
@@ -239,12 +239,12 @@ def load_common_words(dictionary: Path = DICTIONARY, top: int = COMMON_WORDS) ->
 
 def word_lists(words: list[str], frequencies: np.ndarray, count: int, seed: int,
                exponent: float = WORD_EXPONENT) -> list[str]:
-    """``count`` texts of ``MIN_WORDS``..``WORD_LIST_MAX_WORDS`` words (as many of each length) drawn independently
-    from ``words`` with probability proportional to ``frequencies ** exponent``, each at most ``MAX_CHARS``
-    characters. No grammar binds them, so the recogniser learns to spell what it hears over a vocabulary far wider
-    than the fortunes' (5,351 words): 20,000 lists hold ~28,000 distinct words, a common word such as "text" ~17
-    times (the fortunes and their chains give it 26 times in 100,000 utterances), and sentence patterns cannot stand
-    in for listening."""
+    """``count`` texts of ``MIN_WORDS``..``WORD_LIST_MAX_WORDS`` words (the length drawn uniformly, a text over
+    ``MAX_CHARS`` characters drawn again), each word drawn independently from ``words`` with probability
+    proportional to ``frequencies ** exponent``. No grammar binds them, so the recogniser learns to spell what it
+    hears over a vocabulary far wider than the fortunes' (5,351 words): 20,000 lists hold ~28,000 distinct words, a
+    common word such as "text" ~17 times (the fortunes and their chains give it 26 times in 100,000 utterances), and
+    sentence patterns cannot stand in for listening."""
     weights = np.asarray(frequencies, dtype=np.float64) ** exponent
     cum = np.cumsum(weights / weights.sum())
     rng = np.random.default_rng([seed, 5])
