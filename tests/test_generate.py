@@ -16,6 +16,7 @@ import pytest
 import transformers as T
 
 import hf_factory as F
+from conftest import XLA_DEFAULTS
 from speechseq import InputError, SpeechSeq2Seq
 from speechseq.decoding.cpu import CpuPlan
 from speechseq.decoding.generate import TRACES
@@ -128,11 +129,12 @@ def test_generate_matches_transformers(pair, enc, dec, mode):
 
 
 @pytest.mark.parametrize("mode", ["greedy", "beam"])
-@pytest.mark.parametrize("level", ["shipped", 3])
+@pytest.mark.parametrize("level", ["shipped", "xla-defaults"])
 def test_xla_optimization_levels_match_transformers(pair, mode, level):
-    """conftest compiles the suite at XLA_FLAGS=--xla_backend_optimization_level=0 (half the compile time); here
-    the program is compiled as users get it, set per program: ``generate_jit``'s CPU options (LLVM level 1) and
-    XLA's default level 3 (a user's own ``jax.jit(generate)``), and checked the same way."""
+    """conftest compiles the suite at XLA_FLAGS=--xla_backend_optimization_level=0 with the older fusion emitters
+    (half the compile time); here the program is compiled as users get it, set per program: XLA:CPU's default
+    fusion emitters with ``generate_jit``'s CPU options (LLVM level 1) or XLA's default level 3 (a user's own
+    ``jax.jit(generate)``), and checked the same way."""
     import jax
 
     from speechseq.decoding.generate import CPU_COMPILER_OPTIONS, generate
@@ -141,7 +143,7 @@ def test_xla_optimization_levels_match_transformers(pair, mode, level):
     kwargs = settings(p, **(BEAM if mode == "beam" else {}))
     want, want_scores = hf_generate(p.hf, **kwargs)
     gen = p.ours.generation_config(**kwargs)
-    options = CPU_COMPILER_OPTIONS if level == "shipped" else {"xla_backend_optimization_level": level}
+    options = {**XLA_DEFAULTS, **CPU_COMPILER_OPTIONS} if level == "shipped" else XLA_DEFAULTS
     shipped = jax.jit(generate, static_argnames=("cfg", "gen", "dtype"), compiler_options=options)
     out = shipped(p.ours.config, p.ours.params, X, MASK, gen, None, p.ours.dtype)
     np.testing.assert_array_equal(np.asarray(out.sequences)[:, :int(out.length)], want)

@@ -116,7 +116,7 @@ def test_outputs_match_transformers(zoo, enc):
 
 def test_one_flag_alone_and_none_without(zoo):
     """Each flag gives its own tuples only (transformers' rule); without flags the output carries none and the
-    logits are those of the capturing program."""
+    logits are those of the capturing program (to rounding: two programs, which XLA may fuse differently)."""
     hf, ours = zoo("w2v-stable")
     inputs = _inputs("w2v-stable")
     hidden = ours(**inputs, output_hidden_states=True)
@@ -126,7 +126,7 @@ def test_one_flag_alone_and_none_without(zoo):
     plain = ours(**inputs)
     assert all(getattr(plain, k) is None for k in ("encoder_hidden_states", "encoder_attentions",
                                                     "decoder_hidden_states", "decoder_attentions", "cross_attentions"))
-    np.testing.assert_array_equal(np.asarray(plain.logits), np.asarray(hidden.logits))
+    np.testing.assert_allclose(np.asarray(plain.logits), np.asarray(hidden.logits), rtol=0, atol=1e-6)
 
 
 def test_encoder_and_decoder_alone(zoo):
