@@ -40,7 +40,7 @@ torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(items):
-    """Tests marked ``first`` (the longest: a child process on four simulated devices, ~2 min) go first: pytest-xdist
+    """Tests marked ``first`` (the longest: child processes on simulated devices, 0.5-2 min) go first: pytest-xdist
     hands tests out in collection order, and started last such a test keeps one core busy alone at the end."""
     items.sort(key=lambda item: item.get_closest_marker("first") is None)
 
