@@ -4,7 +4,7 @@
     python -m speechseq.demo --audio my.wav other.flac # your own clips (the model knows espeak-ng's English only)
 
 It loads the model shipped in ``models/synth-en`` (a Speech2Text filterbank encoder and an mBART decoder trained
-from scratch on 80 hours of espeak-ng speech; its README says how, on what, and how well), transcribes the three
+from scratch on 81 hours of espeak-ng speech; its README says how, on what, and how well), transcribes the three
 clips in ``tests/fixtures`` and the held-out test sentences in ``models/synth-en/samples`` (sentences and, for some,
 a voice the model never heard in training), prints each reference beside the model's text with the word error rate,
 and shows how to use the model from Python and the command line. It needs the source checkout (for ``models/`` and
