@@ -57,7 +57,8 @@ def clips(args: argparse.Namespace) -> list[tuple[Path, str | None, str]]:
     """(audio file, reference text or None, what it is) for every clip to transcribe."""
     if args.audio:
         return [(p, None, "yours") for p in args.audio]
-    out: list[tuple[Path, str | None, str]] = [(FIXTURES / name, text, "fixture") for name, text in FIXTURE_TEXT.items()]
+    out: list[tuple[Path, str | None, str]] = [(FIXTURES / name, text, "fixture")
+                                               for name, text in FIXTURE_TEXT.items()]
     manifest = args.model / "samples" / "samples.jsonl"
     if manifest.is_file():
         for line in manifest.read_text(encoding="utf-8").splitlines():
