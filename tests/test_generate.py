@@ -346,7 +346,8 @@ def test_first_call_compiles_generate_once_beside_the_layout(pair):
     assert (len(compiled), TRACES["generate"] - traces) == (1, 1)
     # 6 rows: the CPU plan, its weights packed for the kernel if it builds
     assert list(model.decode_layouts.made()) == [CpuPlan(packed=kernels.available())]
-    pure = generate_jit(model.config, model.params, jnp.asarray(X), jnp.asarray(MASK), model.generation_config(**kwargs))
+    pure = generate_jit(model.config, model.params, jnp.asarray(X), jnp.asarray(MASK),
+                        model.generation_config(**kwargs))
     np.testing.assert_array_equal(got, np.asarray(pure.sequences)[:, :int(pure.length)])
 
 
@@ -452,7 +453,8 @@ def test_grouped_cache_follows_reordered_beams(pair, dec, plan):
         np.testing.assert_allclose(np.asarray(got[:, 0]), want[:, t], rtol=0, atol=1e-5 * np.abs(want).max(),
                                    err_msg=f"step {t}")
         holders = holders.at[:, t].set(own)
-        parents = np.repeat(np.arange(B) * G, G) + rng.integers(0, G, B * G)  # each row continues a beam of its utterance
+        # each row continues a beam of its utterance
+        parents = np.repeat(np.arange(B) * G, G) + rng.integers(0, G, B * G)
         holders = holders[parents]
         seqs = np.concatenate([seqs[parents], rng.integers(1, 30, (B * G, 1), dtype=np.int32)], axis=1)
 
@@ -536,8 +538,9 @@ def test_xla_plan_matches_transformers(pair, enc, dec, mode, monkeypatch):
 
 
 def test_xla_plan_compile_time_does_not_grow_with_depth(pair, monkeypatch):
-    """Under the XLA plan a 24-layer decoder's ``generate`` program compiles within 1.3x of a 6-layer one's: the
-    layers are one ``lax.scan`` body, compiled once. (The CPU plan unrolls them: its compile grows with depth.)"""
+    """Under the XLA plan a 24-layer decoder's ``generate`` program is the 6-layer one's: the layers are one
+    ``lax.scan`` body, compiled once, so the optimised HLO has as many instructions and compiles in about the same
+    time. (The CPU plan unrolls them: its program grows with depth.)"""
     import dataclasses
     import time
 
@@ -549,8 +552,8 @@ def test_xla_plan_compile_time_does_not_grow_with_depth(pair, monkeypatch):
 
     p = pair("w2v-group", "bert")
     gen = p.ours.generation_config(**settings(p, **BEAM))
-    # CPU seconds of this process, not wall time: the suite's other workers share the cores and would add their
-    # share of a compile's wall time at random
+    sizes: dict[int, int] = {}
+    # CPU seconds of this process spent compiling, not wall time: the suite's other workers share the cores
     times: dict[int, list[float]] = {6: [], 24: []}
     for _ in range(2):
         for layers in times:
@@ -558,8 +561,12 @@ def test_xla_plan_compile_time_does_not_grow_with_depth(pair, monkeypatch):
             cfg = dataclasses.replace(cfg, decoder=dataclasses.replace(cfg.decoder, num_layers=layers))
             model = SpeechSeq2Seq.from_config(cfg)
             jax.clear_caches()
+            lowered = generate_jit.lower(model.config, model.params, jnp.asarray(X), jnp.asarray(MASK), gen, None,
+                                         model.dtype, model.params["decoder"], XlaPlan())
             start = time.process_time()
-            generate_jit.lower(model.config, model.params, jnp.asarray(X), jnp.asarray(MASK), gen, None,
-                               model.dtype, model.params["decoder"], XlaPlan()).compile()
+            compiled = lowered.compile()
             times[layers].append(time.process_time() - start)
-    assert min(times[24]) <= 1.3 * min(times[6]), times
+            sizes[layers] = sum(" = " in line for line in compiled.as_text().splitlines())
+    assert sizes[24] == sizes[6], sizes  # the structural fact, exact
+    # the timing it implies, with room for the noise of a shared machine
+    assert min(times[24]) <= 1.5 * min(times[6]), times

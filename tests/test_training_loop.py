@@ -141,6 +141,26 @@ def test_config_file_and_overrides(tmp_path, capsys):
     assert cfg.eval.task == "translate" and cfg.train.steps == 300 and cfg.step == TrainConfig().step
 
 
+def test_padding_buckets_reach_both_loaders(tiny_init, corpus):
+    """data.audio_buckets / data.label_buckets set the padded shapes of the training and the validation batches."""
+    from speechseq.processor import Processor
+    from speechseq.training.loop import _loaders
+
+    cfg = parse_config({"model": {"init": str(tiny_init)},
+                        "data": {"train": str(corpus / "train.jsonl"), "valid": str(corpus / "valid.jsonl"),
+                                 "batch_size": 4, "audio_buckets": [0.25, 0.5, 0.75, 3], "label_buckets": [4, 8, 20],
+                                 "max_audio_seconds": 2.0}})
+    processor = Processor.from_pretrained(tiny_init)
+    train, valid = _loaders(cfg, processor, start_token=2)
+    rate = processor.feature_extractor.sampling_rate
+    for loader in (train, valid):
+        assert loader.audio_buckets == [rate // 4, rate // 2, rate * 3 // 4, 2 * rate]  # 3 s past the 2 s cap
+        assert loader.label_buckets == [4, 8, 20]
+    shapes = train.batch_shapes(0) + valid.batch_shapes(None)
+    assert {n for _, n, _ in shapes} <= {rate // 4, rate // 2, rate * 3 // 4, 2 * rate}
+    assert {t for _, _, t in shapes} <= {4, 8, 20} and len({n for _, n, _ in shapes}) > 1  # the sentences differ
+
+
 @pytest.mark.parametrize("text, overrides, message", [
     ("[optim]\nlearnig_rate = 1e-3\n", [], "run.toml: unknown key 'optim.learnig_rate' (did you mean "
                                            "'optim.learning_rate'?)"),
@@ -153,6 +173,9 @@ def test_config_file_and_overrides(tmp_path, capsys):
     ("", ["optim.learning_rate=-1"], "--set: optim.learning_rate should be a finite number >= 0, got -1"),
     ("", ["log.progres=false"], "--set: unknown key 'log.progres' (did you mean 'log.progress'?)"),
     ("", ["steps=3"], "--set steps=3: expected section.key=value"),
+    ("[data]\naudio_buckets = []\n", [], "run.toml: data.audio_buckets should be a non-empty array of numbers, got "
+                                         "an array []"),
+    ("", ["data.label_buckets=[16, 0]"], "--set: data.label_buckets entry should be an integer >= 1, got 0"),
     ("[model\n", [], "run.toml: not valid TOML"),
     ("[model]\ninit = \"x\"\nencoder = \"y\"\n[data]\ntrain = \"t\"\n", [], "run.toml: set model.init (a checkpoint to "
                                                                             "fine-tune) or model.encoder and "

@@ -36,7 +36,9 @@ try:
 except ImportError:  # Python 3.10: the same parser is the package tomli (in the train extra)
     tomllib = None
 
+from speechseq.audio import DEFAULT_BUCKET_SECONDS
 from speechseq.config import check_number
+from speechseq.data.loader import DEFAULT_LABEL_BUCKETS
 from speechseq.errors import ConfigError, SpeechSeqError, first_line
 from speechseq.metrics import require
 from speechseq.training.optim import OptimConfig
@@ -78,6 +80,13 @@ class DataConfig:
     max_audio_seconds: float | None = _f(None, "skip (or, on_bad = \"raise\", stop at) longer utterances",
                                          low=0, above=True)
     max_label_tokens: int | None = _f(None, "skip (or stop at) utterances with more label tokens", low=1)
+    audio_buckets: tuple[float, ...] = _f(DEFAULT_BUCKET_SECONDS, "padded audio lengths in seconds (those past "
+                                          "max_audio_seconds become it): a batch is padded to the shortest that "
+                                          "holds its longest row, and each audio x label bucket a run meets is one "
+                                          "more compiled step; finer buckets pad (and compute) less", low=0,
+                                          above=True)
+    label_buckets: tuple[int, ...] = _f(DEFAULT_LABEL_BUCKETS, "padded label lengths in tokens (those past "
+                                        "max_label_tokens become it), as audio_buckets", low=1)
     num_workers: int = _f(4, "threads reading and preparing audio", low=0)
     cache_gb: float = _f(0.0, "keep each utterance's features in memory up to this many GiB, so later epochs skip "
                               "reading and featurising its audio (0: no cache)", low=0)
@@ -294,12 +303,19 @@ def _coerce(cls: type, section: str, key: str, value: Any, where: str) -> Any:
     elif tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{what} should be a string, got {_kind(value)}")
-    elif typing.get_origin(tp) is tuple:
+    elif typing.get_origin(tp) is tuple and typing.get_args(tp)[0] is str:
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{what} should be an array of strings, got {_kind(value)}")
         value = tuple(value)
+    elif typing.get_origin(tp) is tuple:  # of numbers, each within the field's limits
+        item = typing.get_args(tp)[0]
+        if not isinstance(value, list) or not value:
+            raise ConfigError(f"{what} should be a non-empty array of {'integers' if item is int else 'numbers'}, "
+                              f"got {_kind(value)}")
+        value = tuple(check_number(v, f"{what} entry", integer=item is int, **{"low": None, **meta["limits"]})
+                      for v in value)
     elif tp is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{what} should be a table, e.g. {{ name = 1 }}, got {_kind(value)}")

@@ -22,12 +22,12 @@ SIGTERM (a scheduler's or a preemptible host's stop) lets the step finish, saves
 line and status 143, so ``--resume`` loses nothing.
 
 With ``mesh.shape`` (``--mesh``) the step runs on a device mesh (``speechseq.sharding``): the model (``model.init``
-or a warm start) is loaded straight into its shardings, the state is born in them, and each batch is split over
-data x fsdp. Several processes (``jax.distributed``, ``speechseq train --coordinator ...``) run the same loop on one mesh over all their
-devices: each reads its own rows of every global batch, all write the checkpoints (into the shared output_dir) and
-take part in every collective; process 0 alone writes config.toml, the logs, curves.png and the final model.
-Evaluation decodes each validation batch with the sharded params on the mesh, each process reading its rows (the
-texts come back to every process); the final model reads the params gathered whole on every host.
+or a warm start) is loaded straight into its shardings, the state is born in them, and each batch is split over data
+x fsdp. Several processes (``jax.distributed``, ``speechseq train --coordinator ...``) run the same loop on one mesh
+over all their devices: each reads its own rows of every global batch, all write the checkpoints (into the shared
+output_dir) and take part in every collective; process 0 alone writes config.toml, the logs, curves.png and the
+final model. Evaluation decodes each validation batch with the sharded params on the mesh, each process reading its
+rows (the texts come back to every process); the final model reads the params gathered whole on every host.
 """
 
 from __future__ import annotations
@@ -106,7 +106,8 @@ def _loaders(config: TrainConfig, processor: "Processor", start_token: int | Non
 
     d = config.data
     common = dict(max_audio_seconds=d.max_audio_seconds, max_label_tokens=d.max_label_tokens,
-                  num_workers=d.num_workers, on_bad=d.on_bad, decoder_start_token_id=start_token)
+                  audio_buckets=d.audio_buckets, label_buckets=d.label_buckets, num_workers=d.num_workers,
+                  on_bad=d.on_bad, decoder_start_token_id=start_token)
 
     def rows(path: str) -> list:
         return read_manifest(path, audio_key=d.audio_key, text_key=d.text_key, on_bad=d.on_bad)
