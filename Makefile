@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test install install-test clean
+.PHONY: demo test test-slow install install-test clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -23,8 +23,13 @@ install-test: $(VENV)/.installed-test
 demo: $(VENV)/.installed
 	$(BIN)/python -m speechseq.demo
 
+# `make test` leaves out the tests marked slow (end-to-end runs of child processes, a minute or more each);
+# `make test-slow` runs those, and CI (.ci/run) runs both
 test: $(VENV)/.installed-test
-	$(BIN)/python -m pytest -n auto --maxprocesses=4 --durations=25 tests
+	$(BIN)/python -m pytest -n auto --maxprocesses=4 --durations=25 -m "not slow" tests
+
+test-slow: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -n auto --maxprocesses=4 --durations=10 -m slow tests
 
 clean:
 	rm -rf $(VENV) demo_out

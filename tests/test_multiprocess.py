@@ -93,6 +93,7 @@ def model_tensors(folder: Path) -> dict[str, np.ndarray]:
     return {k: np.asarray(ckpt[k]) for k in ckpt}
 
 
+@pytest.mark.slow
 @pytest.mark.first  # the suite's longest test (~2 min): started last, it would run alone at the end
 def test_two_processes_train_as_one_and_resume_after_kill_9(tiny_init, corpus, tmp_path):  # noqa: F811
     cache = tmp_path / "jax-cache"

@@ -222,6 +222,7 @@ def tiny_divisible_model(cross_scale: float = 1.0):
     return model
 
 
+@pytest.mark.slow
 @pytest.mark.first
 def test_sharded_training_step_equals_one_device_and_fsdp_splits_the_state(tmp_path):
     tiny_divisible_model().save_pretrained(tmp_path / "train")

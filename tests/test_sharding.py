@@ -110,6 +110,7 @@ CHILD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.first
 def test_sharded_over_batch_equals_one_device(tmp_path):
     path = tmp_path / "model"

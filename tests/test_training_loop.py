@@ -514,6 +514,7 @@ def final_state(out: Path, tiny_init: Path):
         ckpt.close()
 
 
+@pytest.mark.slow
 def test_exact_resume_after_kill_9(tiny_init, corpus, tmp_path):
     """A run killed with SIGKILL at a random step (after its first checkpoint) and resumed with --resume ends with
     the params, optimizer state, metrics.jsonl, data order and kept checkpoints of a run never stopped."""
@@ -548,6 +549,7 @@ def test_exact_resume_after_kill_9(tiny_init, corpus, tmp_path):
     assert (a / "model-hf" / "model.safetensors").read_bytes() == (b / "model-hf" / "model.safetensors").read_bytes()
 
 
+@pytest.mark.slow
 def test_sigterm_saves_the_step_and_resume_loses_nothing(tiny_init, corpus, tmp_path):
     """SIGTERM (a scheduler's stop, a preempted host) at a random step: the step finishes, its checkpoint is saved
     (off the save_every schedule), the run stops with one line and status 143, and --resume ends with the state,

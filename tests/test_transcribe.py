@@ -456,6 +456,7 @@ def test_long_file_shapes_stay_bounded(checkpoint, tmp_path, monkeypatch):
     assert [rows for rows, _ in shapes] == [4]  # three files: the next power of two
 
 
+@pytest.mark.slow
 def test_long_file_memory_stays_flat(checkpoint, tmp_path):
     """Peak memory follows the piece, not the file: `speechseq transcribe` (a child process, its peak RSS read
     from getrusage) on a 2-minute file needs less than 64 MB more than on a 20 s one (the 2-minute audio itself
