@@ -586,6 +586,24 @@ def test_sigterm_saves_the_step_and_resume_loses_nothing(tiny_init, corpus, tmp_
     assert (a / "model-hf" / "model.safetensors").read_bytes() == (b / "model-hf" / "model.safetensors").read_bytes()
 
 
+def test_a_run_prints_nothing_but_its_result(tiny_init, corpus, tmp_path, capsys, caplog, monkeypatch):
+    """`speechseq -q train` writes its result to stdout and nothing to stderr, and orbax's warnings through absl's
+    logger stay out of it (here one at every save: "Waiting for previous save to complete took ... seconds", which
+    a loaded machine gets, and which once made a SIGTERM's one line two)."""
+    import logging
+
+    from orbax.checkpoint import checkpoint_manager
+
+    monkeypatch.setattr(checkpoint_manager, "_WAIT_FOR_PREV_SAVE_WARNING_THRESHOLD_SECS", -1.0)
+    monkeypatch.setattr(logging.getLogger("absl"), "level", logging.NOTSET)  # as a fresh process has it
+    sections = run_sections(tiny_init, corpus, tmp_path / "quiet", train__steps=4, data__valid="")
+    with caplog.at_level(logging.WARNING):  # pytest takes log records from stderr's handler: read them here
+        code, out, err = run_cli(capsys, "train", write_config(tmp_path / "quiet.toml", sections))
+    assert code == 0 and err == "", err
+    assert json.loads(out.splitlines()[-1])["step"] == 4
+    assert not [r.getMessage() for r in caplog.records if r.name == "absl"]
+
+
 @pytest.mark.parametrize("every", [1, 3])
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_init, corpus, tmp_path, capsys, every):
     """A learning rate of 1e30 sends the weights to ~1e30 in one step, so step 2's loss is NaN: one line naming

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 from typing import Any
 
 
@@ -58,6 +59,9 @@ def run(args: argparse.Namespace) -> int:
     initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     from speechseq.training.loop import train
 
+    # orbax logs through absl's logger ("Waiting for previous save to complete took 1.1 seconds ..." on a busy
+    # machine); the command's own lines say what happened, and a stopped run says it in one
+    logging.getLogger("absl").setLevel(logging.ERROR)
     if args.quiet:  # speechseq -q train: no progress bar
         config = dataclasses.replace(config, log=dataclasses.replace(config.log, progress=False))
     result = train(config, resume=args.resume)
