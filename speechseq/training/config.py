@@ -291,6 +291,7 @@ def _coerce(cls: type, section: str, key: str, value: Any, where: str) -> Any:
     if optional and isinstance(value, str) and value.lower() == "none":
         return None
     meta = known[key].metadata
+    limits = {"low": None, **meta.get("limits", {})}
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{what} should be true or false, got {_kind(value)}")
@@ -298,7 +299,6 @@ def _coerce(cls: type, section: str, key: str, value: Any, where: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             kind = ("an integer" if tp is int else "a number") + (' or "none"' if optional else "")
             raise ConfigError(f"{what} should be {kind}, got {_kind(value)}")
-        limits = {"low": None, **meta.get("limits", {})}
         value = check_number(value, what, integer=tp is int, **limits)
     elif tp is str:
         if not isinstance(value, str):
@@ -314,8 +314,7 @@ def _coerce(cls: type, section: str, key: str, value: Any, where: str) -> Any:
         if not isinstance(value, list) or not value:
             raise ConfigError(f"{what} should be a non-empty array of {'integers' if item is int else 'numbers'}, "
                               f"got {_kind(value)}")
-        value = tuple(check_number(v, f"{what} entry", integer=item is int, **{"low": None, **meta["limits"]})
-                      for v in value)
+        value = tuple(check_number(v, f"{what} entry", integer=item is int, **limits) for v in value)
     elif tp is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{what} should be a table, e.g. {{ name = 1 }}, got {_kind(value)}")
