@@ -1,9 +1,10 @@
 """Long audio cut into pieces a model can decode: at pauses, or as overlapping windows whose tokens are stitched.
 
-`pauses` cuts a clip into consecutive pieces of at most ``chunk`` samples, each cut in the middle of the longest
-pause within the second half of the piece, where a sentence or at least a word ends: no word is cut, so a model
-trained on whole utterances sees what it was trained on, and the pieces' texts are simply joined. `trim` then
-drops what a piece holds of a long pause beyond 0.25 s at either end.
+`pauses` cuts a clip into consecutive pieces of at most ``chunk`` samples: in the middle of every pause of at least
+0.5 s (where a sentence ends), and a stretch between those that is still too long in the middle of the longest pause
+within the second half of each piece, where a sentence or at least a word ends: no word is cut, so a model trained on
+whole utterances sees what it was trained on, and the pieces' texts are simply joined. `trim` then drops what a piece
+holds of a pause beyond 0.25 s at either end.
 
 `windows` cuts a clip longer than ``chunk`` samples into windows of ``chunk`` samples whose neighbours overlap by
 ``stride_left + stride_right`` samples (transformers' ASR pipeline: ``chunk_length_s``, ``stride_length_s``), and
@@ -27,15 +28,18 @@ QUIET_FRAME_S = 0.01  # energy frames of 10 ms
 QUIET_SPAN = 5  # the quietest 50 ms of a search range sets its noise floor
 QUIET_DB = 10.0  # frames within this many dB of that floor are pause ...
 QUIET_FLOOR = 1e-8  # ... and any frame below -80 dBFS (digital silence, dither)
+SENTENCE_PAUSE_S = 0.5  # a long clip is cut at every pause this long (longer than any within a sentence)
 
 
 def pauses(audio: np.ndarray, chunk: int, rate: int) -> list[tuple[int, int]]:
     """Sample ranges ``[start, end)`` that tile ``[0, len(audio))``, each at most ``chunk`` samples: one range when the
     clip fits, else every piece ends in the middle of the longest pause within the second half of the ``chunk``
-    samples after its start (the last one on a tie: pieces as long as they can be). A pause is a run of 10 ms
-    frames whose mean power is within ``QUIET_DB`` of the quietest 50 ms of that range, or below ``QUIET_FLOOR``:
-    the gap between sentences outlasts those between words, so pieces hold whole sentences where the clip allows.
-    ``audio`` [N] is a mono waveform at ``rate`` Hz; the work is linear in N."""
+    samples after its start (the last one on a tie: pieces as long as they can be), and in the middle of every pause
+    of at least ``SENTENCE_PAUSE_S`` (one piece per sentence: a model trained on single utterances reads two
+    sentences and the long pause between them badly). A pause is a run of 10 ms frames whose mean power is within
+    ``QUIET_DB`` of the quietest 50 ms of sound of that range (the clip for the long pauses), or below
+    ``QUIET_FLOOR``: the gap between sentences outlasts those between words, so pieces hold whole sentences where the
+    clip allows. ``audio`` [N] is a mono waveform at ``rate`` Hz; the work is linear in N."""
     n = len(audio)
     frame = max(int(rate * QUIET_FRAME_S), 1)
     if chunk < 4 * frame * QUIET_SPAN:
@@ -43,13 +47,19 @@ def pauses(audio: np.ndarray, chunk: int, rate: int) -> list[tuple[int, int]]:
     if n <= chunk:
         return [(0, n)]
     power = _frame_power(audio, 0, n, frame)
+    first, stop = _pause_runs(power)
+    long = ((stop - first) * frame >= SENTENCE_PAUSE_S * rate) & (first > 0) & (stop < len(power))  # between sounds
+    ends = [int(a * frame + (b - a) * frame // 2) for a, b in zip(first[long], stop[long])] + [n]
     out, start = [], 0
-    while n - start > chunk:
-        # frames wholly in the second half
-        cut = _middle_of_longest_pause(power, -(-(start + chunk // 2) // frame), (start + chunk) // frame, frame)
-        out.append((start, cut))
-        start = cut
-    out.append((start, n))
+    for end in ends:
+        while end - start > chunk:
+            # frames wholly in the second half
+            cut = _middle_of_longest_pause(power, -(-(start + chunk // 2) // frame), (start + chunk) // frame, frame)
+            out.append((start, cut))
+            start = cut
+        if end > start:
+            out.append((start, end))
+            start = end
     return out
 
 
@@ -68,27 +78,51 @@ def halve(audio: np.ndarray, start: int, end: int, rate: int) -> list[tuple[int,
 def _middle_of_longest_pause(power: np.ndarray, lo: int, hi: int, frame: int) -> int:
     """The sample in the middle of the longest run of pause frames among frames ``[lo, hi)`` of ``power`` (the
     last of equals)."""
-    still = power[lo:hi] <= _pause_level(power[lo:hi])
-    edges = np.diff(np.concatenate([[0], still.astype(np.int8), [0]]))
-    first, stop = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)  # runs [first, stop) of still frames
+    first, stop = _pause_runs(power[lo:hi])
     k = len(first) - 1 - int(np.argmax((stop - first)[::-1]))
     return int((lo + first[k]) * frame + (stop[k] - first[k]) * frame // 2)
+
+
+def _pause_runs(power: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The runs ``[first, stop)`` of pause frames among frames with these powers (at least ``QUIET_SPAN``)."""
+    still = power <= _pause_level(power)
+    edges = np.diff(np.concatenate([[0], still.astype(np.int8), [0]]))
+    return np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
 
 
 def trim(audio: np.ndarray, start: int, end: int, rate: int, keep_s: float = 0.25) -> tuple[int, int]:
     """``[start, end)`` without the pause beyond ``keep_s`` seconds at either end (a pause as in `pauses`: 10 ms
     frames within ``QUIET_DB`` of the piece's quietest 50 ms, or below ``QUIET_FLOOR``). A model trained on
     utterances with a fraction of a second of silence around them reads the speech of a piece that holds seconds of
-    silence badly. A piece that is all pause is returned as it is."""
+    silence badly. A piece that is all pause (no 10 ms frame ``QUIET_DB`` above its quietest 50 ms of sound: silence
+    or steady noise, where a model only hallucinates) comes back empty, ``(start, start)``."""
+    sound = _sound(audio, start, end, rate)
+    if sound is None:
+        return start, end
+    if sound[0] == sound[1]:
+        return start, start
+    keep = int(keep_s * rate)
+    return max(start, sound[0] - keep), min(end, sound[1] + keep)
+
+
+def pause_at_end(audio: np.ndarray, start: int, end: int, rate: int) -> int:
+    """How many samples of pause (as in `trim`) ``[start, end)`` ends with: whole 10 ms frames, all of it when
+    the piece is all pause."""
+    sound = _sound(audio, start, end, rate)
+    return 0 if sound is None else end - sound[1] if sound[1] > sound[0] else end - start
+
+
+def _sound(audio: np.ndarray, start: int, end: int, rate: int) -> tuple[int, int] | None:
+    """The samples from the first to the end of the last 10 ms frame of ``[start, end)`` that is not pause,
+    ``(start, start)`` when all are, None when the piece is too short to judge."""
     frame = max(int(rate * QUIET_FRAME_S), 1)
     power = _frame_power(audio, start, end, frame)
     if len(power) < QUIET_SPAN:
-        return start, end
+        return None
     loud = np.flatnonzero(power > _pause_level(power))
     if len(loud) == 0:
-        return start, end
-    keep = int(keep_s * rate)
-    return max(start, start + int(loud[0]) * frame - keep), min(end, start + (int(loud[-1]) + 1) * frame + keep)
+        return start, start
+    return start + int(loud[0]) * frame, start + (int(loud[-1]) + 1) * frame
 
 
 def _frame_power(audio: np.ndarray, start: int, end: int, frame: int) -> np.ndarray:
@@ -99,8 +133,13 @@ def _frame_power(audio: np.ndarray, start: int, end: int, frame: int) -> np.ndar
 
 def _pause_level(power: np.ndarray) -> float:
     """The power at or below which a frame of a stretch with these frame powers (at least ``QUIET_SPAN``) is pause:
-    ``QUIET_DB`` above the stretch's quietest ``QUIET_SPAN`` frames, and never below ``QUIET_FLOOR``."""
-    floor = np.convolve(power, np.ones(QUIET_SPAN) / QUIET_SPAN, mode="valid").min()
+    ``QUIET_DB`` above the stretch's quietest ``QUIET_SPAN`` frames of sound, and never below ``QUIET_FLOOR``.
+    Frames of digital silence set no floor: beside seconds of zeros, a recording's own noise between words would
+    count as sound, and pieces would keep it all."""
+    sound = np.convolve(power > QUIET_FLOOR, np.ones(QUIET_SPAN, int), mode="valid") == QUIET_SPAN
+    if not sound.any():
+        return QUIET_FLOOR
+    floor = np.convolve(power, np.ones(QUIET_SPAN) / QUIET_SPAN, mode="valid")[sound].min()
     return max(float(floor) * 10 ** (QUIET_DB / 10), QUIET_FLOOR)
 
 

@@ -13,7 +13,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from speechseq.audio import batches_by_length, load_audio
-from speechseq.chunking import halve, pauses, stitch, trim, windows
+from speechseq.chunking import halve, pause_at_end, pauses, stitch, trim, windows
 from speechseq.errors import InputError
 from speechseq.processor import Processor
 from speechseq.speech_seq2seq import SpeechSeq2Seq
@@ -29,8 +29,9 @@ def transcribe(model: str | os.PathLike | SpeechSeq2Seq, files: Sequence[str | o
     """Yield ``{"file", "text", "seconds", "audio_seconds"}`` per file, in input order.
 
     Audio is resampled to the checkpoint's rate. A file longer than ``chunk_length_s`` seconds (``None`` or 0: never)
-    is cut into pieces of at most that length: ``chunking="pauses"`` cuts each in the longest pause of its second
-    half (``chunking.pauses``), trims each piece's pause beyond 0.25 s at either end (``chunking.trim``), adds 0.2 s
+    is cut into pieces of at most that length: ``chunking="pauses"`` cuts it at every pause of 0.5 s or more and
+    each stretch still too long in the longest pause of its pieces' second half (``chunking.pauses``), trims each
+    piece's pause beyond 0.25 s at either end and drops pieces that are all pause (``chunking.trim``), adds 0.2 s
     of silence after each and joins the pieces' texts (a piece of at least ``RUNAWAY_SPLIT_S`` seconds whose decoding
     reaches the length limit without an end-of-sequence token is cut in two at its longest pause near the middle,
     ``chunking.halve``, and the halves are decoded in its place, again while they run on); ``"windows"`` cuts
@@ -64,19 +65,21 @@ def transcribe(model: str | os.PathLike | SpeechSeq2Seq, files: Sequence[str | o
     def spans(audio: np.ndarray) -> list[tuple[int, int]]:
         if not chunk:
             return [(0, len(audio))]
-        if chunking == "pauses":  # and without seconds of silence at either end
+        if chunking == "pauses":
             cuts = pauses(audio, chunk, rate)
-            return cuts if len(cuts) == 1 else [trim(audio, a, b, rate) for a, b in cuts]
-        return windows(len(audio), chunk, stride, stride)
-
-    def sounding(audio: np.ndarray, cuts: list[tuple[int, int]]) -> list[tuple[int, int]]:
-        # a piece of a long file that holds no sound (digital silence) has nothing to say, and a filterbank
+            return cuts if len(cuts) == 1 else speech(audio, cuts)
+        # a window of a long file that holds no sound (digital silence) has nothing to say, and a filterbank
         # extractor's per-utterance normalisation would divide by its zero deviation
+        cuts = windows(len(audio), chunk, stride, stride)
         return [(a, b) for a, b in cuts if len(cuts) == 1 or audio[a:b].min() < audio[a:b].max()]
+
+    def speech(audio: np.ndarray, cuts: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        # pieces without seconds of pause at either end, and none that is all pause (silence or steady noise)
+        return [(a, b) for a, b in (trim(audio, a, b, rate) for a, b in cuts) if b > a]
 
     pieces = []  # (file, first sample, end) of every piece to decode
     for i, audio in enumerate(audios):
-        pieces += [(i, start, end) for start, end in sounding(audio, spans(audio))]
+        pieces += [(i, start, end) for start, end in spans(audio)]
     # a piece cut at a pause ends as an utterance does, in silence: without it a model trained on whole utterances
     # hears speech run on at the cut and does not stop
     tail = np.zeros(int(PIECE_TAIL_S * rate) if chunking == "pauses" else 0, np.float32)
@@ -93,7 +96,8 @@ def transcribe(model: str | os.PathLike | SpeechSeq2Seq, files: Sequence[str | o
         for batch in batches_by_length([pieces[k][2] - pieces[k][1] for k in todo], batch_size):
             batch = [todo[j] for j in batch]
             t0 = time.perf_counter()
-            rows = [np.concatenate([audios[i][start:end], tail]) if end - start < len(audios[i]) else audios[i]
+            rows = [audios[i] if end - start == len(audios[i]) else np.concatenate(
+                        [audios[i][start:end], tail[:max(len(tail) - pause_at_end(audios[i], start, end, rate), 0)]])
                     for i, start, end in (pieces[k] for k in batch)]
             # a few batch shapes (powers of two up to batch_size), so few programs compile and nothing is padded
             # beyond twice its rows
@@ -125,9 +129,9 @@ def transcribe(model: str | os.PathLike | SpeechSeq2Seq, files: Sequence[str | o
                     new_pieces.append((i, start, end))
                     new_tokens.append(tokens[k])
                     continue
-                for a, b in sounding(audios[i], halve(audios[i], start, end, rate)):
+                for a, b in speech(audios[i], halve(audios[i], start, end, rate)):
                     todo.append(len(new_pieces))
-                    new_pieces.append((i, *trim(audios[i], a, b, rate)))
+                    new_pieces.append((i, a, b))
                     new_tokens.append(None)
             pieces[:], tokens[:] = new_pieces, new_tokens
             if bar:
