@@ -28,6 +28,7 @@ QUIET_FRAME_S = 0.01  # energy frames of 10 ms
 QUIET_SPAN = 5  # the quietest 50 ms of a search range sets its noise floor
 QUIET_DB = 10.0  # frames within this many dB of that floor are pause ...
 QUIET_FLOOR = 1e-8  # ... and any frame below -80 dBFS (digital silence, dither)
+RUNAWAY_RATE = 2.0  # a piece read at more than this many times its file's median tokens a second is redone
 SENTENCE_PAUSE_S = 0.5  # a long clip is cut at every pause this long (longer than any within a sentence)
 
 
@@ -88,6 +89,22 @@ def _pause_runs(power: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     still = power <= _pause_level(power)
     edges = np.diff(np.concatenate([[0], still.astype(np.int8), [0]]))
     return np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+
+
+def runaway(pieces: Sequence[tuple[int, int, int]], lengths: Sequence[int | None], sizes: Sequence[int],
+            shortest: int) -> set[int]:
+    """Which pieces ``(file, start, end)`` to decode again in halves: those of at least ``shortest`` samples, short of
+    their whole file (``sizes``), whose decoding ran to the length limit (``lengths[k]`` None: no end-of-sequence)
+    or spent more than ``RUNAWAY_RATE`` times as many tokens a second as the file's pieces do on median. A model
+    trained on whole sentences can loop, or invent words, on a piece that starts or ends inside one; the file's own
+    pieces say how fast its speech reads."""
+    speed = [np.inf if n is None else n / (end - start) for (_, start, end), n in zip(pieces, lengths)]
+    usual = {}
+    for (i, _, _), v in zip(pieces, speed):
+        usual.setdefault(i, []).append(v)
+    usual = {i: float(np.median(v)) for i, v in usual.items()}
+    return {k for k, (i, start, end) in enumerate(pieces) if shortest <= end - start < sizes[i]
+            and (lengths[k] is None or speed[k] > RUNAWAY_RATE * usual[i])}
 
 
 def trim(audio: np.ndarray, start: int, end: int, rate: int, keep_s: float = 0.25) -> tuple[int, int]:

@@ -13,7 +13,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from speechseq.audio import batches_by_length, load_audio
-from speechseq.chunking import halve, pause_at_end, pauses, stitch, trim, windows
+from speechseq.chunking import halve, pause_at_end, pauses, runaway, stitch, trim, windows
 from speechseq.errors import InputError
 from speechseq.processor import Processor
 from speechseq.speech_seq2seq import SpeechSeq2Seq
@@ -28,21 +28,21 @@ def transcribe(model: str | os.PathLike | SpeechSeq2Seq, files: Sequence[str | o
                chunking: str = "pauses", **generate_kwargs: Any) -> Iterator[dict]:
     """Yield ``{"file", "text", "seconds", "audio_seconds"}`` per file, in input order.
 
-    Audio is resampled to the checkpoint's rate. A file longer than ``chunk_length_s`` seconds (``None`` or 0: never)
-    is cut into pieces of at most that length: ``chunking="pauses"`` cuts it at every pause of 0.5 s or more and
-    each stretch still too long in the longest pause of its pieces' second half (``chunking.pauses``), trims each
-    piece's pause beyond 0.25 s at either end and drops pieces that are all pause (``chunking.trim``), adds 0.2 s
-    of silence after each and joins the pieces' texts (a piece of at least ``RUNAWAY_SPLIT_S`` seconds whose decoding
-    reaches the length limit without an end-of-sequence token is cut in two at its longest pause near the middle,
-    ``chunking.halve``, and the halves are decoded in its place, again while they run on); ``"windows"`` cuts
-    windows of that length overlapping their neighbours by ``stride_length_s`` on each side (default a sixth of the
-    window, as transformers' ASR pipeline) and stitches the windows' tokens into one text (``stride_length_s`` is
-    for windows only). Pauses are the default: a seq2seq model reads a piece that starts and ends in a pause as the
-    utterances it was trained on, where a window cut inside a word makes it invent words. Files and pieces are
-    grouped by length into batches of at most ``batch_size`` rows, padded to a power of two rows (a lone file is one
-    row) and to a length bucket, and decoded with ``generate``: the checkpoint's generation settings (max length,
-    beams, ...) unless ``generate_kwargs`` (``num_beams``, ``max_new_tokens``, ...; ``None`` values are ignored)
-    override them.
+    Audio is resampled to the checkpoint's rate. A file longer than ``chunk_length_s`` seconds (``None`` or 0: never) is
+    cut into pieces of at most that length: ``chunking="pauses"`` cuts it at every pause of 0.5 s or more and each
+    stretch still too long in the longest pause of its pieces' second half (``chunking.pauses``), trims each piece's
+    pause beyond 0.25 s at either end and drops pieces that are all pause (``chunking.trim``), adds silence up to 0.2 s
+    of pause at the end of each and joins the pieces' texts (a piece of at least ``RUNAWAY_SPLIT_S`` seconds whose
+    decoding reaches the length limit without an end-of-sequence token, or spends over twice the tokens a second its
+    file's pieces do on median, ``chunking.runaway``, is cut in two at its longest pause near the middle,
+    ``chunking.halve``, and the halves are decoded in its place, again while they run on); ``"windows"`` cuts windows of
+    that length overlapping their neighbours by ``stride_length_s`` on each side (default a sixth of the window, as
+    transformers' ASR pipeline) and stitches the windows' tokens into one text (``stride_length_s`` is for windows
+    only). Pauses are the default: a seq2seq model reads a piece that starts and ends in a pause as the utterances it
+    was trained on, where a window cut inside a word makes it invent words. Files and pieces are grouped by length into
+    batches of at most ``batch_size`` rows, padded to a power of two rows (a lone file is one row) and to a length
+    bucket, and decoded with ``generate``: the checkpoint's generation settings (max length, beams, ...) unless
+    ``generate_kwargs`` (``num_beams``, ``max_new_tokens``, ...; ``None`` values are ignored) override them.
     """
     if not isinstance(model, SpeechSeq2Seq):
         processor = processor or Processor.from_pretrained(model)
@@ -116,11 +116,12 @@ def transcribe(model: str | os.PathLike | SpeechSeq2Seq, files: Sequence[str | o
         decode(list(range(len(pieces))))
         eos = gen.eos_token_id if isinstance(gen.eos_token_id, tuple) else (gen.eos_token_id,)
         while chunking == "pauses" and chunk and None not in eos:
-            # a piece the decoder ran on to the length limit without an end (a model trained on whole sentences
-            # can loop on a piece that starts or ends inside one) is decoded again in two halves cut at a pause
-            # (its first token, the decoder's start, may be the EOS id too, as in BART)
-            again = {k for k, (i, start, end) in enumerate(pieces) if end - start >= RUNAWAY_SPLIT_S * rate
-                     and end - start < len(audios[i]) and not np.isin(np.asarray(tokens[k])[1:], eos).any()}
+            # a piece the decoder ran on to the length limit, or read at over twice its file's usual token rate
+            # (chunking.runaway), is decoded again in two halves cut at a pause (its first token, the decoder's
+            # start, may be the EOS id too, as in BART)
+            ends = [np.flatnonzero(np.isin(np.asarray(t)[1:], eos)) for t in tokens]
+            again = runaway(pieces, [e[0] + 1 if len(e) else None for e in ends], [len(a) for a in audios],
+                            int(RUNAWAY_SPLIT_S * rate))
             if not again:
                 break
             new_pieces, new_tokens, todo = [], [], []

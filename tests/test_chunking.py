@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from speechseq.chunking import halve, merge, pause_at_end, pauses, stitch, trim, windows
+from speechseq.chunking import halve, merge, pause_at_end, pauses, runaway, stitch, trim, windows
 
 RATE = 1000  # 10-sample energy frames
 
@@ -86,6 +86,16 @@ def test_halve_cuts_in_the_longest_pause_of_the_middle_half():
     assert (a, b) == (offset, offset + len(audio)) and cut == c
     assert abs(cut - offset - 1650) <= 10
     assert halve(padded, offset, offset + 90, RATE) == [(offset, offset + 90)]  # too short to search
+
+
+def test_runaway_pieces_ran_to_the_limit_or_read_too_fast():
+    # file 0: five 3 s pieces read at 15-16 tokens, one at 40 (over twice the median), one without an end; file 1:
+    # one piece that is the whole file and runs on (nothing to halve it into that would not be the file again)
+    pieces = [(0, 3000 * k, 3000 * (k + 1)) for k in range(7)] + [(1, 0, 3000)]
+    lengths = [15, 16, 40, 15, 16, 15, None, None]
+    assert runaway(pieces, lengths, [21000, 3000], shortest=2000) == {2, 6}
+    assert runaway(pieces, lengths, [21000, 3000], shortest=3001) == set()  # all too short to halve
+    assert runaway(pieces[:2], [None, None], [21000], shortest=2000) == {0, 1}  # none ended: all run on
 
 
 def test_pauses_work_on_silence_and_reject_a_piece_shorter_than_a_pause():

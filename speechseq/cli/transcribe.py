@@ -30,7 +30,8 @@ def add_parser(sub: Any) -> None:
                         "sixth of --chunk-length-s)")
     p.add_argument("--chunking", choices=["pauses", "windows"], default="pauses",
                    help="how files longer than --chunk-length-s are cut: pieces cut at every pause of 0.5 s or "
-                        "more and in the longest pause of their second half, whose texts are joined (a piece decoded to the length limit is halved at a "
+                        "more and in the longest pause of their second half, whose texts are joined (a piece "
+                        "decoded to the length limit, or at over twice the file's usual token rate, is halved at a "
                         "pause and decoded again), or overlapping windows whose tokens are stitched as in "
                         "transformers' ASR pipeline (default %(default)s)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
