@@ -66,6 +66,20 @@ def test_dropout_helper_rate_and_scale():
     assert not np.asarray(dropout(x, 1.0, jax.random.key(0))).any()
 
 
+@pytest.mark.parametrize("rate", [0.1, 0.5])
+def test_dropout_draws_are_independent_and_any_shape(rate):
+    """16 bits an element, two elements a 32-bit word: each element is dropped at the rate, and neighbours (the two
+    halves of one word) and the last element of an odd count too."""
+    x = jnp.ones((3, 333, 201), jnp.float32)  # an odd number of elements
+    y = np.asarray(dropout(x, rate, jax.random.key(3))).reshape(-1)
+    assert y.shape == (x.size,)
+    dropped = y == 0
+    assert abs(dropped.mean() - rate) < 5 * sigma(rate, y.size), dropped.mean()
+    pairs = dropped[:-1:2] & dropped[1::2]  # both halves of a word
+    assert abs(pairs.mean() - rate ** 2) < 5 * sigma(rate ** 2, pairs.size), pairs.mean()
+    assert not np.array_equal(dropped, np.asarray(dropout(x, rate, jax.random.key(4))).reshape(-1) == 0)
+
+
 def test_layer_drop_skips_at_the_rate():
     keys = jax.random.split(jax.random.key(1), 20000)
     ran = jax.jit(jax.vmap(lambda k: layer_drop(lambda h: h + 1.0, jnp.zeros(()), 0.3, k)))(keys)
