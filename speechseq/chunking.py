@@ -38,7 +38,7 @@ def pauses(audio: np.ndarray, chunk: int, rate: int) -> list[tuple[int, int]]:
     samples after its start (the last one on a tie: pieces as long as they can be), and in the middle of every pause
     of at least ``SENTENCE_PAUSE_S`` (one piece per sentence: a model trained on single utterances reads two
     sentences and the long pause between them badly). A pause is a run of 10 ms frames whose mean power is within
-    ``QUIET_DB`` of the quietest 50 ms of sound of that range (the clip for the long pauses), or below
+    ``QUIET_DB`` of the quietest 50 ms of that range (the clip for the long pauses), or below
     ``QUIET_FLOOR``: the gap between sentences outlasts those between words, so pieces hold whole sentences where the
     clip allows. ``audio`` [N] is a mono waveform at ``rate`` Hz; the work is linear in N."""
     n = len(audio)
@@ -111,35 +111,17 @@ def trim(audio: np.ndarray, start: int, end: int, rate: int, keep_s: float = 0.2
     """``[start, end)`` without the pause beyond ``keep_s`` seconds at either end (a pause as in `pauses`: 10 ms
     frames within ``QUIET_DB`` of the piece's quietest 50 ms, or below ``QUIET_FLOOR``). A model trained on
     utterances with a fraction of a second of silence around them reads the speech of a piece that holds seconds of
-    silence badly. A piece that is all pause (no 10 ms frame ``QUIET_DB`` above its quietest 50 ms of sound: silence
+    silence badly. A piece that is all pause (no 10 ms frame ``QUIET_DB`` above its quietest 50 ms: digital silence
     or steady noise, where a model only hallucinates) comes back empty, ``(start, start)``."""
-    sound = _sound(audio, start, end, rate)
-    if sound is None:
-        return start, end
-    if sound[0] == sound[1]:
-        return start, start
-    keep = int(keep_s * rate)
-    return max(start, sound[0] - keep), min(end, sound[1] + keep)
-
-
-def pause_at_end(audio: np.ndarray, start: int, end: int, rate: int) -> int:
-    """How many samples of pause (as in `trim`) ``[start, end)`` ends with: whole 10 ms frames, all of it when
-    the piece is all pause."""
-    sound = _sound(audio, start, end, rate)
-    return 0 if sound is None else end - sound[1] if sound[1] > sound[0] else end - start
-
-
-def _sound(audio: np.ndarray, start: int, end: int, rate: int) -> tuple[int, int] | None:
-    """The samples from the first to the end of the last 10 ms frame of ``[start, end)`` that is not pause,
-    ``(start, start)`` when all are, None when the piece is too short to judge."""
     frame = max(int(rate * QUIET_FRAME_S), 1)
     power = _frame_power(audio, start, end, frame)
     if len(power) < QUIET_SPAN:
-        return None
+        return start, end
     loud = np.flatnonzero(power > _pause_level(power))
     if len(loud) == 0:
         return start, start
-    return start + int(loud[0]) * frame, start + (int(loud[-1]) + 1) * frame
+    keep = int(keep_s * rate)
+    return max(start, start + int(loud[0]) * frame - keep), min(end, start + (int(loud[-1]) + 1) * frame + keep)
 
 
 def _frame_power(audio: np.ndarray, start: int, end: int, frame: int) -> np.ndarray:
@@ -150,13 +132,8 @@ def _frame_power(audio: np.ndarray, start: int, end: int, frame: int) -> np.ndar
 
 def _pause_level(power: np.ndarray) -> float:
     """The power at or below which a frame of a stretch with these frame powers (at least ``QUIET_SPAN``) is pause:
-    ``QUIET_DB`` above the stretch's quietest ``QUIET_SPAN`` frames of sound, and never below ``QUIET_FLOOR``.
-    Frames of digital silence set no floor: beside seconds of zeros, a recording's own noise between words would
-    count as sound, and pieces would keep it all."""
-    sound = np.convolve(power > QUIET_FLOOR, np.ones(QUIET_SPAN, int), mode="valid") == QUIET_SPAN
-    if not sound.any():
-        return QUIET_FLOOR
-    floor = np.convolve(power, np.ones(QUIET_SPAN) / QUIET_SPAN, mode="valid")[sound].min()
+    ``QUIET_DB`` above the stretch's quietest ``QUIET_SPAN`` frames, and never below ``QUIET_FLOOR``."""
+    floor = np.convolve(power, np.ones(QUIET_SPAN) / QUIET_SPAN, mode="valid").min()
     return max(float(floor) * 10 ** (QUIET_DB / 10), QUIET_FLOOR)
 
 

@@ -13,7 +13,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from speechseq.audio import batches_by_length, load_audio
-from speechseq.chunking import halve, pause_at_end, pauses, runaway, stitch, trim, windows
+from speechseq.chunking import halve, pauses, runaway, stitch, trim, windows
 from speechseq.errors import InputError
 from speechseq.processor import Processor
 from speechseq.speech_seq2seq import SpeechSeq2Seq
@@ -31,18 +31,18 @@ def transcribe(model: str | os.PathLike | SpeechSeq2Seq, files: Sequence[str | o
     Audio is resampled to the checkpoint's rate. A file longer than ``chunk_length_s`` seconds (``None`` or 0: never) is
     cut into pieces of at most that length: ``chunking="pauses"`` cuts it at every pause of 0.5 s or more and each
     stretch still too long in the longest pause of its pieces' second half (``chunking.pauses``), trims each piece's
-    pause beyond 0.25 s at either end and drops pieces that are all pause (``chunking.trim``), adds silence up to 0.2 s
-    of pause at the end of each and joins the pieces' texts (a piece of at least ``RUNAWAY_SPLIT_S`` seconds whose
-    decoding reaches the length limit without an end-of-sequence token, or spends over twice the tokens a second its
-    file's pieces do on median, ``chunking.runaway``, is cut in two at its longest pause near the middle,
-    ``chunking.halve``, and the halves are decoded in its place, again while they run on); ``"windows"`` cuts windows of
-    that length overlapping their neighbours by ``stride_length_s`` on each side (default a sixth of the window, as
-    transformers' ASR pipeline) and stitches the windows' tokens into one text (``stride_length_s`` is for windows
-    only). Pauses are the default: a seq2seq model reads a piece that starts and ends in a pause as the utterances it
-    was trained on, where a window cut inside a word makes it invent words. Files and pieces are grouped by length into
-    batches of at most ``batch_size`` rows, padded to a power of two rows (a lone file is one row) and to a length
-    bucket, and decoded with ``generate``: the checkpoint's generation settings (max length, beams, ...) unless
-    ``generate_kwargs`` (``num_beams``, ``max_new_tokens``, ...; ``None`` values are ignored) override them.
+    pause beyond 0.25 s at either end and drops pieces that are all pause (``chunking.trim``), adds 0.2 s of silence
+    after each and joins the pieces' texts (a piece of at least ``RUNAWAY_SPLIT_S`` seconds whose decoding reaches the
+    length limit without an end-of-sequence token, or spends over twice the tokens a second its file's pieces do on
+    median, ``chunking.runaway``, is cut in two at its longest pause near the middle, ``chunking.halve``, and the halves
+    are decoded in its place, again while they run on); ``"windows"`` cuts windows of that length overlapping their
+    neighbours by ``stride_length_s`` on each side (default a sixth of the window, as transformers' ASR pipeline) and
+    stitches the windows' tokens into one text (``stride_length_s`` is for windows only). Pauses are the default: a
+    seq2seq model reads a piece that starts and ends in a pause as the utterances it was trained on, where a window cut
+    inside a word makes it invent words. Files and pieces are grouped by length into batches of at most ``batch_size``
+    rows, padded to a power of two rows (a lone file is one row) and to a length bucket, and decoded with ``generate``:
+    the checkpoint's generation settings (max length, beams, ...) unless ``generate_kwargs`` (``num_beams``,
+    ``max_new_tokens``, ...; ``None`` values are ignored) override them.
     """
     if not isinstance(model, SpeechSeq2Seq):
         processor = processor or Processor.from_pretrained(model)
@@ -96,8 +96,7 @@ def transcribe(model: str | os.PathLike | SpeechSeq2Seq, files: Sequence[str | o
         for batch in batches_by_length([pieces[k][2] - pieces[k][1] for k in todo], batch_size):
             batch = [todo[j] for j in batch]
             t0 = time.perf_counter()
-            rows = [audios[i] if end - start == len(audios[i]) else np.concatenate(
-                        [audios[i][start:end], tail[:max(len(tail) - pause_at_end(audios[i], start, end, rate), 0)]])
+            rows = [np.concatenate([audios[i][start:end], tail]) if end - start < len(audios[i]) else audios[i]
                     for i, start, end in (pieces[k] for k in batch)]
             # a few batch shapes (powers of two up to batch_size), so few programs compile and nothing is padded
             # beyond twice its rows

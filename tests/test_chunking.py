@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from speechseq.chunking import halve, merge, pause_at_end, pauses, runaway, stitch, trim, windows
+from speechseq.chunking import halve, merge, pauses, runaway, stitch, trim, windows
 
 RATE = 1000  # 10-sample energy frames
 
@@ -48,22 +48,6 @@ def test_trim_keeps_a_quarter_second_of_pause_around_the_sound():
     assert trim(audio, 3700, 6600, RATE) == (3700, 3700)  # all pause (steady noise): nothing left
     assert trim(np.zeros(3000), 0, 3000, RATE) == (0, 0)  # digital silence: nothing left
     assert trim(audio, 0, 3, RATE) == (0, 3)  # too short to judge
-
-
-def test_pause_at_end_counts_the_quiet_frames_after_the_last_sound():
-    audio = _speech([(0.5, 0.001), (1.0, 1.0), (0.3, 0.001)])
-    assert pause_at_end(audio, 0, len(audio), RATE) == 300
-    assert pause_at_end(audio, 0, 1400, RATE) == 0  # ends in sound
-    assert pause_at_end(audio, 1500, 1800, RATE) == 300  # all pause: all of it
-    assert pause_at_end(audio, 0, 3, RATE) == 0
-
-
-def test_digital_silence_sets_no_noise_floor():
-    # a noisy recording (noise 0.01, "speech" 1.0 with 0.1 s gaps at 0.01) beside 3 s of zeros: the noise is pause,
-    # so the piece keeps 0.25 s of it around the speech, not the whole noisy stretch
-    audio = _speech([(0.6, 0.01), (0.5, 1.0), (0.1, 0.01), (0.5, 1.0), (0.6, 0.01), (3.0, 0.0)])
-    assert trim(audio, 0, len(audio), RATE) == (350, 1950)
-    assert pause_at_end(audio, 0, 2300, RATE) == 600
 
 
 def test_pauses_cut_a_long_clip_at_every_long_pause():

@@ -380,8 +380,8 @@ def test_long_file_in_windows_matches_transformers_window_by_window(checkpoint, 
 @pytest.mark.parametrize("chunk_s", [1.9, 3.0])
 def test_long_file_cut_at_pauses_matches_transformers_piece_by_piece(checkpoint, tmp_path, chunk_s):
     """chunking="pauses": the file cut where chunking.pauses says, each piece decoded as transformers decodes that
-    piece of audio (chunking.trim: at most 0.25 s of pause at either end) followed by silence up to 0.2 s of pause
-    at its end, the pieces' texts joined by spaces; 3 s pieces are cut in the silences between the clips (their own
+    piece of audio (chunking.trim: at most 0.25 s of pause at either end) followed by 0.2 s of silence, the pieces'
+    texts joined by spaces; 3 s pieces are cut in the silences between the clips (their own
     0.35 s: shorter than the pauses chunking.pauses cuts at wherever they are); pieces that are all pause are not
     decoded. A piece of 2 s or more that runs to
     the length limit without EOS (this random model always does, in 6 tokens) is halved at a pause
@@ -389,7 +389,7 @@ def test_long_file_cut_at_pauses_matches_transformers_piece_by_piece(checkpoint,
     halved, 1.9 s ones are not."""
     import transformers as T
 
-    from speechseq.chunking import halve, pause_at_end, pauses, trim
+    from speechseq.chunking import halve, pauses, trim
     from speechseq.transcribe import transcribe
 
     path, model = checkpoint
@@ -400,10 +400,11 @@ def test_long_file_cut_at_pauses_matches_transformers_piece_by_piece(checkpoint,
     if chunk_s > 2:  # (a 1.9 s piece cannot hold the 1.94 s clip)
         assert all(audio[end - 400:end + 400].max() == 0 for _, end in cuts[:-1])
     fe, tok = T.AutoFeatureExtractor.from_pretrained(path), T.AutoTokenizer.from_pretrained(path)
+    tail = np.zeros(3200, np.float32)
 
     def decode(spans):
-        feats = fe([np.concatenate([audio[s:e], np.zeros(max(3200 - pause_at_end(audio, s, e, 16000), 0))])
-                    for s, e in spans], sampling_rate=16000, padding=True, return_tensors="pt")
+        feats = fe([np.concatenate([audio[s:e], tail]) for s, e in spans], sampling_rate=16000, padding=True,
+                   return_tensors="pt")
         with torch.no_grad():
             return list(model.generate(input_values=feats["input_values"], attention_mask=feats["attention_mask"],
                                        max_new_tokens=6))
