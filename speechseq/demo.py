@@ -103,7 +103,9 @@ def run(args: argparse.Namespace) -> None:
                               progress=False))
     took = time.perf_counter() - t
     audio_s = sum(r["audio_seconds"] for r in results)
-    print(f"\n[2/3] transcribe  {len(todo)} clips, {audio_s:.1f} s of audio, greedy, in {took:.1f} s (the first "
+    beams = model.generation_config().num_beams  # the checkpoint's decoding, which transcribe used
+    decoding = "greedy" if beams == 1 else f"beam search ({beams} beams)"
+    print(f"\n[2/3] transcribe  {len(todo)} clips, {audio_s:.1f} s of audio, {decoding}, in {took:.1f} s (the first "
           "batches of each shape compile)")
     width = max(len(p.name) for p, _, _ in todo)
     for (path, ref, kind), result in zip(todo, results):

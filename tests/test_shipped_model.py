@@ -41,13 +41,19 @@ def test_folder_is_complete_and_small():
 
 
 def test_model_card_states_the_measured_figures():
-    """The card's table carries results.json's WER and CER (percent, two decimals) for both test sets."""
+    """The card's table carries results.json's WER and CER (percent, two decimals) for both test sets, greedy and
+    (when the checkpoint decodes with beam search) with its beams."""
     card = (MODEL / "README.md").read_text()
     results = json.loads((MODEL / "results.json").read_text())
+    beam = results.get("beam")
     for name in ("test", "test_voice"):
-        r = results[name]
-        row = f"| `{name}` | {r['utterances']} | {100 * r['wer']:.2f}% | {100 * r['cer']:.2f}% |"
-        assert row in card, row
+        for label, r in ((f"`{name}`", results[name]), (f"`{name}`, {beam and beam['num_beams']} beams",
+                                                          beam and beam[name])):
+            if r:
+                row = f"| {label} | {r['utterances']} | {100 * r['wer']:.2f}% | {100 * r['cer']:.2f}% |"
+                assert row in card, row
+    gen = json.loads((MODEL / "generation_config.json").read_text())
+    assert (beam or {}).get("num_beams", 1) == gen.get("num_beams", 1)
     assert "curves.png" in card
 
 

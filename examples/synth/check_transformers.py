@@ -2,7 +2,7 @@
 
     python examples/synth/check_transformers.py models/synth-en data/synth/test.jsonl data/synth/test_voice.jsonl
 
-transformers runs ``SpeechEncoderDecoderModel.generate`` (greedy; both take the checkpoint's generation settings) on
+transformers runs ``SpeechEncoderDecoderModel.generate`` (both take the checkpoint's generation settings) on
 each utterance alone, featurised by its own ``AutoFeatureExtractor`` and decoded by its own ``AutoTokenizer``;
 speechseq runs ``speechseq.transcribe`` on each file alone. Both see the file's features padded to the length bucket
 ``transcribe`` pads it to (a Speech2Text encoder's convolutions see padding frames, in both libraries, so other
@@ -46,7 +46,7 @@ def load_transformers(model_dir: Path) -> "transformers.SpeechEncoderDecoderMode
 
 
 def transformers_texts(model_dir: Path, files: list[Path]) -> list[str]:
-    """transformers PyTorch's greedy transcript of each file, one utterance at a time, featurised by its own
+    """transformers PyTorch's transcript of each file, one utterance at a time, featurised by its own
     feature extractor and padded (zero features, mask 0) to the length ``speechseq.transcribe`` pads it to."""
     import torch
     import transformers
@@ -66,16 +66,16 @@ def transformers_texts(model_dir: Path, files: list[Path]) -> list[str]:
                               return_attention_mask=True, padding="max_length",
                               max_length=buckets([audio], padding="buckets")["input_features"].shape[1])
             main = inputs.pop(model.main_input_name if model.main_input_name in inputs else "input_features")
-            ids = model.generate(main, **inputs, num_beams=1, do_sample=False)
+            ids = model.generate(main, **inputs, do_sample=False)
             texts.append(tokenizer.decode(ids[0], skip_special_tokens=True).strip())
     return texts
 
 
 def speechseq_texts(model_dir: Path, files: list[Path]) -> list[str]:
-    """speechseq's greedy transcript of each file (``speechseq.transcribe``, one file at a time)."""
+    """speechseq's transcript of each file (``speechseq.transcribe``, one file at a time)."""
     from speechseq.transcribe import transcribe
 
-    return [r["text"] for r in transcribe(model_dir, files, batch_size=1, progress=False, num_beams=1)]
+    return [r["text"] for r in transcribe(model_dir, files, batch_size=1, progress=False)]
 
 
 def main(argv: list[str] | None = None) -> int:

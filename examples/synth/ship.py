@@ -11,8 +11,9 @@ Writes into the new folder OUT (never replacing anything; it appears whole or no
 - ``curves.png``, the run's training loss and validation curves;
 - ``samples/``: the first ``--samples`` utterances of ``test.jsonl`` and of ``test_voice.jsonl`` as 16-bit FLAC, with
   ``samples.jsonl`` (``id``, ``audio``, ``text``, ``voice``, ``set``), which ``python -m speechseq.demo`` transcribes;
-- ``results.json``: ``speechseq evaluate``'s greedy WER and CER on both whole test sets (and the training run's step
-  count), the figures the model card states.
+- ``results.json``: ``speechseq evaluate``'s greedy WER and CER on both whole test sets, the same under the
+  checkpoint's own decoding (``"beam"``) when ``generation_config.json`` asks for beam search, and the training
+  run's step count: the figures the model card states.
 
 The model card (``README.md``) is written by hand from ``results.json``.
 """
@@ -60,11 +61,18 @@ def ship(run: Path, data: Path, out: Path, samples: int = 8, batch_size: int = 3
     metrics = run / "metrics.jsonl"
     if metrics.is_file():
         results["steps"] = max(json.loads(line).get("step", 0) for line in metrics.read_text().splitlines() if line)
-    for name, path in manifests.items():
-        result = evaluate(model, read_manifest(path), processor=processor, batch_size=batch_size, num_beams=1)
-        results[name] = {k: result[k] for k in ("utterances", "wer", "cer", "audio_seconds", "rtf")}
-        print(f"{name:<11} {result['utterances']} utterances: WER {100 * result['wer']:.2f}%, "
-              f"CER {100 * result['cer']:.2f}%")
+    beams = model.generation_config().num_beams
+    if beams > 1:
+        results["beam"] = {"num_beams": beams}
+    for num_beams, into in ((1, results), (beams, results.get("beam"))):
+        if into is None:
+            continue
+        for name, path in manifests.items():
+            result = evaluate(model, read_manifest(path), processor=processor, batch_size=batch_size,
+                              num_beams=num_beams)
+            into[name] = {k: result[k] for k in ("utterances", "wer", "cer", "audio_seconds", "rtf")}
+            print(f"{name:<11} {result['utterances']} utterances, {num_beams} beam(s): WER {100 * result['wer']:.2f}%, "
+                  f"CER {100 * result['cer']:.2f}%")
     with atomic_dir(out) as tmp:
         for name in MODEL_FILES:
             shutil.copy2(hf / name, tmp / name)
