@@ -61,18 +61,21 @@ def ship(run: Path, data: Path, out: Path, samples: int = 8, batch_size: int = 3
     metrics = run / "metrics.jsonl"
     if metrics.is_file():
         results["steps"] = max(json.loads(line).get("step", 0) for line in metrics.read_text().splitlines() if line)
-    beams = model.generation_config().num_beams
-    if beams > 1:
-        results["beam"] = {"num_beams": beams}
-    for num_beams, into in ((1, results), (beams, results.get("beam"))):
-        if into is None:
-            continue
+
+    def measure(num_beams: int) -> dict:
+        out = {}
         for name, path in manifests.items():
             result = evaluate(model, read_manifest(path), processor=processor, batch_size=batch_size,
                               num_beams=num_beams)
-            into[name] = {k: result[k] for k in ("utterances", "wer", "cer", "audio_seconds", "rtf")}
+            out[name] = {k: result[k] for k in ("utterances", "wer", "cer", "audio_seconds", "rtf")}
             print(f"{name:<11} {result['utterances']} utterances, {num_beams} beam(s): WER {100 * result['wer']:.2f}%, "
                   f"CER {100 * result['cer']:.2f}%")
+        return out
+
+    results.update(measure(1))
+    beams = model.generation_config().num_beams
+    if beams > 1:
+        results["beam"] = {"num_beams": beams, **measure(beams)}
     with atomic_dir(out) as tmp:
         for name in MODEL_FILES:
             shutil.copy2(hf / name, tmp / name)
