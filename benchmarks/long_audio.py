@@ -18,7 +18,9 @@ dropped), beside the WER of the same sentences spoken one per clip by the same v
 ("sentences": what perfect segmentation would give, so the difference is what windowing and stitching cost).
 `--sentences-from MANIFEST` speaks the text column of a manifest (e.g. a held-out set of the data the model was
 trained on) instead of Python's documentation; `--chunk-length-s` sets the window for a model trained on short
-utterances (a decoder with few positions cannot emit a 30-s window's text). Without it, a model of the demo's
+utterances (a decoder with few positions cannot emit a 30-s window's text); `--gap-s S` joins the manifest's own
+recordings S seconds apart instead (digital silence, or with `--gap-noise` noise as loud as each recording's own
+pause), and "sentences" decodes those recordings. Without it, a model of the demo's
 size (configs/demo-wav2vec2-bert.json) with random weights and a 1000-token word-level tokenizer stands in: its
 memory and time are representative, its text is not.
 """
@@ -125,6 +127,28 @@ def transcripts(out: str) -> list[str]:
     return [line.split("\t", 1)[1] if "\t" in line else "" for line in out.splitlines()]
 
 
+def recording(path: Path, minutes: float, manifest: Path, gap_s: float, noise: bool) -> list[Path]:
+    """About ``minutes`` of the manifest's own utterances (its audio as it is: noise, gain, voices) one after another
+    in ``path``, ``gap_s`` seconds apart: digital silence, or (``noise``) white noise as loud as each utterance's
+    last 0.1 s (its own trailing pause), like a speaker pausing between sentences. Returns the utterances' files."""
+    import numpy as np
+    import soundfile as sf
+
+    from speechseq.audio import load_audio
+    from speechseq.data import read_manifest
+
+    rows, rng = read_manifest(manifest), np.random.default_rng(0)
+    parts, used, samples = [], [], 0
+    while samples < minutes * 60 * 16000:
+        audio = load_audio(rows[len(used) % len(rows)].audio, 16000)
+        gap = rng.standard_normal(int(gap_s * 16000)) * (audio[-1600:].std() if noise else 0.0)
+        parts += [audio, gap.astype(np.float32)]
+        used.append(Path(rows[len(used) % len(rows)].audio))
+        samples += len(audio) + len(gap)
+    sf.write(path, np.concatenate(parts), 16000, subtype="FLOAT")
+    return used
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--minutes", type=float, nargs="+", default=[1, 4, 10, 30])
@@ -134,8 +158,15 @@ def main() -> None:
                     help="speak this manifest's text column (default: sentences of Python's documentation)")
     ap.add_argument("--chunk-length-s", type=float, default=30.0, help="transcribe's window (default 30)")
     ap.add_argument("--max-new-tokens", type=int, default=16, help="per window (random model: it never stops)")
+    ap.add_argument("--gap-s", type=float, help="with --sentences-from: join the manifest's own recordings this "
+                    "many seconds apart instead of speaking its text in one go (espeak-ng leaves 30-40 ms between "
+                    "sentences)")
+    ap.add_argument("--gap-noise", action="store_true", help="with --gap-s: fill the gaps with noise as loud as each "
+                    "recording's own pause (default: digital silence)")
     ap.add_argument("--workdir", default="/tmp/speechseq-long-audio")
     args = ap.parse_args()
+    if args.gap_s is not None and args.sentences_from is None:
+        ap.error("--gap-s joins the recordings of a manifest: give --sentences-from")
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     model = args.model
@@ -145,6 +176,13 @@ def main() -> None:
             random_model(work / "model")
     pool = manifest_sentences(args.sentences_from) if args.sentences_from else sentences()
     tag = args.sentences_from.stem if args.sentences_from else "pydoc"
+    if args.gap_s is not None:
+        tag += f"-gap{args.gap_s:g}{'noise' if args.gap_noise else 'zeros'}"
+    text_of = {}
+    if args.gap_s is not None:
+        from speechseq.data import read_manifest
+
+        text_of = {Path(e.audio): e.text for e in read_manifest(args.sentences_from)}
     base = [sys.executable, "-m", "speechseq.cli", "-q", "--cache-dir", str(work / "jax-cache"), "transcribe",
             "--model", model]
     if args.model is None:
@@ -159,7 +197,12 @@ def main() -> None:
     for minutes in args.minutes:
         clip = work / f"speech-{tag}-{minutes:g}min.wav"
         text_file = work / f"speech-{tag}-{minutes:g}min.txt"
-        if not clip.exists():
+        files_file = work / f"speech-{tag}-{minutes:g}min.files"
+        if not clip.exists() and args.gap_s is not None:
+            used = recording(clip, minutes, args.sentences_from, args.gap_s, args.gap_noise)
+            files_file.write_text("\n".join(map(str, used)))
+            text_file.write_text("\n".join(text_of[f] for f in used))
+        elif not clip.exists():
             t = time.perf_counter()
             text_file.write_text("\n".join(synthesize(clip, minutes, work, pool)))
             print(f"  (synthesized {clip.name} in {time.perf_counter() - t:.0f} s)", file=sys.stderr)
@@ -177,11 +220,14 @@ def main() -> None:
             print(f"{minutes:7g} {mode:>9} {status} {dt:8.1f} {seconds / dt:7.1f} {wer:>6}", flush=True)
         if args.model:  # the same sentences, one clip each: perfect segmentation
             folder = work / f"sentences-{tag}-{minutes:g}min"
-            if not folder.exists():
-                folder.mkdir()
-                for i, sentence in enumerate(spoken):
-                    speak(sentence, folder / f"{i:04d}.wav", work)
-            files = [str(folder / f"{i:04d}.wav") for i in range(len(spoken))]
+            if args.gap_s is not None:
+                files = files_file.read_text().splitlines()
+            else:
+                if not folder.exists():
+                    folder.mkdir()
+                    for i, sentence in enumerate(spoken):
+                        speak(sentence, folder / f"{i:04d}.wav", work)
+                files = [str(folder / f"{i:04d}.wav") for i in range(len(spoken))]
             dt, rss, rc, out = measure(base + ["--chunk-length-s", "0"] + files)
             wer = word_error_rate(spoken, transcripts(out)) if rc == 0 else "-"
             status = f"{rss / 2**30:8.2f}G" if rc == 0 else f"{'exit ' + str(rc):>9}"
