@@ -127,10 +127,10 @@ def transcripts(out: str) -> list[str]:
     return [line.split("\t", 1)[1] if "\t" in line else "" for line in out.splitlines()]
 
 
-def recording(path: Path, minutes: float, manifest: Path, gap_s: float, noise: bool) -> list[Path]:
+def recording(path: Path, minutes: float, manifest: Path, gap_s: float, noise: bool) -> list:
     """About ``minutes`` of the manifest's own utterances (its audio as it is: noise, gain, voices) one after another
     in ``path``, ``gap_s`` seconds apart: digital silence, or (``noise``) white noise as loud as each utterance's
-    last 0.1 s (its own trailing pause), like a speaker pausing between sentences. Returns the utterances' files."""
+    last 0.1 s (its own trailing pause), like a speaker pausing between sentences. Returns the manifest rows used."""
     import numpy as np
     import soundfile as sf
 
@@ -140,10 +140,11 @@ def recording(path: Path, minutes: float, manifest: Path, gap_s: float, noise: b
     rows, rng = read_manifest(manifest), np.random.default_rng(0)
     parts, used, samples = [], [], 0
     while samples < minutes * 60 * 16000:
-        audio = load_audio(rows[len(used) % len(rows)].audio, 16000)
+        row = rows[len(used) % len(rows)]
+        audio = load_audio(row.audio, 16000)
         gap = rng.standard_normal(int(gap_s * 16000)) * (audio[-1600:].std() if noise else 0.0)
         parts += [audio, gap.astype(np.float32)]
-        used.append(Path(rows[len(used) % len(rows)].audio))
+        used.append(row)
         samples += len(audio) + len(gap)
     sf.write(path, np.concatenate(parts), 16000, subtype="FLOAT")
     return used
@@ -178,11 +179,6 @@ def main() -> None:
     tag = args.sentences_from.stem if args.sentences_from else "pydoc"
     if args.gap_s is not None:
         tag += f"-gap{args.gap_s:g}{'noise' if args.gap_noise else 'zeros'}"
-    text_of = {}
-    if args.gap_s is not None:
-        from speechseq.data import read_manifest
-
-        text_of = {Path(e.audio): e.text for e in read_manifest(args.sentences_from)}
     base = [sys.executable, "-m", "speechseq.cli", "-q", "--cache-dir", str(work / "jax-cache"), "transcribe",
             "--model", model]
     if args.model is None:
@@ -200,8 +196,8 @@ def main() -> None:
         files_file = work / f"speech-{tag}-{minutes:g}min.files"
         if not clip.exists() and args.gap_s is not None:
             used = recording(clip, minutes, args.sentences_from, args.gap_s, args.gap_noise)
-            files_file.write_text("\n".join(map(str, used)))
-            text_file.write_text("\n".join(text_of[f] for f in used))
+            files_file.write_text("\n".join(row.audio for row in used))
+            text_file.write_text("\n".join(row.text for row in used))
         elif not clip.exists():
             t = time.perf_counter()
             text_file.write_text("\n".join(synthesize(clip, minutes, work, pool)))

@@ -99,10 +99,10 @@ def runaway(pieces: Sequence[tuple[int, int, int]], lengths: Sequence[int | None
     trained on whole sentences can loop, or invent words, on a piece that starts or ends inside one; the file's own
     pieces say how fast its speech reads."""
     speed = [np.inf if n is None else n / (end - start) for (_, start, end), n in zip(pieces, lengths)]
-    usual = {}
+    per_file: dict[int, list[float]] = {}
     for (i, _, _), v in zip(pieces, speed):
-        usual.setdefault(i, []).append(v)
-    usual = {i: float(np.median(v)) for i, v in usual.items()}
+        per_file.setdefault(i, []).append(v)
+    usual = {i: float(np.median(v)) for i, v in per_file.items()}
     return {k for k, (i, start, end) in enumerate(pieces) if shortest <= end - start < sizes[i]
             and (lengths[k] is None or speed[k] > RUNAWAY_RATE * usual[i])}
 
